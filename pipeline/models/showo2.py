@@ -1,0 +1,577 @@
+"""Show-o2 (showlab/Show-o, ``show-o2/``) as an InfoTok adapter.
+
+Architecture as released (``models/modeling_showo2_qwen2_5.py``): Wan2.1 VAE latents feed a
+dual-path visual tokenizer ``V_enc`` — a semantic path (2×2 patch embedding ``image_embedder_und``
++ SigLIP position embeddings + SigLIP encoder layers ``und_trans``) and a low-level path (2×2
+patch embedding ``image_embedder_gen``), fused by ``fusion_proj``. Each image occupies N+1
+sequence slots of the Qwen2.5 LLM ``showo``: a timestep embedding, then the N visual tokens.
+Attention is causal over text and bidirectional inside an image. The LLM's last hidden states go
+to ``lm_head`` (text) and, through ``diff_proj``, to the flow head (``diffusion_head_a`` blocks
+modulated by ``time_embed`` and the final layer ``diffusion_head_b``) predicting velocities.
+
+Released checkpoints (hub ids ``showlab/show-o2-1.5B``, ``showlab/show-o2-7B``; the VAE is
+``Wan2.1_VAE.pth`` of ``Wan-AI/Wan2.1-T2V-14B``) are read from local paths only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.models.siglip.modeling_siglip import SiglipEncoder
+
+from pipeline.config import ConfigError, from_dict, to_dict
+from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig
+from pipeline.models.showo2_config import Showo2Config, deep_merge, options_from_official, showo2_config
+from pipeline.models.showo2_flow import (
+    from_flow_layout,
+    patchify,
+    sample_timesteps,
+    sampling_grid,
+    to_flow_layout,
+)
+from pipeline.models.showo2_layers import (
+    FinalLayer,
+    ModulatedAttentionBlock,
+    PatchEmbed,
+    TimestepEmbedder,
+    flow_llama_config,
+)
+from pipeline.models.showo2_processor import (
+    IGNORE,
+    IMAGE_PLACEHOLDER,
+    Showo2Processor,
+    load_tokenizer,
+    resize_and_pad,
+    to_pil,
+    to_tensor,
+)
+from pipeline.models.weights import load_strict, read_state_dict, read_weight_file, save_state_dict
+
+ENCODER_PREFIXES = ("image_embedder_und.", "image_embedder_gen.", "position_embedding.", "und_trans.", "fusion_proj.")
+FLOW_HEAD_PREFIXES = ("time_embed.", "time_embed_proj.", "diff_proj.", "diffusion_head_a.", "diffusion_head_b.")
+ADAPTER_CONFIG_KEY = "_infotok_adapter"
+
+
+def omni_attention_mask(
+    length: int, offsets: Tensor, span: int, dtype: torch.dtype, key_valid: Tensor | None = None
+) -> Tensor:
+    """Additive mask [B, 1, L, L]: causal, plus full attention inside ``[offset, offset+span)``.
+
+    ``key_valid`` [B, L] hides keys (left padding); every query still sees itself.
+    """
+    pos = torch.arange(length, device=offsets.device)
+    allowed = (pos[None, :, None] >= pos[None, None, :]).expand(len(offsets), -1, -1)
+    inside = (pos[None] >= offsets[:, None]) & (pos[None] < offsets[:, None] + span)
+    allowed = allowed | (inside[:, :, None] & inside[:, None, :])
+    if key_valid is not None:
+        allowed = (allowed & key_valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=offsets.device)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=offsets.device)
+    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` [B, L, D] over positions where ``mask`` [B, L] is True."""
+    weights = mask.to(x.dtype)[..., None]
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+class Showo2(MLLMAdapter):
+    """The Show-o2 adapter. Top-level attribute names are the released checkpoint's key prefixes."""
+
+    family = "showo2"
+
+    def __init__(self, config: Showo2Config, tokenizer: PreTrainedTokenizerBase | None = None,
+                 vae: AutoencoderKLWan | None = None) -> None:
+        super().__init__()
+        self.config = config
+        vocab = config.llm.vocab_size or (len(tokenizer) if tokenizer is not None else None)
+        if vocab is None:
+            raise ConfigError("model.options.llm.vocab_size is null and no tokenizer was given to size it")
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {vocab} rows")
+        self.vocab_size = vocab
+        width, sem, flow = config.llm.hidden_size, config.semantic, config.flow_head
+        z_dim, patch = config.vae.z_dim, config.patch_size
+
+        self.showo = Qwen2ForCausalLM(self._qwen_config())
+        self.image_embedder_und = PatchEmbed(z_dim, sem.hidden_size, patch)
+        self.image_embedder_gen = PatchEmbed(z_dim, width, patch)
+        self.position_embedding = nn.Embedding(sem.num_positions, sem.hidden_size)
+        self.und_trans = SiglipEncoder(self._siglip_config())
+        self.fusion_proj = nn.Sequential(
+            LlamaRMSNorm(sem.hidden_size + width),
+            nn.Linear(sem.hidden_size + width, width),
+            nn.GELU(),
+            nn.Linear(width, width),
+        )
+        self.time_embed = TimestepEmbedder(flow.hidden_size)
+        self.diff_proj: nn.Module | None = None
+        self.time_embed_proj: nn.Module | None = None
+        if width != flow.hidden_size:
+            self.diff_proj = nn.Sequential(
+                nn.Linear(width, flow.hidden_size), nn.GELU(), nn.Linear(flow.hidden_size, flow.hidden_size)
+            )
+            self.time_embed_proj = nn.Linear(flow.hidden_size, width)
+        head_config = flow_llama_config(flow)
+        self.diffusion_head_a = nn.ModuleList(ModulatedAttentionBlock(head_config) for _ in range(flow.num_layers))
+        self.diffusion_head_b = FinalLayer(flow.hidden_size, config.latent_patch_dim)
+        self.flow_rotary = LlamaRotaryEmbedding(head_config)
+        self.vae = vae if vae is not None else AutoencoderKLWan(**to_dict(config.vae))
+        self.vae.requires_grad_(False)
+        self.processor = Showo2Processor(tokenizer, config) if tokenizer is not None else None
+        self._init_show_o2_weights()
+        self._set_trainable()
+        if config.gradient_checkpointing:
+            self.showo.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    # ----------------------------------------------------------------- construction
+
+    def _qwen_config(self) -> Qwen2Config:
+        llm = self.config.llm
+        return Qwen2Config(
+            vocab_size=self.vocab_size,
+            hidden_size=llm.hidden_size,
+            intermediate_size=llm.intermediate_size,
+            num_hidden_layers=llm.num_hidden_layers,
+            num_attention_heads=llm.num_attention_heads,
+            num_key_value_heads=llm.num_key_value_heads,
+            rms_norm_eps=llm.rms_norm_eps,
+            max_position_embeddings=llm.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta},
+            tie_word_embeddings=llm.tie_word_embeddings,
+            use_sliding_window=False,
+            attn_implementation=self.config.attn_implementation,
+        )
+
+    def _siglip_config(self) -> SiglipVisionConfig:
+        sem = self.config.semantic
+        return SiglipVisionConfig(
+            hidden_size=sem.hidden_size,
+            intermediate_size=sem.intermediate_size,
+            num_hidden_layers=sem.num_layers,
+            num_attention_heads=sem.num_attention_heads,
+            layer_norm_eps=sem.layer_norm_eps,
+            attn_implementation=self.config.attn_implementation,
+        )
+
+    def _init_show_o2_weights(self) -> None:
+        """The official ``reset_parameters``: xavier linears, N(0, 0.02) time MLP, zero adaLN and output."""
+        for module in (self.image_embedder_und, self.image_embedder_gen):
+            nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
+            nn.init.zeros_(module.proj.bias)
+        for root in (self.und_trans, self.fusion_proj, self.diffusion_head_a):
+            for module in root.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        for block in self.diffusion_head_a:
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+        for layer in (self.diffusion_head_b.adaLN_modulation[1], self.diffusion_head_b.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _set_trainable(self) -> None:
+        """The shared tokenizer always trains; the LLM and flow head per ``config.trainable``; never the VAE."""
+        groups = {"llm": ("showo.",), "flow_head": FLOW_HEAD_PREFIXES}
+        trained = ENCODER_PREFIXES + tuple(p for g in self.config.trainable for p in groups[g])
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name.startswith(trained))
+
+    def shared_encoder_prefixes(self) -> tuple[str, ...]:
+        return ENCODER_PREFIXES
+
+    def infotok_dims(self) -> dict[str, int]:
+        width = self.config.llm.hidden_size
+        return {"token_dim": width, "text_dim": width, "vocab_size": self.vocab_size,
+                "latent_patch_dim": self.config.latent_patch_dim}
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """The released checkpoint's tensors: everything except the separately stored VAE."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vae.")}
+
+    def train(self, mode: bool = True) -> Showo2:
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    # ----------------------------------------------------------------- shared pieces
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.fusion_proj[1].weight.dtype
+
+    @torch.no_grad()
+    def encode_latents(self, pixels: Tensor, *, sample: bool, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] → normalised Wan latents [B, C, H/8, W/8].
+
+        Like the official ``WanVAE.sample``: ``(μ − mean)/std`` plus, when ``sample``, the posterior
+        std times unit noise (the noise is not divided by ``std``; the released models trained so).
+        """
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)[:, :, None]).latent_dist
+        mean = torch.tensor(self.config.vae.latents_mean, device=pixels.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.config.vae.latents_std, device=pixels.device).view(1, -1, 1, 1, 1)
+        latents = (posterior.mean.float() - mean) / std
+        if sample:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            latents = latents + posterior.std.float() * noise
+        return latents[:, :, 0].to(self._dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Normalised latents [B, C, h, w] → pixels [B, 3, H, W] in [-1, 1]."""
+        mean = torch.tensor(self.config.vae.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.config.vae.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        raw = latents.float()[:, :, None] * std + mean
+        return self.vae.decode(raw.to(self.vae.dtype)).sample[:, :, 0].float()
+
+    def _positions(self) -> Tensor:
+        """SigLIP position embeddings for the token grid, bicubic-resized when the grid differs."""
+        weight = self.position_embedding.weight
+        grid = self.config.grid_size
+        if weight.shape[0] == grid * grid:
+            return weight[None]
+        side = int(round(weight.shape[0] ** 0.5))
+        square = weight.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(square.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+        return resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(weight.dtype)
+
+    def _maybe_checkpoint(self, layer: nn.Module, *args: Any) -> Tensor:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def encode_tokens(self, latents: Tensor) -> Tensor:
+        """``V_enc``: normalised latents [B, C, h, w] → shared visual tokens [B, N, D]."""
+        semantic = self.image_embedder_und(latents) + self._positions()
+        for layer in self.und_trans.layers:
+            semantic = self._maybe_checkpoint(layer, semantic, None)
+        low_level = self.image_embedder_gen(latents)
+        return self.fusion_proj(torch.cat([semantic, low_level], dim=-1))
+
+    def _time_embeddings(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Flow-head conditioning [B, F] and the LLM time token [B, D] for timesteps ``t``."""
+        t_emb = self.time_embed(t)
+        return t_emb, (self.time_embed_proj(t_emb) if self.time_embed_proj is not None else t_emb)
+
+    def _llm_inputs(self, input_ids: Tensor, offsets: Tensor, time_tokens: Tensor, image_tokens: Tensor) -> Tensor:
+        """Token embeddings with each image slot filled: the time token, then the N visual tokens."""
+        embeds = self.showo.model.embed_tokens(input_ids)
+        n = image_tokens.shape[1]
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None]
+        cols = offsets[:, None] + torch.arange(n + 1, device=input_ids.device)[None]
+        slots = torch.cat([time_tokens[:, None].to(embeds.dtype), image_tokens.to(embeds.dtype)], dim=1)
+        return embeds.index_put((rows.expand_as(cols), cols), slots)
+
+    def _image_span(self, length: int, offsets: Tensor) -> Tensor:
+        pos = torch.arange(length, device=offsets.device)[None]
+        inside = (pos >= offsets[:, None]) & (pos < offsets[:, None] + self.config.num_image_tokens + 1)
+        return inside[..., None].to(self._dtype)
+
+    def _velocity(self, hidden: Tensor, t_emb: Tensor, offsets: Tensor, mask: Tensor) -> Tensor:
+        """Flow head on the LLM's last hidden states → velocity rows [B, N, p·p·C] of the image tokens."""
+        h = self.diff_proj(hidden) if self.diff_proj is not None else hidden
+        length = h.shape[1]
+        span = self._image_span(length, offsets)
+        rope = self.flow_rotary(h, torch.arange(length, device=h.device)[None])
+        for block in self.diffusion_head_a:
+            h = self._maybe_checkpoint(block, h, t_emb, span, mask, rope)
+        out = self.diffusion_head_b(h, t_emb, span)
+        n = self.config.num_image_tokens
+        index = (offsets[:, None] + 1 + torch.arange(n, device=h.device)[None])[..., None]
+        return out.gather(1, index.expand(-1, -1, out.shape[-1]))
+
+    def _run_llm(
+        self, input_ids: Tensor, offsets: Tensor, image_tokens: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """LLM last hidden states, flow conditioning and mask for visual tokens at timesteps ``t``."""
+        t_emb, time_tokens = self._time_embeddings(t)
+        embeds = self._llm_inputs(input_ids, offsets, time_tokens, image_tokens)
+        mask = omni_attention_mask(input_ids.shape[1], offsets, self.config.num_image_tokens + 1, embeds.dtype)
+        hidden = self.showo.model(inputs_embeds=embeds, attention_mask={"full_attention": mask}).last_hidden_state
+        return hidden, t_emb, mask
+
+    # ----------------------------------------------------------------- training step
+
+    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> MLLMOutput:
+        """One training step of both branches in one LLM pass (as the official mixed batches).
+
+        Random draws, in order, from ``generator``: the VAE posterior noise of every image (train
+        mode), the flow noise x0 of the T2I latents, the logit-normal variables of their timesteps.
+        I2T images enter clean at t = 1 (official ``und_max_t0 = 1``), so ``z_u`` is the task
+        tensor itself. T2I images enter noisy; ``z_g`` is a second ``V_enc`` pass over the clean
+        latents, batched with the task pass.
+        """
+        input_ids, offsets, is_gen = batch["input_ids"], batch["image_offset"], batch["is_gen"]
+        device = input_ids.device
+        is_und = ~is_gen
+        n_gen = int(is_gen.sum())
+        x1 = self.encode_latents(batch["pixel_values"], sample=self.config.sample_vae_posterior and self.training,
+                                 generator=generator)
+        latents, t = x1, torch.ones(len(x1), device=device)
+        if n_gen:
+            x0 = torch.randn(x1[is_gen].shape, generator=generator, device=device).to(x1.dtype)
+            t_gen = sample_timesteps(n_gen, self.config.num_image_tokens + 1, generator, device)
+            t_view = t_gen.view(-1, 1, 1, 1).to(x1.dtype)
+            latents = x1.clone()
+            latents[is_gen] = t_view * x1[is_gen] + (1 - t_view) * x0
+            t = t.clone()
+            t[is_gen] = t_gen
+        tokens = self.encode_tokens(torch.cat([latents, x1[is_gen]]))
+        task_tokens, clean_gen_tokens = tokens[: len(x1)], tokens[len(x1):]
+        hidden, t_emb, mask = self._run_llm(input_ids, offsets, task_tokens, t)
+        slots = self.config.num_image_tokens + 1
+        out = MLLMOutput(
+            loss_i2t=None, loss_t2i=None, z_u=None, z_g=None, text_u=None, text_g=None,
+            answer_ids=None, answer_mask=None, target_patches=None, target_mask=None,
+            num_text_tokens=int(batch["lengths"].sum()) - slots * len(x1),
+            num_image_tokens=self.config.num_image_tokens * len(x1),
+        )
+        if bool(is_und.any()):
+            labels = batch["labels"][is_und]
+            hidden_u = hidden[is_und]
+            targets = labels[:, 1:]
+            selected = targets != IGNORE
+            logits = self.showo.lm_head(hidden_u[:, :-1][selected])
+            out.loss_i2t = F.cross_entropy(logits.float(), targets[selected])
+            out.z_u = task_tokens[is_und]
+            out.text_u = masked_mean(hidden_u, batch["text_mask"][is_und])
+            out.answer_ids, out.answer_mask = self._answers(labels)
+        if n_gen:
+            velocity = self._velocity(hidden[is_gen], t_emb[is_gen], offsets[is_gen], mask[is_gen])
+            target = to_flow_layout(x1[is_gen] - x0, self.config.patch_size)
+            out.loss_t2i = F.mse_loss(velocity.float(), target.float())
+            out.z_g = clean_gen_tokens
+            out.text_g = masked_mean(hidden[is_gen], batch["text_mask"][is_gen])
+            out.target_patches = patchify(x1[is_gen], self.config.patch_size)
+            out.target_mask = torch.ones(out.target_patches.shape[:2], dtype=torch.bool, device=device)
+        return out
+
+    @staticmethod
+    def _answers(labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Answer tokens (labels ≠ ignore) of each row, left-aligned and right-padded with 0."""
+        valid = labels != IGNORE
+        length = max(int(valid.sum(1).max()), 1)
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :length]
+        ids = labels.gather(1, order).clamp_min(0)
+        mask = valid.gather(1, order)
+        return ids.masked_fill(~mask, 0), mask
+
+    # ----------------------------------------------------------------- inference
+
+    def _processor(self) -> Showo2Processor:
+        if self.processor is None:
+            raise RuntimeError("this Show-o2 model was built without a tokenizer; pass tokenizer_path")
+        return self.processor
+
+    @property
+    def _device(self) -> torch.device:
+        return self.fusion_proj[1].weight.device
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, guidance_scale: float | None = None, num_steps: int | None = None,
+                 generator: torch.Generator | None = None) -> list[Image.Image]:
+        """Euler flow-matching sampler (official ``sample_ode``) with classifier-free guidance.
+
+        ``v = v_uncond + s·(v_cond − v_uncond)`` with the empty prompt as unconditional input;
+        ``s = 0`` disables guidance. ``generator`` (on the model's device) draws the start noise.
+        """
+        processor = self._processor()
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        steps = num_steps or self.config.num_inference_steps
+        sequences = [processor.t2i_sequence(p) for p in prompts]
+        if scale > 0:
+            sequences += [processor.t2i_sequence("") for _ in prompts]
+        batch = processor.pad_sequences(sequences)
+        ids, offsets = batch["input_ids"].to(self._device), batch["image_offset"].to(self._device)
+        size, channels = self.config.latent_size, self.config.vae.z_dim
+        z = torch.randn(len(prompts), channels, size, size, generator=generator, device=self._device)
+        grid = sampling_grid(steps, self.config.time_shifting_factor).tolist()
+        for t_now, t_next in zip(grid[:-1], grid[1:]):
+            x = torch.cat([z, z]) if scale > 0 else z
+            t = torch.full((len(x),), t_now, device=self._device)
+            hidden, t_emb, mask = self._run_llm(ids, offsets, self.encode_tokens(x.to(self._dtype)), t)
+            velocity = from_flow_layout(self._velocity(hidden, t_emb, offsets, mask).float(), channels, size, size)
+            if scale > 0:
+                v_cond, v_uncond = velocity.chunk(2)
+                velocity = v_uncond + scale * (v_cond - v_uncond)
+            z = z + (t_next - t_now) * velocity
+        return to_pil(self.decode_latents(z))
+
+    @torch.no_grad()
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 64) -> list[str]:
+        """Greedy decoding with a KV cache over left-padded prompts (clean images at t = 1)."""
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+        processor = self._processor()
+        conversations = [[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"}] for q in questions]
+        sequences = [processor.i2t_sequence(c) for c in conversations]
+        length = max(len(s["input_ids"]) for s in sequences)
+        pads = torch.tensor([length - len(s["input_ids"]) for s in sequences], device=self._device)
+        ids = torch.stack([F.pad(s["input_ids"], (length - len(s["input_ids"]), 0), value=processor.ids.pad)
+                           for s in sequences]).to(self._device)
+        offsets = torch.tensor([s["image_offset"] for s in sequences], device=self._device) + pads
+        key_valid = torch.arange(length, device=self._device)[None] >= pads[:, None]
+        positions = (key_valid.long().cumsum(1) - 1).clamp_min(0)
+        pixels = torch.stack([to_tensor(resize_and_pad(im.convert("RGB"), self.config.image_size)) for im in images])
+        tokens = self.encode_tokens(self.encode_latents(pixels.to(self._device), sample=False))
+        _, time_tokens = self._time_embeddings(torch.ones(len(images), device=self._device))
+        embeds = self._llm_inputs(ids, offsets, time_tokens, tokens)
+        mask = omni_attention_mask(length, offsets, self.config.num_image_tokens + 1, embeds.dtype, key_valid)
+        cache = DynamicCache(config=self.showo.config)
+        hidden = self.showo.model(inputs_embeds=embeds, attention_mask={"full_attention": mask},
+                                  position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        eos, generated = processor.ids.eos, []
+        finished = torch.zeros(len(images), dtype=torch.bool, device=self._device)
+        for _ in range(max_new_tokens):
+            next_ids = self.showo.lm_head(hidden[:, -1]).argmax(-1).masked_fill(finished, eos)
+            generated.append(next_ids)
+            finished |= next_ids == eos
+            if bool(finished.all()):
+                break
+            key_valid = torch.cat([key_valid, torch.ones_like(key_valid[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            step_mask = torch.zeros(key_valid.shape, dtype=embeds.dtype, device=self._device)
+            step_mask = step_mask.masked_fill(~key_valid, torch.finfo(embeds.dtype).min)[:, None, None]
+            hidden = self.showo.model(input_ids=next_ids[:, None], attention_mask={"full_attention": step_mask},
+                                      position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        texts = []
+        for row in torch.stack(generated, dim=1).tolist():
+            row = row[: row.index(eos)] if eos in row else row
+            texts.append(processor.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Released layout: ``config.json`` (official fields + this adapter's config), weights,
+        tokenizer files and the VAE in ``vae/`` (diffusers format)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = to_dict(self.config)
+        cfg["llm"]["vocab_size"] = self.vocab_size
+        grid = self.config.grid_size
+        official = {
+            "_class_name": "Showo2Qwen2_5",
+            "llm_vocab_size": self.vocab_size,
+            "hidden_size": self.config.llm.hidden_size,
+            "image_latent_dim": self.config.vae.z_dim,
+            "image_latent_height": grid,
+            "image_latent_width": grid,
+            "video_latent_height": grid,
+            "video_latent_width": grid,
+            "patch_size": self.config.patch_size,
+            "clip_latent_dim": self.config.semantic.hidden_size,
+            "num_diffusion_layers": self.config.flow_head.num_layers,
+            "add_time_embeds": True,
+            "add_qk_norm": True,
+            "load_from_showo": True,
+            ADAPTER_CONFIG_KEY: {"family": self.family, "config": cfg},
+        }
+        (path / "config.json").write_text(json.dumps(official, indent=2) + "\n")
+        state = self.checkpoint_state_dict()
+        if self.config.llm.tie_word_embeddings:
+            state.pop("showo.lm_head.weight")
+        save_state_dict(state, path)
+        if self.processor is not None:
+            self.processor.tokenizer.save_pretrained(str(path))
+        self.vae.save_pretrained(str(path / "vae"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, vae_path: str | Path | None = None,
+                        tokenizer_path: str | Path | None = None, options: dict[str, Any] | None = None,
+                        preset: str | None = None) -> Showo2:
+        """Load a released (``showlab/show-o2-*``) or exported checkpoint directory.
+
+        The size comes from its ``config.json`` (``preset`` names it for a released-format config
+        of another width); ``options`` override settings on top.
+        The tokenizer is read from ``tokenizer_path`` or ``path`` (released checkpoints need the
+        Qwen2.5-Instruct tokenizer directory); the VAE from ``vae_path`` (``Wan2.1_VAE.pth`` or a
+        diffusers ``AutoencoderKLWan`` directory) or ``path/vae``.
+        """
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} does not exist")
+        raw = json.loads(config_file.read_text())
+        if ADAPTER_CONFIG_KEY in raw:
+            saved = deep_merge(raw[ADAPTER_CONFIG_KEY]["config"], options or {})
+            config = from_dict(Showo2Config, saved, source=str(config_file))
+        else:
+            preset, official = options_from_official(raw, preset)
+            config = showo2_config(preset, deep_merge(official, options or {}), source=str(config_file))
+        tokenizer = load_tokenizer(_tokenizer_dir(tokenizer_path, path))
+        vae = load_vae(vae_path if vae_path is not None else path / "vae", config)
+        model = cls._allocated(config, tokenizer, vae)
+        optional = {"showo.lm_head.weight"} if config.llm.tie_word_embeddings else set()
+        load_strict(model, read_state_dict(path), source=str(path), optional=optional, ignore_prefixes=("vae.",))
+        return model
+
+    @classmethod
+    def _allocated(cls, config: Showo2Config, tokenizer: PreTrainedTokenizerBase, vae: AutoencoderKLWan) -> Showo2:
+        """The model with uninitialised storage (weights are loaded next) and the given VAE."""
+        with torch.device("meta"):
+            model = cls(config, tokenizer)
+        model.to_empty(device="cpu")
+        model.showo.tie_weights()  # to_empty re-creates parameters, untying lm_head from embed_tokens
+        # Non-persistent buffers are not in checkpoints: rebuild the RoPE tables.
+        model.showo.model.rotary_emb = Qwen2RotaryEmbedding(model.showo.config)
+        model.flow_rotary = LlamaRotaryEmbedding(flow_llama_config(config.flow_head))
+        model.vae = vae.requires_grad_(False).eval()
+        return model
+
+    @classmethod
+    def build(cls, config: ModelConfig) -> Showo2:
+        if config.path:
+            return cls.from_pretrained(config.path, vae_path=config.vae_path, tokenizer_path=config.tokenizer_path,
+                                       options=config.options)
+        cfg = showo2_config(config.preset, config.options)
+        tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
+        vae = load_vae(config.vae_path, cfg) if config.vae_path else None
+        return cls(cfg, tokenizer, vae)
+
+
+def _tokenizer_dir(explicit: str | Path | None, checkpoint: Path) -> Path:
+    for candidate in ([Path(explicit)] if explicit is not None else []) + [checkpoint]:
+        if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no tokenizer in {explicit or checkpoint}: pass tokenizer_path (the Qwen2.5-Instruct tokenizer directory)"
+    )
+
+
+def load_vae(source: str | Path, config: Showo2Config) -> AutoencoderKLWan:
+    """The frozen Wan2.1 VAE from a diffusers directory or an original/diffusers weight file."""
+    source = Path(source)
+    if source.is_dir() and (source / "config.json").is_file():
+        vae = AutoencoderKLWan.from_pretrained(str(source), local_files_only=True, low_cpu_mem_usage=False)
+        if vae.config.z_dim != config.vae.z_dim:
+            raise ConfigError(f"VAE {source} has z_dim {vae.config.z_dim}, the model expects {config.vae.z_dim}")
+        return vae.requires_grad_(False).eval()
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"no VAE at {source}: pass vae_path (Wan2.1_VAE.pth or a diffusers AutoencoderKLWan directory)"
+        )
+    state = read_weight_file(source)
+    if any(key.startswith(("encoder.middle.", "encoder.conv1.")) for key in state):
+        state = convert_wan_vae_to_diffusers(state)
+    vae = AutoencoderKLWan(**to_dict(config.vae))
+    load_strict(vae, state, source=str(source))
+    return vae.requires_grad_(False).eval()

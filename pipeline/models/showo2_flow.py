@@ -1,0 +1,63 @@
+"""Show-o2 flow matching: time convention, timestep sampling, latent layouts, sampler grid.
+
+Convention (``transport/path.py`` ``ICPlan``): x0 is noise, x1 the clean latent,
+``x_t = t·x1 + (1−t)·x0`` and the velocity target ``u = x1 − x0``; t = 1 is clean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def shift_mu(seq_len: int) -> float:
+    """Resolution-dependent shift: linear in the image sequence length, 0.5 at 256 and 1.15 at 4096."""
+    slope = (1.15 - 0.5) / (4096 - 256)
+    return 0.5 + slope * (seq_len - 256)
+
+
+def shift_timesteps(t: Tensor, seq_len: int) -> Tensor:
+    """``transport.Transport.time_shift`` with sigma 1, written for t = 1 clean."""
+    noise_level = 1 - t
+    return 1 - math.exp(shift_mu(seq_len)) / (math.exp(shift_mu(seq_len)) + (1 / noise_level - 1))
+
+
+def sample_timesteps(n: int, seq_len: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Training timesteps: logit-normal (``snr_type: lognorm``) then shifted (``do_shift: True``).
+
+    ``seq_len`` is the image sequence length including the time token (730 at 432 px).
+    """
+    u = torch.randn(n, generator=generator, device=device)
+    return shift_timesteps(torch.sigmoid(u), seq_len)
+
+
+def sampling_grid(num_steps: int, shifting_factor: float) -> Tensor:
+    """Sampler time points from 0 (noise) to 1 (clean), denser near 0 (``integrators.ode``)."""
+    t = torch.linspace(0.0, 1.0, num_steps)
+    return t / (t + shifting_factor - shifting_factor * t)
+
+
+def patchify(latents: Tensor, patch: int) -> Tensor:
+    """[B, C, H, W] → [B, N, p·p·C]: row n is the spatial p×p patch under visual token n."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def to_flow_layout(latents: Tensor, patch: int) -> Tensor:
+    """[B, C, H, W] → [B, N, p·p·C] in the released flow head's output layout.
+
+    The official code flattens the latent in raster order and cuts it into runs of p·p pixels,
+    so output row n holds raster pixels n·p² … n·p²+p²−1 (not the p×p patch under token n).
+    The released flow head was trained on this layout; keep it to load its weights.
+    """
+    b, c, h, w = latents.shape
+    return latents.flatten(2).transpose(1, 2).reshape(b, (h * w) // patch**2, patch**2 * c)
+
+
+def from_flow_layout(rows: Tensor, channels: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`to_flow_layout`."""
+    b = rows.shape[0]
+    return rows.reshape(b, height * width, channels).transpose(1, 2).reshape(b, channels, height, width)

@@ -1,0 +1,101 @@
+"""The adapter contract, the family registry and the checkpoint IO helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.models import FAMILIES, MLLMAdapter, MLLMOutput, ModelConfig, adapter_class
+from pipeline.models.weights import (
+    CheckpointMismatchError,
+    find_weight_files,
+    load_strict,
+    read_state_dict,
+    save_state_dict,
+)
+
+
+def _output(**fields) -> MLLMOutput:
+    defaults = dict(loss_i2t=None, loss_t2i=None, z_u=None, z_g=None, text_u=None, text_g=None, answer_ids=None,
+                    answer_mask=None, target_patches=None, target_mask=None, num_text_tokens=0, num_image_tokens=0)
+    return MLLMOutput(**{**defaults, **fields})
+
+
+def test_infotok_inputs_are_exactly_the_regularizer_arguments():
+    z = torch.zeros(2, 3, 4)
+    inputs = _output(z_u=z, num_text_tokens=5).infotok_inputs()
+    assert list(inputs) == ["z_u", "z_g", "text_u", "text_g", "answer_ids", "answer_mask", "target_patches",
+                            "target_mask"]
+    assert inputs["z_u"] is z and inputs["z_g"] is None
+
+
+def test_adapter_contract_is_abstract():
+    class Incomplete(MLLMAdapter):
+        family = "incomplete"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
+    assert {"forward", "infotok_dims", "build", "from_pretrained", "save_pretrained", "generate", "answer",
+            "shared_encoder_prefixes"} <= MLLMAdapter.__abstractmethods__
+
+
+def test_registry_dispatches_on_family_name():
+    assert adapter_class("showo2").family == "showo2"
+    assert set(FAMILIES) == {"showo2"}
+    with pytest.raises(ConfigError, match="unknown family 'harmon'.*available: showo2"):
+        adapter_class("harmon")
+    assert ModelConfig().family == "showo2"
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2, bias=False)
+
+
+def test_sharded_save_and_read_roundtrip(tmp_path):
+    module = _Tiny()
+    save_state_dict(module.state_dict(), tmp_path, max_shard_bytes=40)
+    files = find_weight_files(tmp_path)
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    state = read_state_dict(tmp_path)
+    assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
+
+
+def test_bin_checkpoints_are_read(tmp_path):
+    torch.save(_Tiny().state_dict(), tmp_path / "pytorch_model.bin")
+    assert set(read_state_dict(tmp_path)) == {"a.weight", "a.bias", "b.weight"}
+
+
+def test_missing_weights_and_shards_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        find_weight_files(tmp_path)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a.weight": "gone.bin"}}))
+    with pytest.raises(FileNotFoundError, match="gone.bin"):
+        find_weight_files(tmp_path)
+
+
+def test_load_strict_names_every_bad_key():
+    module = _Tiny()
+    state = dict(module.state_dict())
+    del state["a.bias"]
+    state["c.weight"] = torch.zeros(1)
+    state["b.weight"] = torch.zeros(5, 5)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_strict(module, state, source="x")
+    message = str(info.value)
+    assert "missing keys (1): a.bias" in message
+    assert "unexpected keys (1): c.weight" in message
+    assert "shape mismatches (1): b.weight: checkpoint (5, 5) vs model (2, 4)" in message
+
+
+def test_load_strict_optional_and_ignored_keys():
+    module, source = _Tiny(), _Tiny()
+    state = {"a.weight": source.a.weight.detach()}
+    load_strict(module, state, source="x", optional={"a.bias"}, ignore_prefixes=("b.",))
+    assert torch.equal(module.a.weight, source.a.weight)
