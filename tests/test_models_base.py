@@ -44,10 +44,11 @@ def test_adapter_contract_is_abstract():
 
 
 def test_registry_dispatches_on_family_name():
-    assert adapter_class("showo2").family == "showo2"
-    assert set(FAMILIES) == {"showo2"}
-    with pytest.raises(ConfigError, match="unknown family 'harmon'.*available: showo2"):
-        adapter_class("harmon")
+    for family in ("showo2", "harmon", "openuni"):
+        assert adapter_class(family).family == family
+    assert set(FAMILIES) == {"showo2", "harmon", "openuni"}
+    with pytest.raises(ConfigError, match="unknown family 'show02'.*available: harmon, openuni, showo2"):
+        adapter_class("show02")
     assert ModelConfig().family == "showo2"
 
 

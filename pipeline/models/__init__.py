@@ -10,6 +10,8 @@ from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig
 # family name -> "module:class", imported on first use so one family's dependencies never load another's.
 FAMILIES: dict[str, str] = {
     "showo2": "pipeline.models.showo2:Showo2",
+    "harmon": "pipeline.models.harmon:Harmon",
+    "openuni": "pipeline.models.openuni:OpenUni",
 }
 
 

@@ -26,7 +26,7 @@ INFOTOK_INPUT_KEYS = ("z_u", "z_g", "text_u", "text_g", "answer_ids", "answer_ma
 class ModelConfig:
     """Which model to build: the family, its preset, local weights and family-specific options."""
 
-    family: str = param("showo2", help="model family: showo2 (harmon and openuni to come)")
+    family: str = param("showo2", help="model family: showo2, harmon or openuni")
     preset: str = param("1.5b", help="named size of the family (e.g. 1.5b, 7b, tiny); a path's config wins")
     path: str | None = param(None, help="local checkpoint directory (released or exported); null = random init")
     vae_path: str | None = param(None, help="local VAE weights (file or diffusers directory) when not in path")

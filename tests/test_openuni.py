@@ -1,0 +1,371 @@
+"""OpenUni adapter on the ``tiny`` preset: same classes as the released model, tiny dims, CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model_helpers import draw_image, i2t_sample, make_tokenizer, t2i_sample
+from openuni_helpers import Capture, batch, tiny_openuni
+from pipeline.config import ConfigError
+from pipeline.models import FAMILIES, ModelConfig, build_model
+from pipeline.models.base import INFOTOK_INPUT_KEYS
+from pipeline.models.openuni import OpenUni
+from pipeline.models.openuni_config import openuni_config
+from pipeline.models.openuni_internvl import pixel_shuffle
+from pipeline.models.openuni_processor import IGNORE, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.models.weights import CheckpointMismatchError
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_dir) -> OpenUni:
+    return tiny_openuni(tokenizer_dir).train()
+
+
+def _encode(model, text):
+    return model.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- processor
+
+
+def test_i2t_sequence_is_the_internvl_chat_template(model):
+    proc, n = model.processor, model.config.num_image_tokens
+    sample = proc(i2t_sample(0, question="describe", answer="two shapes"))
+    ids, labels = sample["input_ids"].tolist(), sample["labels"]
+    text = proc.tokenizer.decode(ids)
+    image = "<img>" + "<IMG_CONTEXT>" * n + "</img>"
+    assert text == (f"<|im_start|>system\n{model.config.system_message}<|im_end|>\n"
+                    f"<|im_start|>user\n{image}\ndescribe<|im_end|>\n<|im_start|>assistant\ntwo shapes<|im_end|>\n")
+    # Targets: the answer and <|im_end|>, not the assistant prefix nor the final newline.
+    assert labels[labels != IGNORE].tolist() == _encode(model, "two shapes<|im_end|>")
+    assert labels[-1] == IGNORE
+    text_mask = sample["text_mask"]
+    assert not text_mask[torch.tensor(ids) == proc.ids.img_context].any() and text_mask[0]
+    assert not text_mask[labels != IGNORE].any()
+    assert sample["pixel_values"].shape == (3, 56, 56)
+
+
+def test_i2t_image_placeholder_is_added_when_absent_and_may_appear_once(model):
+    proc = model.processor
+    plain = proc.i2t_sequence([{"role": "user", "content": "describe"}])["input_ids"].tolist()
+    marked = proc.i2t_sequence([{"role": "user", "content": "<image>\ndescribe"}])["input_ids"].tolist()
+    assert plain == marked and proc.tokenizer.decode(plain).endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="one <image>"):
+        proc.i2t_sequence([{"role": "user", "content": "<image> and <image>"}])
+    with pytest.raises(ValueError, match="task"):
+        proc({"task": "x"})
+
+
+def test_i2t_image_vit_normalisation(model):
+    image = draw_image(3, (56, 56))
+    pixels = model.processor(i2t_sample(0) | {"image": image})["pixel_values"]
+    raw = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255
+    expected = (raw - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(pixels, expected)
+
+
+def test_t2i_sequence_and_stateless_cfg_dropout(model):
+    proc = model.processor
+    sample = proc(t2i_sample(0, prompt=" a cat "))
+    text = proc.tokenizer.decode(sample["input_ids"].tolist())
+    assert text == "<|im_start|>user\nGenerate an image: a cat<|im_end|>\n<|im_start|>assistant\n<img>"
+    assert sample["pixel_values"].shape == (3, 32, 32) and sample["pixel_values"].abs().max() <= 1
+    cfg = proc.tokenizer.decode(proc.t2i_sequence("x", message=model.config.cfg_prompt)["input_ids"].tolist())
+    dropped = [proc(t2i_sample(i))["input_ids"].tolist() == _encode(model, cfg) for i in range(400)]
+    assert dropped == [proc(t2i_sample(i))["input_ids"].tolist() == _encode(model, cfg) for i in range(400)]
+    assert 0.05 < sum(dropped) / len(dropped) < 0.15
+    long = proc.t2i_sequence("cat " * 400)["input_ids"]
+    assert len(long) == model.config.max_prompt_len
+
+
+def test_collate_splits_the_tasks_into_right_padded_groups(model):
+    b = batch(model, "uggu")
+    assert b["i2t_input_ids"].shape[0] == 2 and b["t2i_input_ids"].shape[0] == 2
+    assert b["t2i_attention_mask"].dtype == torch.bool and b["i2t_labels"].shape == b["i2t_input_ids"].shape
+    assert set(batch(model, "g")) == {"t2i_input_ids", "t2i_attention_mask", "t2i_pixel_values"}
+
+
+# ----------------------------------------------------------------------------- V_enc geometry
+
+
+def test_pixel_shuffle_token_covers_a_2x2_block_of_patches():
+    grid = torch.arange(8 * 8).view(1, 8, 8, 1).float()  # ViT patch (r, c) holds r*8+c
+    tokens = pixel_shuffle(grid, 0.5)
+    assert tokens.shape == (1, 4, 4, 4)
+    i, j = 1, 2
+    assert tokens[0, i, j].tolist() == [(2 * i) * 8 + 2 * j, (2 * i) * 8 + 2 * j + 1,
+                                        (2 * i + 1) * 8 + 2 * j, (2 * i + 1) * 8 + 2 * j + 1]
+
+
+def test_target_patches_are_the_latents_under_each_token(model):
+    b = batch(model, "g")
+    with torch.no_grad():
+        out = model(b, generator=torch.Generator().manual_seed(1))
+    latents = model.encode_latents(b["t2i_pixel_values"])
+    p, grid = model.config.latent_patch, model.config.token_grid
+    assert (p, grid) == (2, 4) and out.target_mask.all()
+    row, col = 1, 3
+    patch = latents[0, :, row * p:(row + 1) * p, col * p:(col + 1) * p].permute(1, 2, 0).reshape(-1)
+    torch.testing.assert_close(out.target_patches[0, row * grid + col], patch)
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+def test_forward_returns_every_infotok_input(model):
+    out = model(batch(model), generator=torch.Generator().manual_seed(0))
+    d, n = model.config.llm.hidden_size, model.config.num_image_tokens
+    assert torch.isfinite(out.loss_i2t) and torch.isfinite(out.loss_t2i)
+    assert out.z_u.shape == out.z_g.shape == (2, n, d)
+    assert out.text_u.shape == out.text_g.shape == (2, d)
+    assert out.target_patches.shape == (2, n, model.infotok_dims()["latent_patch_dim"])
+    assert out.answer_ids.shape == out.answer_mask.shape and out.answer_mask.dtype == torch.bool
+    assert set(out.infotok_inputs()) == set(INFOTOK_INPUT_KEYS)
+    assert out.num_image_tokens == 2 * n + 2 * model.config.num_queries and out.num_text_tokens > 0
+
+
+def test_single_task_batches_leave_the_other_branch_empty(model):
+    with torch.no_grad():
+        u = model(batch(model, "uu"))
+        g = model(batch(model, "g"))
+    assert u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
+    assert g.loss_i2t is None and g.z_u is None and g.answer_ids is None and g.loss_t2i is not None
+
+
+def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
+    b = batch(model, "uu")
+    with torch.no_grad(), Capture(model.lmm.language_model.model) as llm:
+        out = model(b)
+    logits = model.lmm.language_model.lm_head(llm.calls[0][2].last_hidden_state)
+    labels = b["i2t_labels"]
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+    torch.testing.assert_close(out.loss_i2t, expected)
+    answer = _encode(model, "a red circle on a blue square<|im_end|>")
+    assert out.answer_ids[0][out.answer_mask[0]].tolist() == answer
+
+
+def test_z_u_is_the_tensor_the_llm_consumed(model):
+    b = batch(model, "u")
+    with torch.no_grad(), Capture(model.lmm.language_model.model) as llm:
+        out = model(b)
+    embeds = llm.calls[0][1]["inputs_embeds"]
+    slots = b["i2t_input_ids"][0] == model.processor.ids.img_context
+    torch.testing.assert_close(embeds[0, slots], out.z_u[0])
+    torch.testing.assert_close(out.z_u, model.lmm.extract_feature(b["i2t_pixel_values"]))
+
+
+def test_loss_t2i_is_the_openuni_flow_matching_formula_on_a_fixed_seed(model):
+    b = batch(model, "gg")
+    with torch.no_grad(), Capture(model.transformer) as dit:
+        out = model(b, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    x = model.vae.encode(b["t2i_pixel_values"]).latent * 0.41407
+    noise = torch.randn(x.shape, generator=g)
+    index = (torch.rand(2, generator=g) * 1000).long()
+    t = (1000 - index).float()  # FlowMatchEuler (shift 1): timesteps 1000 … 1
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    args, kwargs, prediction = dit.calls[0]
+    torch.testing.assert_close(args[0], (1 - sigma) * x + sigma * noise)
+    torch.testing.assert_close(kwargs["timestep"], t)
+    assert kwargs["encoder_hidden_states"].shape == (2, model.config.num_queries, model.config.sana.caption_channels)
+    torch.testing.assert_close(out.loss_t2i, ((prediction[0] - (noise - x)) ** 2).mean())
+
+
+def test_z_g_is_v_enc_of_the_target_resized_for_the_vit(model):
+    b = batch(model, "g")
+    with torch.no_grad():
+        out = model(b, generator=torch.Generator().manual_seed(0))
+    pixels = (b["t2i_pixel_values"] + 1) / 2
+    pixels = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    vit = F.interpolate(pixels, size=(56, 56), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.z_g, model.lmm.extract_feature(vit))
+
+
+def _grads(model, prefixes):
+    return [p.grad for name, p in model.named_parameters() if name.startswith(prefixes)]
+
+
+def test_gradients_reach_v_enc_from_understanding_and_from_z_g(model):
+    """``loss_i2t`` reaches ``V_enc`` through the frozen LLM; ``z_g`` (the InfoTok g-branch) does too.
+
+    OpenUni's own ``loss_t2i`` never reads an image through ``V_enc`` (its conditions are the
+    meta queries), so it trains the generation modules and leaves ``V_enc`` untouched.
+    """
+    encoder = model.shared_encoder_prefixes()
+    for name in ("loss_i2t", "z_g"):
+        model.zero_grad()
+        out = model(batch(model), generator=torch.Generator().manual_seed(0))
+        value = getattr(out, name)
+        (value if value.ndim == 0 else value.square().mean()).backward()
+        assert all(g is not None and g.abs().sum() > 0 for g in _grads(model, encoder)), name
+    model.zero_grad()
+    model(batch(model), generator=torch.Generator().manual_seed(0)).loss_t2i.backward()
+    assert all(g is None for g in _grads(model, encoder))
+    generation = ("meta_queries", "connector.", "projector.", "transformer.")
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(model, generation))
+    assert not any(p.requires_grad for p in model.lmm.language_model.parameters())
+
+
+def test_trainable_groups(tokenizer_dir):
+    frozen = tiny_openuni(tokenizer_dir, trainable=[])
+    names = {name for name, _ in frozen.trainable_parameters()}
+    assert names and all(name.startswith(("lmm.vision_model.", "lmm.mlp1.")) for name in names)
+    with_llm = tiny_openuni(tokenizer_dir, trainable=["llm"])
+    assert all(p.requires_grad for p in with_llm.lmm.language_model.parameters())
+    assert not with_llm.meta_queries.requires_grad and not any(p.requires_grad for p in with_llm.vae.parameters())
+    with pytest.raises(ConfigError, match="trainable"):
+        openuni_config("tiny", {"trainable": ["vae"]})
+    with pytest.raises(ConfigError, match="connector.hidden_size"):
+        openuni_config("tiny", {"connector": {"hidden_size": 32}})
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(model, tokenizer_dir):
+    checkpointed = tiny_openuni(tokenizer_dir, gradient_checkpointing=True).train()
+    checkpointed.load_state_dict(model.state_dict())
+    b = batch(model)
+    results = []
+    for m in (model, checkpointed):
+        m.zero_grad()
+        out = m(b, generator=torch.Generator().manual_seed(0))
+        (out.loss_i2t + out.loss_t2i).backward()
+        results.append((out.loss_i2t, out.loss_t2i, m.lmm.vision_model.encoder.layers[0].attn.qkv.weight.grad,
+                        m.transformer.transformer_blocks[0].ff.conv_point.weight.grad))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c)
+
+
+def test_infotok_dims(model):
+    assert model.infotok_dims() == {"token_dim": 64, "text_dim": 64, "vocab_size": len(model.processor.tokenizer),
+                                    "latent_patch_dim": 16}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_dir(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("openuni_tiny")
+    model.save_pretrained(path)
+    return path
+
+
+def _same_outputs(a, b):
+    data = batch(a)
+    with torch.no_grad():
+        x = a(data, generator=torch.Generator().manual_seed(3))
+        y = b(data, generator=torch.Generator().manual_seed(3))
+    for key in ("loss_i2t", "loss_t2i", "z_u", "z_g", "text_u", "text_g", "target_patches"):
+        torch.testing.assert_close(getattr(x, key), getattr(y, key), rtol=0, atol=0)
+
+
+def test_save_then_load_gives_identical_outputs(model, saved_dir):
+    assert {p.name for p in saved_dir.iterdir()} == {"config.json", "internvl3", "sana", "vae", "openuni.pth"}
+    internvl = json.loads((saved_dir / "internvl3" / "config.json").read_text())
+    assert internvl["vision_config"]["hidden_size"] == 32 and internvl["llm_config"]["hidden_size"] == 64
+    assert set(torch.load(saved_dir / "openuni.pth")) == {
+        k for k in model.state_dict() if k.startswith(("meta_queries", "connector.", "projector."))}
+    loaded = OpenUni.from_pretrained(saved_dir).train()
+    _same_outputs(model, loaded)
+
+
+def test_assembles_a_released_pth_on_top_of_the_base_models(model, saved_dir, tmp_path):
+    """A fine-tuned ``openuni_*.pth`` carries the DiT too; its tensors win over the SANA directory's."""
+    state = {k: v.clone() for k, v in torch.load(saved_dir / "openuni.pth").items()}
+    state.update({k: v + 1 for k, v in model.state_dict().items() if k.startswith("transformer.proj_out.")})
+    released = tmp_path / "openuni_b_internvl3_1b_sana_0_6b_512_hf_blip3o60k.pth"
+    torch.save(state, released)
+    with pytest.raises(FileNotFoundError, match="internvl_path"):
+        OpenUni.from_pretrained(released, sana_path=saved_dir / "sana", vae_path=saved_dir / "vae")
+    loaded = OpenUni.from_pretrained(released, internvl_path=saved_dir / "internvl3", sana_path=saved_dir / "sana",
+                                     vae_path=saved_dir / "vae", preset="tiny")
+    expected = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        shift = 1 if key.startswith("transformer.proj_out.") else 0
+        assert torch.equal(value, expected[key] + shift), key
+
+
+def test_base_models_alone_start_fresh_openuni_modules(model, saved_dir):
+    loaded = OpenUni.from_pretrained(None, internvl_path=saved_dir / "internvl3", sana_path=saved_dir / "sana",
+                                     vae_path=saved_dir / "vae", preset="tiny")
+    assert torch.equal(loaded.lmm.mlp1[1].weight, model.lmm.mlp1[1].weight)
+    assert loaded.meta_queries.std().item() == pytest.approx(1 / 8, rel=0.3)
+    assert torch.isfinite(loaded.connector.layers[0].mlp.fc1.weight).all()
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "shape"])
+def test_checkpoint_mismatch_fails_naming_the_key(saved_dir, tmp_path, change):
+    pth, internvl = tmp_path / "openuni.pth", tmp_path / "internvl3"
+    internvl.mkdir()
+    for item in (saved_dir / "internvl3").iterdir():
+        (internvl / item.name).write_bytes(item.read_bytes())
+    state = torch.load(saved_dir / "openuni.pth")
+    if change == "missing":
+        key, source = "connector.layers.1.mlp.fc2.bias", str(pth)
+        del state[key]
+    elif change == "extra":
+        key, source = "connector.layers.9.mlp.fc2.bias", str(pth)
+        state[key] = torch.zeros(3)
+    else:
+        key, source = "vision_model.encoder.layers.0.attn.qkv.weight", str(internvl)
+        weights = load_file(internvl / "model.safetensors")
+        weights[key] = torch.zeros(5, 5)
+        save_file(weights, internvl / "model.safetensors")
+    torch.save(state, pth)
+    with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")) as info:
+        OpenUni.from_pretrained(pth, internvl_path=internvl, sana_path=saved_dir / "sana",
+                                vae_path=saved_dir / "vae", preset="tiny")
+    section = {"missing": "missing keys", "extra": "unexpected keys", "shape": "shape mismatches"}[change]
+    assert section in str(info.value) and source in str(info.value)
+
+
+def test_build_model_registry(tokenizer_dir, saved_dir, monkeypatch):
+    monkeypatch.setitem(FAMILIES, "openuni", "pipeline.models.openuni:OpenUni")
+    built = build_model(ModelConfig(family="openuni", preset="tiny", tokenizer_path=str(tokenizer_dir)))
+    assert isinstance(built, OpenUni) and built.processor is not None
+    from_path = build_model(ModelConfig(family="openuni", path=str(saved_dir), options={"trainable": []}))
+    assert from_path.config.trainable == [] and not from_path.meta_queries.requires_grad
+    with pytest.raises(ConfigError, match="options.sana.num_layer"):
+        build_model(ModelConfig(family="openuni", preset="tiny", options={"sana": {"num_layer": 3}}))
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def test_generate_returns_images_of_the_configured_size(model):
+    model.eval()
+    with Capture(model.transformer) as dit:
+        guided = model.generate(["a cat", "two shapes"], num_steps=3, generator=torch.Generator().manual_seed(0))
+    plain = model.generate(["a cat"], num_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    model.train()
+    assert [im.size for im in guided + plain] == [(32, 32)] * 3 and all(im.mode == "RGB" for im in guided)
+    assert len(dit.calls) == 3 and dit.calls[0][0][0].shape[0] == 4  # conditional and CFG halves
+
+
+def test_answer_returns_one_string_per_image_and_matches_single_decoding(model):
+    """Left-padded cached decoding sees what one unpadded prompt sees."""
+    model.eval()
+    images = [draw_image(5), draw_image(6)]
+    questions = ["what is in this image", "describe the small shapes on the left"]
+    with Capture(model.lmm.language_model.lm_head) as head:
+        batched = model.answer(images, questions, max_new_tokens=4)
+    first = head.calls[0][0][0]
+    single = []
+    for k, (image, question) in enumerate(zip(images, questions)):
+        with Capture(model.lmm.language_model.lm_head) as head:
+            single.append(model.answer([image], [question], max_new_tokens=4)[0])
+        torch.testing.assert_close(first[k], head.calls[0][0][0][0], rtol=1e-4, atol=1e-5)
+    model.train()
+    assert len(batched) == 2 and all(isinstance(text, str) for text in batched)
+    assert batched == single
