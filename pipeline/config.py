@@ -14,12 +14,14 @@ for unknown keys, the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import types
 import typing
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
@@ -50,8 +52,12 @@ def param(
     return dataclasses.field(default=default, metadata=meta)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Build ``cls`` from an optional YAML file plus dotted ``key=value`` overrides."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from an optional YAML file plus dotted ``key=value`` overrides.
+
+    Overrides are merged into the file's values before anything is validated, so a recipe may
+    leave out what the command line supplies (e.g. data paths).
+    """
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
@@ -66,8 +72,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(loaded).__name__}")
         raw = loaded or {}
-    cfg = from_dict(cls, raw, source=source)
-    return apply_overrides(cfg, overrides)
+    if overrides:
+        raw = _merge_overrides(cls, raw, overrides, "command line")
+        source = f"{source} + command line" if path is not None else "command line"
+    return from_dict(cls, raw, source=source)
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], *, source: str = "<dict>", prefix: str = "") -> T:
@@ -106,30 +114,34 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def apply_overrides(cfg: T, overrides: list[str], *, source: str = "command line") -> T:
+def apply_overrides(cfg: T, overrides: Sequence[str], *, source: str = "command line") -> T:
     """Return a copy of ``cfg`` with each ``a.b.c=value`` applied and validated."""
-    tree = to_dict(cfg)
+    return from_dict(type(cfg), _merge_overrides(type(cfg), to_dict(cfg), overrides, source), source=source)
+
+
+def _merge_overrides(cls: type, tree: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
+    """Set each dotted key in a copy of the raw ``tree``, checking every key against ``cls``."""
+    tree = copy.deepcopy(tree)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{source}: {item!r}: expected key=value (e.g. infotok.lam=0.1)")
-        node, cls = tree, type(cfg)
+        node, node_cls = tree, cls
         parts = key.split(".")
         for depth, part in enumerate(parts):
-            fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+            fields = {f.name: f for f in dataclasses.fields(node_cls) if f.init}
             if part not in fields:
                 raise ConfigError(_unknown_key_message(source, key, part, list(fields), parts[:depth]))
-            hint = typing.get_type_hints(cls)[part]
             if depth == len(parts) - 1:
                 node[part] = _parse_cli_value(value)
                 break
-            sub = _dataclass_in(hint)
+            sub = _dataclass_in(typing.get_type_hints(node_cls)[part])
             if sub is None:
                 raise ConfigError(f"{source}: {key}: {'.'.join(parts[:depth + 1])} is a value, not a section")
-            if node.get(part) is None:
-                node[part] = to_dict(sub())
-            node, cls = node[part], sub
-    return from_dict(type(cfg), tree, source=source)
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node, node_cls = node[part], sub
+    return tree
 
 
 def _parse_cli_value(text: str) -> Any:

@@ -1,0 +1,203 @@
+"""Command line: ``python -m data_prep {shard,verify,stats,synth} ...``.
+
+Command modules are imported only when their command runs, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from data_prep.errors import CommandError
+
+PROG = "python -m data_prep"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of the usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+    return parse
+
+
+def _quality(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{value} is above the maximum 100")
+    return value
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+SHARD_HELP = """\
+Turn image-text records into WebDataset shards (DESIGN.md section 3): shard-NNNNNN.tar files,
+manifest.json and ledger.jsonl (one line per input record: written to which shard, or skipped
+and why). Records from all sources are shuffled together (seeded), so shards mix sources; the
+same inputs and seed give byte-identical output whatever --workers is.
+
+source kinds (--source [NAME=]KIND:PATH, repeatable; NAME labels the source in samples/stats):
+  jsonl:FILE    one JSON object per line: "image" (path relative to FILE's folder or
+                --image-root) plus "messages" or "conversations" (I2T), "question"+"answer"
+                (I2T), "prompt" (T2I) or "caption" (task from --task); an optional "meta"
+                object is copied into the sample json
+  llava:FILE    a LLaVA JSON array: "id", "image", "conversations" with from human/gpt
+  folder:DIR    images with sidecars: x.jpg + x.txt (a caption) or x.json (fields as jsonl)
+  hf:PATH       a datasets save_to_disk directory or parquet file(s); see --image-column
+
+Interrupted runs (even kill -9) finish with --resume and give the same result."""
+
+
+def _add_shard(commands: argparse._SubParsersAction) -> None:
+    from data_prep.images import CHECKS, IMAGE_FORMATS
+
+    p = commands.add_parser("shard", help="write shards, manifest and ledger from sources",
+                            description=SHARD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", action="append", required=True, metavar="[NAME=]KIND:PATH", dest="sources",
+                   help="an input; repeat for several (kinds above)")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR",
+                   help="dataset directory to create (must not hold another run's output unless --resume)")
+    p.add_argument("--task", choices=("i2t", "t2i"), default="i2t",
+                   help="task of plain-caption records (jsonl 'caption', folder .txt, hf text column); "
+                        "records with messages/question/prompt fix their own task (default: %(default)s)")
+    p.add_argument("--shard-size", type=_int_at_least(1), default=2000, metavar="N",
+                   help="records per shard; skipped records leave a shard slightly smaller (default: %(default)s)")
+    p.add_argument("--max-side", type=_int_at_least(0), default=1024, metavar="PX",
+                   help="downscale images whose longer side exceeds PX, keeping aspect; 0: never "
+                        "(default: %(default)s)")
+    p.add_argument("--min-side", type=_int_at_least(1), default=64, metavar="PX",
+                   help="skip images whose shorter side is below PX, reason too_small (default: %(default)s)")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="keep",
+                   help="stored format: keep (JPEG/PNG/WebP stay, others become PNG), or convert all to "
+                        "jpg or webp; images that need no change keep their original bytes (default: %(default)s)")
+    p.add_argument("--quality", type=_quality, default=90, metavar="Q",
+                   help="JPEG/WebP quality, 1-100, for re-encoded images (default: %(default)s)")
+    p.add_argument("--check", choices=CHECKS, default="decode",
+                   help="how images kept byte-for-byte are verified: 'decode' decodes them (any corrupt "
+                        "data is caught); 'structure' only checks markers, chunk CRCs and sizes, which catches "
+                        "truncation and runs at I/O speed. Re-encoded images are always decoded "
+                        "(default: %(default)s)")
+    p.add_argument("--workers", type=_int_at_least(1), default=_default_workers(), metavar="N",
+                   help="parallel processes, each writing whole shards (default: the CPUs available, %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the global shuffle (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run in --output (same sources and flags); a no-op on a finished one")
+    p.add_argument("--image-root", type=Path, metavar="DIR",
+                   help="base folder for relative image paths of jsonl, llava and hf path columns "
+                        "(default: the source file's folder)")
+    p.add_argument("--image-column", default="image", metavar="NAME",
+                   help="hf sources: the column with the image: datasets Image, bytes, or a file path "
+                        "(default: %(default)s)")
+    p.add_argument("--text-column", metavar="NAME",
+                   help="hf sources: a column holding a caption string (task from --task) or a list of "
+                        "turns; default: read the columns like jsonl fields")
+    p.set_defaults(run=_run_shard)
+
+
+def _run_shard(a: argparse.Namespace) -> int:
+    from data_prep import shard
+
+    args = shard.ShardArgs(
+        sources=a.sources, output=a.output, task=a.task, shard_size=a.shard_size, max_side=a.max_side,
+        min_side=a.min_side, image_format=a.image_format, quality=a.quality, check=a.check, workers=a.workers,
+        seed=a.seed, resume=a.resume, image_root=a.image_root, image_column=a.image_column,
+        text_column=a.text_column,
+    )
+    return shard.run(args)
+
+
+def _add_verify(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "verify", help="re-check a dataset directory against its manifest",
+        description="Re-read every shard of DIR and check it against manifest.json and ledger.jsonl: "
+                    "sizes, sha256, sample counts per task, keys, every json parses as a sample and every "
+                    "image decodes at the size its json states. Prints each problem on its own line and "
+                    "exits 1 if there is any, 0 if none.")
+    p.add_argument("dir", type=Path, metavar="DIR", help="a directory written by 'shard'")
+    p.add_argument("--workers", type=_int_at_least(1), default=_default_workers(), metavar="N",
+                   help="shards checked in parallel (default: the CPUs available, %(default)s)")
+    p.set_defaults(run=_run_verify)
+
+
+def _add_stats(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "stats", help="print totals, skip reasons and histograms of a dataset directory",
+        description="Print the samples per task and per source, the skip reasons, and histograms of "
+                    "image size and text length of DIR (reads the json members only, not the images).")
+    p.add_argument("dir", type=Path, metavar="DIR", help="a directory written by 'shard'")
+    p.set_defaults(run=_run_stats)
+
+
+def _add_synth(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "synth", help="generate the synthetic scenes corpus (a jsonl source)",
+        description="Draw N scenes of coloured shapes and write DIR/synth.jsonl + DIR/images/: I2T "
+                    "question/answer and caption records and T2I prompts in GenEval's categories, each "
+                    "with its ground truth (shapes, colors, counts, boxes) under 'meta'. Shard it with "
+                    "--source jsonl:DIR/synth.jsonl. The same seed gives the same files.")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="directory to write (created)")
+    p.add_argument("--count", required=True, type=_int_at_least(1), metavar="N", help="number of records")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: %(default)s)")
+    p.add_argument("--size", type=_int_at_least(64), default=256, metavar="PX",
+                   help="image side in pixels (default: %(default)s)")
+    p.set_defaults(run=_run_synth)
+
+
+def _run_verify(a: argparse.Namespace) -> int:
+    from data_prep import verify
+
+    return verify.run(a.dir, a.workers)
+
+
+def _run_stats(a: argparse.Namespace) -> int:
+    from data_prep import stats
+
+    return stats.run(a.dir)
+
+
+def _run_synth(a: argparse.Namespace) -> int:
+    from data_prep import synth
+
+    return synth.run(a.output, a.count, a.seed, a.size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Prepare InfoTok training data as WebDataset shards.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+    _add_shard(commands)
+    _add_verify(commands)
+    _add_stats(commands)
+    _add_synth(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prefix = f"{PROG} {args.command}: error:"
+    try:
+        return args.run(args)
+    except CommandError as e:
+        print(f"{prefix} {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up while writing
+        hint = "; fix it and rerun with --resume" if args.command == "shard" else ""
+        print(f"{prefix} {e}{hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = "; rerun with --resume to finish" if args.command == "shard" else ""
+        print(f"{PROG} {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130

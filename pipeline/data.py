@@ -1,0 +1,392 @@
+"""Streaming loader for data_prep shards: two task streams, deterministic, exactly resumable.
+
+Every step yields, on each rank, one batch of ``micro_batch_i2t`` I2T and ``micro_batch_t2i`` T2I
+samples, decoded and preprocessed in worker processes by the adapter's processor and collated by
+its collate function (the loader knows no model family).
+
+The order is a pure function of the step, computed from the manifests' sample counts alone:
+
+* Stream mixing: for step t the dataset of each slot is drawn by weight from an RNG seeded with
+  (seed, stream, t), identical on every rank, so per-dataset read positions advance in lockstep.
+* Dataset d is, on rank r, an endless sequence of positions. Position p lies in epoch
+  e = p // R_d with R_d = total_d // world (the remainder, fewer than ``world`` samples per epoch,
+  is dropped, a different set each epoch). Epoch e shuffles the shard order, concatenates the
+  shards' samples of the task, gives rank r the contiguous slice [r*R_d, (r+1)*R_d), and permutes
+  that slice within blocks of ``shuffle_block`` samples (the shuffle buffer). Every rank therefore
+  reads the same number of samples per epoch however uneven the shards, even with fewer shards
+  than ranks x workers, and samples never repeat within an epoch.
+* Steps are dealt round-robin to the workers (step t to worker t mod W), which is the order the
+  DataLoader returns them in; so the result does not depend on the number of workers either.
+
+Each sample is read with one seek through the shard's index (``pipeline.shard_index``); resuming
+at step t reads nothing that came before. A sample that cannot be used (bad image bytes, bad
+json, truncated tar, a processor error, too many text tokens) is skipped, counted by reason and
+replaced by the next readable position of the same dataset, so batch shapes never change.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline.config import param
+from pipeline.schema import IMAGE_EXTENSIONS, JSON_EXTENSION, MANIFEST_FILE, TASKS
+from pipeline.shard_index import IndexedSample, read_index
+
+STREAMS = TASKS  # ("i2t", "t2i"); a stream is named after the task it carries
+MAX_CONSECUTIVE_BAD = 256  # unreadable positions in a row before a dataset is declared broken
+
+
+@dataclass
+class DataConfig:
+    i2t: list[str] = param(default_factory=list, help="I2T datasets: data_prep output dirs, each 'DIR[:weight]'")
+    t2i: list[str] = param(default_factory=list, help="T2I datasets: data_prep output dirs, each 'DIR[:weight]'")
+    micro_batch_i2t: int = param(4, ge=0, help="I2T samples per rank per step (0 disables the stream)")
+    micro_batch_t2i: int = param(4, ge=0, help="T2I samples per rank per step (0 disables the stream)")
+    num_workers: int = param(2, ge=0, help="decode/preprocess worker processes per rank (0: in the main process)")
+    prefetch_factor: int = param(2, ge=1, help="batches each worker prepares ahead")
+    shuffle_block: int = param(4096, ge=1, help="samples permuted together inside a rank's epoch slice")
+    seed: int = param(0, help="seeds shard order, block permutations and stream mixing")
+    max_text_tokens: int | None = param(None, ge=1, help="skip samples whose processed input_ids are longer")
+
+    def __post_init__(self) -> None:
+        if not any(self.micro_batch(s) > 0 for s in STREAMS):
+            raise ValueError("both micro_batch_i2t and micro_batch_t2i are 0: there is nothing to load")
+
+    def check_datasets(self) -> None:
+        """Each enabled stream has datasets (checked when loading, so recipes may leave paths out)."""
+        for stream in STREAMS:
+            if self.micro_batch(stream) > 0 and not getattr(self, stream):
+                raise ValueError(f"data.micro_batch_{stream} is {self.micro_batch(stream)} but no data.{stream} "
+                                 f"dataset is given (e.g. data.{stream}=[/path/to/shards])")
+
+    def micro_batch(self, stream: str) -> int:
+        return getattr(self, f"micro_batch_{stream}")
+
+
+def parse_dataset_spec(spec: str) -> tuple[Path, float]:
+    """``DIR`` or ``DIR:weight`` -> (path, weight)."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            value = float(weight)
+        except ValueError:
+            return Path(spec), 1.0
+        if not value > 0:
+            raise ValueError(f"dataset {spec!r}: weight must be > 0")
+        return Path(path), value
+    return Path(spec), 1.0
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    path: str
+    count: int  # samples of the stream's task in this shard (manifest)
+
+
+class DatasetOrder:
+    """Rank ``rank``'s endless, epoch-by-epoch shuffled sequence of one dataset's task samples."""
+
+    def __init__(self, path: Path, shards: list[ShardSpan], *, seed: Sequence[int], rank: int, world: int,
+                 block: int):
+        self.path, self.shards, self.seed, self.rank, self.block = path, shards, tuple(seed), rank, block
+        self.total = sum(s.count for s in shards)
+        self.per_rank = self.total // world
+        if self.per_rank == 0:
+            raise ValueError(f"{path}: {self.total} samples cannot give each of {world} ranks one per epoch")
+        self._epoch_cache: tuple[int, list[int], list[int]] | None = None
+        self._block_cache: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def locate(self, position: int) -> tuple[str, int]:
+        """(shard path, index among the shard's samples of this task) at ``position``."""
+        epoch, i = divmod(position, self.per_rank)
+        order, starts = self._epoch(epoch)
+        b, offset = divmod(i, self.block)
+        g = self.rank * self.per_rank + b * self.block + int(self._permutation(epoch, b)[offset])
+        k = bisect.bisect_right(starts, g) - 1
+        return self.shards[order[k]].path, g - starts[k]
+
+    def _epoch(self, epoch: int) -> tuple[list[int], list[int]]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            order = _rng(*self.seed, epoch).permutation(len(self.shards)).tolist()
+            starts = np.concatenate([[0], np.cumsum([self.shards[k].count for k in order])[:-1]]).tolist()
+            self._epoch_cache = (epoch, order, starts)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def _permutation(self, epoch: int, b: int) -> np.ndarray:
+        if self._block_cache is None or self._block_cache[0] != (epoch, b):
+            size = min(self.block, self.per_rank - b * self.block)
+            self._block_cache = ((epoch, b), _rng(*self.seed, epoch, self.rank, b).permutation(size))
+        return self._block_cache[1]
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in keys])))
+
+
+def read_manifest(path: Path, stream: str) -> list[ShardSpan]:
+    """The shards of a data_prep directory holding samples of ``stream``; clear errors at start."""
+    manifest_file = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{manifest_file}: no manifest (is {path} a data_prep output directory?)") from None
+    except ValueError as e:
+        raise ValueError(f"{manifest_file}: not valid JSON ({e})") from None
+    spans = []
+    for shard in manifest.get("shards", []):
+        shard_path = path / shard["name"]
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{shard_path}: listed in {manifest_file} but missing")
+        count = int(shard.get("tasks", {}).get(stream, 0))
+        if count:
+            spans.append(ShardSpan(str(shard_path), count))
+    if not spans:
+        raise ValueError(f"{manifest_file}: no {stream} samples in this dataset")
+    return spans
+
+
+class StepPlanner:
+    """Which (dataset, position) fills each slot of each step; the same on every rank."""
+
+    def __init__(self, weights: Mapping[str, list[float]], micro_batch: Mapping[str, int], seed: int):
+        self.micro_batch = dict(micro_batch)
+        self.probs = {s: np.asarray(w) / np.sum(w) for s, w in weights.items()}
+        self.seed = seed
+
+    def slots(self, step: int, positions: dict[str, list[int]]) -> dict[str, list[tuple[int, int]]]:
+        """The slots of ``step``; advances ``positions`` (per stream, per dataset) past them."""
+        out = {}
+        for sid, stream in enumerate(STREAMS):
+            n = self.micro_batch.get(stream, 0)
+            if n == 0:
+                continue
+            probs = self.probs[stream]
+            choices = [0] * n if len(probs) == 1 else _rng(self.seed, sid, step).choice(len(probs), n, p=probs)
+            slots = []
+            for d in choices:
+                slots.append((int(d), positions[stream][d]))
+                positions[stream][d] += 1
+            out[stream] = slots
+        return out
+
+
+class ShardReader:
+    """Reads one sample's members by seeking through the shard's index; keeps a few files open."""
+
+    def __init__(self, max_open: int = 16):
+        self.max_open = max_open
+        self._files: OrderedDict[str, Any] = OrderedDict()
+        self._indexes: dict[str, dict[str, list[IndexedSample]]] = {}
+
+    def index(self, shard: str) -> dict[str, list[IndexedSample]]:
+        if shard not in self._indexes:
+            samples, _ = read_index(shard)
+            by_task: dict[str, list[IndexedSample]] = {}
+            for s in samples:
+                by_task.setdefault(s.task or "", []).append(s)
+            self._indexes[shard] = by_task
+        return self._indexes[shard]
+
+    def read(self, shard: str, task: str, j: int) -> tuple[str, dict[str, bytes]]:
+        samples = self.index(shard).get(task, [])
+        if j >= len(samples):
+            raise SampleError("truncated_shard", f"{shard}: {task} sample #{j} is missing (tar shorter than its manifest)")
+        sample = samples[j]
+        f = self._file(shard)
+        members = {}
+        for ext, (offset, size) in sample.members.items():
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise SampleError("truncated_shard", f"{shard}: {sample.key}.{ext} is cut short")
+            members[ext] = data
+        return sample.key, members
+
+    def _file(self, shard: str):
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        if len(self._files) >= self.max_open:
+            self._files.popitem(last=False)[1].close()
+        self._files[shard] = open(shard, "rb")
+        return self._files[shard]
+
+
+class SampleError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def decode_sample(key: str, members: Mapping[str, bytes], task: str) -> dict[str, Any]:
+    """data_prep sample -> ``{"__key__", "image": PIL RGB, **json}`` (what processors take)."""
+    try:
+        meta = json.loads(members[JSON_EXTENSION])
+        if not isinstance(meta, dict) or meta.get("task") != task:
+            raise ValueError(f"task is {meta.get('task') if isinstance(meta, dict) else None!r}, expected {task!r}")
+    except (KeyError, ValueError, UnicodeDecodeError) as e:
+        raise SampleError("bad_json", f"{key}: {e}") from None
+    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if ext is None:
+        raise SampleError("no_image", f"{key}: no image member")
+    try:
+        with Image.open(io.BytesIO(members[ext])) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad bytes
+        raise SampleError("bad_image", f"{key}.{ext}: {e}") from None
+    return {**meta, "__key__": key, "image": rgb}
+
+
+class _StepDataset(IterableDataset):
+    """Yields the batches of steps start, start+1, ...; a worker keeps only its own steps."""
+
+    def __init__(self, loader: TwoStreamLoader, start: int, positions: dict[str, list[int]]):
+        self.loader = loader
+        self.start = start
+        self.positions = positions
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        positions = {s: list(p) for s, p in self.positions.items()}
+        reader = ShardReader()
+        step = self.start
+        while True:
+            slots = self.loader.planner.slots(step, positions)
+            if (step - self.start) % workers == worker:
+                yield self.loader.make_batch(step, slots, reader)
+            step += 1
+
+
+class TwoStreamLoader:
+    """Iterate for batches; ``state_dict()`` after a batch resumes right after it.
+
+    Each item is ``{"inputs": collated batch, "step": int, "keys": {stream: [key, ...]},
+    "sources": {stream: [dataset index, ...]}, "skipped": {reason: count}}``.
+    """
+
+    def __init__(self, cfg: DataConfig, processor: Callable[[Mapping[str, Any]], dict[str, Any]],
+                 collate: Callable[[list[dict[str, Any]]], Any], *, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        cfg.check_datasets()
+        self.cfg, self.processor, self.collate = cfg, processor, collate
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.orders: dict[str, list[DatasetOrder]] = {}
+        weights = {}
+        for sid, stream in enumerate(STREAMS):
+            if cfg.micro_batch(stream) == 0:
+                continue
+            specs = [parse_dataset_spec(s) for s in getattr(cfg, stream)]
+            self.orders[stream] = [
+                DatasetOrder(path, read_manifest(path, stream), seed=(cfg.seed, sid, d), rank=rank,
+                             world=world_size, block=cfg.shuffle_block)
+                for d, (path, _) in enumerate(specs)
+            ]
+            weights[stream] = [w for _, w in specs]
+        self.planner = StepPlanner(weights, {s: cfg.micro_batch(s) for s in self.orders}, cfg.seed)
+        self.step = 0
+        self.positions = {s: [0] * len(o) for s, o in self.orders.items()}
+        self.skipped: Counter[str] = Counter()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rank-independent: every rank is at the same step with the same per-dataset positions."""
+        return {"step": self.step, "positions": {s: list(p) for s, p in self.positions.items()},
+                "skipped": dict(self.skipped), "fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mismatched = [k for k, v in self.fingerprint().items() if state["fingerprint"].get(k) != v]
+        if mismatched:
+            details = "; ".join(f"{k}: saved {state['fingerprint'].get(k)!r}, now {self.fingerprint()[k]!r}"
+                                for k in mismatched)
+            raise ValueError(f"loader state does not match this data setup, exact resume is impossible ({details})")
+        self.step = int(state["step"])
+        self.positions = {s: list(p) for s, p in state["positions"].items()}
+        self.skipped = Counter(state.get("skipped", {}))
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "seed": self.cfg.seed, "world_size": self.world_size, "shuffle_block": self.cfg.shuffle_block,
+            "micro_batch": {s: self.cfg.micro_batch(s) for s in STREAMS},
+            "datasets": {s: [[str(o.path), o.total] for o in orders] for s, orders in self.orders.items()},
+            "weights": {s: self.planner.probs[s].round(12).tolist() for s in self.orders},
+        }
+
+    def epochs(self) -> dict[str, list[int]]:
+        """Current epoch of each dataset of each stream."""
+        return {s: [p // o.per_rank for p, o in zip(self.positions[s], self.orders[s])] for s in self.orders}
+
+    def stats(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped": dict(self.skipped), "epochs": self.epochs()}
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = _StepDataset(self, self.step, self.positions)
+        workers = self.cfg.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        expected_positions = {s: list(p) for s, p in self.positions.items()}
+        for batch in loader:
+            if batch["step"] != self.step:
+                raise RuntimeError(f"loader returned step {batch['step']}, expected {self.step}")
+            self.planner.slots(self.step, expected_positions)
+            self.positions = {s: list(p) for s, p in expected_positions.items()}
+            self.step += 1
+            self.skipped.update(batch["skipped"])
+            yield batch
+
+    def make_batch(self, step: int, slots: dict[str, list[tuple[int, int]]], reader: ShardReader) -> dict[str, Any]:
+        samples, keys, sources, skipped = [], {}, {}, Counter()
+        for stream, stream_slots in slots.items():
+            keys[stream], sources[stream] = [], []
+            for d, position in stream_slots:
+                key, sample = self._first_usable(stream, d, position, reader, skipped)
+                keys[stream].append(key)
+                sources[stream].append(d)
+                samples.append(sample)
+        return {"inputs": self.collate(samples), "step": step, "keys": keys, "sources": sources,
+                "skipped": dict(skipped)}
+
+    def _first_usable(self, stream: str, d: int, position: int, reader: ShardReader,
+                      skipped: Counter[str]) -> tuple[str, dict[str, Any]]:
+        order = self.orders[stream][d]
+        for p in range(position, position + MAX_CONSECUTIVE_BAD):
+            shard, j = order.locate(p)
+            try:
+                key, members = reader.read(shard, stream, j)
+                sample = decode_sample(key, members, stream)
+                processed = self._process(key, sample)
+            except SampleError as e:
+                skipped[e.reason] += 1
+                continue
+            return key, processed
+        raise RuntimeError(f"{order.path}: {MAX_CONSECUTIVE_BAD} unusable {stream} samples in a row from position "
+                           f"{position}; skips so far: {dict(skipped)}")
+
+    def _process(self, key: str, sample: dict[str, Any]) -> dict[str, Any]:
+        try:
+            out = self.processor(sample)
+        except (ValueError, KeyError, OSError) as e:
+            raise SampleError("processor_error", f"{key}: {e}") from None
+        limit = self.cfg.max_text_tokens
+        if limit is not None and len(out.get("input_ids", ())) > limit:
+            raise SampleError("too_many_tokens", f"{key}: {len(out['input_ids'])} text tokens > {limit}")
+        return out
+
