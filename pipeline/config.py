@@ -225,6 +225,9 @@ def _coerce(value: Any, hint: Any, source: str, path: str) -> Any:
     if hint is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in get_args(hint)), value)
         if value in get_args(hint):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in get_args(hint)], n=1)

@@ -340,8 +340,10 @@ class TwoStreamLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = _StepDataset(self, self.step, self.positions)
         workers = self.cfg.num_workers
+        # Its own generator: creating workers must not draw from the global RNG the trainer restores.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
         expected_positions = {s: list(p) for s, p in self.positions.items()}
         for batch in loader:
             if batch["step"] != self.step:

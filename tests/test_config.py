@@ -101,3 +101,8 @@ def test_malformed_inputs_are_clear_errors(tmp_path):
         load_config(RunConfig, write(tmp_path, "- 1\n- 2\n"))
     with pytest.raises(ConfigError, match="infotok: expected a mapping"):
         load_config(RunConfig, write(tmp_path, "infotok: 3\n"))
+
+
+def test_yaml_boolean_words_still_select_a_choice(tmp_path):
+    assert load_config(RunConfig, None, ["infotok.mode=off"]).infotok.mode == "off"
+    assert load_config(RunConfig, write(tmp_path, "infotok: {mode: off}\n")).infotok.mode == "off"

@@ -223,7 +223,4 @@ def test_shards_without_an_index_sidecar_give_the_same_batches(datasets, tmp_pat
     shutil.copytree(datasets["a"], bare)
     removed = [p.unlink() or p for p in bare.glob("*.idx.json")]
     assert removed, "data_prep writes an index next to every shard"
-    with_index = keys_of(take(make_loader(datasets), 6))
-    assert keys_of(take(make_loader({"a": bare}), 6)) == [
-        (step, tuple(k.replace(str(datasets["a"]), str(bare)) for k in i2t), t2i) for step, i2t, t2i in with_index
-    ]
+    assert keys_of(take(make_loader({"a": bare}), 6)) == keys_of(take(make_loader(datasets), 6))

@@ -1,0 +1,51 @@
+"""Per-step metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object per step) and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class MetricsLog:
+    """Written by one rank. On resume, records past the resumed step (logged after the checkpoint
+    by a run that then died) are dropped, so every step appears exactly once."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, truncate_after: int):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / METRICS_FILE
+        kept = [r for r in read_metrics(run_dir) if r["step"] <= truncate_after]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=truncate_after + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
