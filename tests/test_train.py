@@ -20,6 +20,7 @@ from pipeline.train import EXIT_STOPPED, deepspeed_config, load_train_config
 from train_helpers import ROOT, Run, loss_table, make_workspace, steps_logged, wait_for
 
 RECIPE = "configs/tiny_showo2.yaml"
+FAMILY_RECIPES = {family: f"configs/tiny_{family}.yaml" for family in ("showo2", "harmon", "openuni")}
 STEPS = 8
 
 
@@ -35,33 +36,40 @@ def overrides(workspace, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_to_end(workspace, run_dir: Path, **extra) -> Run:
-    run = Run(RECIPE, overrides(workspace, run_dir, **extra), run_dir.parent / f"{run_dir.name}-logs")
+def run_to_end(workspace, run_dir: Path, recipe: str = RECIPE, **extra) -> Run:
+    run = Run(recipe, overrides(workspace, run_dir, **extra), run_dir.parent / f"{run_dir.name}-logs")
     codes = run.wait()
     assert codes == [0, 0], run.output()
     return run
 
 
-@pytest.fixture(scope="module")
-def reference(workspace, tmp_path_factory):
-    """An uninterrupted run: the sequence every resumed run must reproduce bit for bit."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run_to_end(workspace, run_dir)
+def uninterrupted(workspace, root: Path, recipe: str) -> list[tuple]:
+    """The sequence every resumed run must reproduce bit for bit."""
+    run_dir = root / "run"
+    run_to_end(workspace, run_dir, recipe)
     table = loss_table(run_dir)
     assert [row[0] for row in table] == list(range(1, STEPS + 1))
     return table
 
 
-def test_signal_then_resume_is_bit_identical(workspace, reference, tmp_path):
+@pytest.fixture(scope="module")
+def reference(workspace, tmp_path_factory):
+    return uninterrupted(workspace, tmp_path_factory.mktemp("reference"), RECIPE)
+
+
+@pytest.mark.parametrize("family", FAMILY_RECIPES)
+def test_signal_then_resume_is_bit_identical(workspace, reference, tmp_path, family):
+    recipe = FAMILY_RECIPES[family]
+    expected = reference if recipe == RECIPE else uninterrupted(workspace, tmp_path / "reference", recipe)
     run_dir = tmp_path / "run"
-    run = Run(RECIPE, overrides(workspace, run_dir), tmp_path / "logs")
+    run = Run(recipe, overrides(workspace, run_dir), tmp_path / "logs")
     wait_for(lambda: steps_logged(run_dir) >= 3, run, what="step 3")
     run.signal(signal.SIGUSR1)
     assert run.wait() == [EXIT_STOPPED, EXIT_STOPPED], run.output()
     stopped_at = int(latest_tag(run_dir / CHECKPOINT_DIR).removeprefix("step_"))
     assert 3 <= stopped_at < STEPS and steps_logged(run_dir) == stopped_at
-    run_to_end(workspace, run_dir)
-    assert loss_table(run_dir) == reference
+    run_to_end(workspace, run_dir, recipe)
+    assert loss_table(run_dir) == expected
 
 
 def test_kill_9_after_a_checkpoint_resumes_exactly(workspace, reference, tmp_path):
