@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main command on its embedded default: tiny model, synthetic data, CPU.
-# Until the trainer lands it runs the InfoTok regularizer on its synthetic bottleneck problem.
+# The main job on its embedded default: synthetic data -> shards -> tiny Show-o2 with InfoTok on
+# 2 CPU ranks under DeepSpeed -> stop with a signal -> resume -> export -> summary.
 source "$(dirname "$0")/env.sh"
-exec python -m pipeline.bottleneck_demo "$@"
+exec python -m pipeline.demo "$@"
