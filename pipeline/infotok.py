@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import param
 
@@ -63,11 +62,7 @@ class InfoTokConfig:
     decoder_hidden: int = param(256, ge=8, help="width of the lightweight sufficiency decoders")
     decoder_heads: int = param(4, ge=1, help="attention heads of the answer decoder's cross-attention")
     vocab_rank: int = param(
-        64, ge=1, help="rank of the answer decoder's tied embedding/output (V x rank, not d x V per branch)"
-    )
-    logits_chunk: int = param(
-        1024, ge=1, help="answer tokens per vocabulary-logits chunk; longer answers are recomputed in "
-        "backward chunk by chunk, so memory stays at chunk x V floats (~620 MB at 151k) however long they are"
+        64, ge=1, help="width of the answer decoder's class-factored token tables (2 sqrt(V) x rank, not d x V)"
     )
 
     def __post_init__(self) -> None:
@@ -160,22 +155,29 @@ class AnswerDecoder(nn.Module):
 
     Query t = embedding of answer token t-1 (a learned BOS for t=0) + sinusoidal position t; it
     attends over z~_u (keys carry each token's raster position, so answers can refer to where
-    things are) and predicts token t through a low-rank output tied to the input embedding
-    (V x rank). This is a normalised distribution over answer sequences, so its log-likelihood is a
-    valid variational lower bound (Eq. 8); logits are computed only at real answer positions.
+    things are) and predicts token t with a class-factored softmax: token y is the pair
+    (y // B, y % B) with B = ceil(sqrt(V)), and p(y) = p(y // B) * p(y % B | y // B). The two
+    small tables (~2 sqrt(V) x rank, 50k parameters at a 151k vocabulary) serve as input embeddings
+    and, tied, as output layers. Every answer sequence gets a normalised probability (pairs past
+    V only waste mass), so the log-likelihood is a valid variational lower bound (Eq. 8).
     """
 
-    def __init__(self, latent_dim: int, vocab_size: int, hidden: int, heads: int, rank: int, logits_chunk: int):
+    def __init__(self, latent_dim: int, vocab_size: int, hidden: int, heads: int, rank: int):
         super().__init__()
-        self.logits_chunk = logits_chunk
-        self.embed = nn.Embedding(vocab_size, rank)
+        self.bucket = math.ceil(math.sqrt(vocab_size))
+        self.embed_hi = nn.Embedding(math.ceil(vocab_size / self.bucket), rank)
+        self.embed_lo = nn.Embedding(self.bucket, rank)
         self.bos = nn.Parameter(torch.zeros(rank))
         self.query_in = nn.Linear(rank, hidden)
         self.token_in = nn.Linear(latent_dim, hidden)
         self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.norm = nn.LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, rank))
-        nn.init.normal_(self.embed.weight, std=rank**-0.5)
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2 * rank))
+        for table in (self.embed_hi, self.embed_lo):
+            nn.init.normal_(table.weight, std=rank**-0.5)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.embed_hi(ids // self.bucket) + self.embed_lo(ids % self.bucket)
 
     def forward(self, z: Tensor, answer_ids: Tensor, answer_mask: Tensor) -> Tensor:
         """Mean negative log-likelihood per answer token (nats)."""
@@ -187,8 +189,12 @@ class AnswerDecoder(nn.Module):
         kv = self.token_in(z.to(q.dtype))
         kv = kv + _sinusoid(z.shape[1], kv.shape[-1], kv.device).to(kv.dtype)
         h = q + self.attn(q, kv, kv, need_weights=False)[0]
-        out = self.mlp(self.norm(h[answer_mask]))
-        return _tied_cross_entropy(out, self.embed.weight, answer_ids[answer_mask], self.logits_chunk)
+        out_hi, out_lo = self.mlp(self.norm(h[answer_mask])).chunk(2, dim=-1)
+        target = answer_ids[answer_mask]
+        hi, lo = target // self.bucket, target % self.bucket
+        nll_hi = F.cross_entropy((out_hi @ self.embed_hi.weight.t()).float(), hi)
+        nll_lo = F.cross_entropy(((out_lo + self.embed_hi(hi)) @ self.embed_lo.weight.t()).float(), lo)
+        return nll_hi + nll_lo
 
 
 class LatentDecoder(nn.Module):
@@ -221,8 +227,7 @@ class InfoTokRegularizer(nn.Module):
             return
         d, h = cfg.latent_dim, cfg.decoder_hidden
         self.posterior = nn.ModuleDict({b: TokenPosterior(dims.token_dim, d, cfg.logvar_limit) for b in BRANCHES})
-        self.answer_decoder = AnswerDecoder(d, dims.vocab_size, h, cfg.decoder_heads, cfg.vocab_rank,
-                                            cfg.logits_chunk)
+        self.answer_decoder = AnswerDecoder(d, dims.vocab_size, h, cfg.decoder_heads, cfg.vocab_rank)
         self.latent_decoder = LatentDecoder(d, dims.latent_patch_dim, h, cfg.logvar_limit)
         if cfg.uses_alignment:
             self.text_proj = nn.ModuleDict(
@@ -284,20 +289,6 @@ class InfoTokRegularizer(nn.Module):
             offset = dist.get_rank() * image_emb.shape[0]
             positives = torch.arange(offset, offset + image_emb.shape[0], device=image_emb.device)
         return info_nce(image_emb, text_emb, self.cfg.tau, positives)
-
-
-def _tied_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` without holding more than ``chunk`` rows of logits."""
-    def summed(h: Tensor, t: Tensor) -> Tensor:
-        return F.cross_entropy((h @ weight.t()).float(), t, reduction="sum")
-
-    if len(targets) <= chunk:
-        return summed(hidden, targets) / len(targets)
-    total = sum(
-        checkpoint(summed, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
-        for i in range(0, len(targets), chunk)
-    )
-    return total / len(targets)
 
 
 def _require(**inputs: Tensor | None) -> None:
