@@ -1,4 +1,4 @@
-"""Fixtures for the OpenUni tests: the tiny model, batches and forward-hook capture."""
+"""Fixtures for the OpenUni tests: the tiny model and forward-hook capture."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model_helpers import i2t_sample, t2i_sample
 from pipeline.models.openuni import OpenUni
 from pipeline.models.openuni_config import openuni_config
 from pipeline.models.openuni_processor import load_tokenizer
@@ -17,12 +16,6 @@ def tiny_openuni(tokenizer_dir: Path, **options) -> OpenUni:
     """The ``tiny`` preset with seeded random weights."""
     torch.manual_seed(0)
     return OpenUni(openuni_config("tiny", options), load_tokenizer(tokenizer_dir))
-
-
-def batch(model: OpenUni, tasks: str = "ugug") -> dict[str, torch.Tensor]:
-    """A collated batch; ``u`` = an I2T sample, ``g`` = a T2I sample, seeded by position."""
-    samples = [model.processor(i2t_sample(i) if task == "u" else t2i_sample(i)) for i, task in enumerate(tasks)]
-    return model.collate(samples)
 
 
 class Capture:

@@ -13,7 +13,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from harmon_helpers import ldm_state
-from model_helpers import draw_image, i2t_sample, make_tokenizer, t2i_sample
+from model_helpers import (
+    assert_mismatch_named,
+    assert_same_outputs,
+    break_checkpoint,
+    collated_batch,
+    copy_checkpoint,
+    draw_image,
+    i2t_sample,
+    make_tokenizer,
+    t2i_sample,
+)
 from pipeline import models
 from pipeline.config import ConfigError
 from pipeline.models import ModelConfig, build_model
@@ -47,11 +57,6 @@ def _tiny(tokenizer_dir, **options) -> Harmon:
 @pytest.fixture(scope="module")
 def model(tokenizer_dir) -> Harmon:
     return _tiny(tokenizer_dir, **NO_DROPOUT).train()
-
-
-def _batch(model, tasks="ugug"):
-    samples = [model.processor(i2t_sample(i) if task == "u" else t2i_sample(i)) for i, task in enumerate(tasks)]
-    return model.collate(samples)
 
 
 def _capture_kwargs(module, store):
@@ -101,10 +106,10 @@ def test_processor_rejects_bad_samples(model):
 
 
 def test_collate_splits_the_branches(model):
-    batch = _batch(model, "ugg")
+    batch = collated_batch(model, "ugg")
     assert batch["u_input_ids"].shape[0] == 1 and batch["g_input_ids"].shape[0] == 2
     assert batch["g_attention_mask"].dtype == torch.bool and batch["u_pixel_values"].shape == (1, 3, 64, 64)
-    assert not any(key.startswith("u_") for key in _batch(model, "g"))
+    assert not any(key.startswith("u_") for key in collated_batch(model, "g"))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -141,7 +146,7 @@ def test_position_tables_resize_bilinearly(model):
 
 
 def test_forward_backward_both_branches(model):
-    out = model(_batch(model), generator=torch.Generator().manual_seed(0))
+    out = model(collated_batch(model), generator=torch.Generator().manual_seed(0))
     d, n, slots = model.config.llm.hidden_size, model.config.num_image_tokens, model.config.num_llm_image_tokens
     assert math.isfinite(out.loss_i2t.item()) and math.isfinite(out.loss_t2i.item())
     assert out.z_u.shape == out.z_g.shape == (2, slots, d)
@@ -160,14 +165,14 @@ def test_forward_backward_both_branches(model):
 
 def test_single_branch_batches_leave_the_other_branch_empty(model):
     with torch.no_grad():
-        u = model(_batch(model, "uu"))
-        g = model(_batch(model, "g"), generator=torch.Generator().manual_seed(0))
+        u = model(collated_batch(model, "uu"))
+        g = model(collated_batch(model, "g"), generator=torch.Generator().manual_seed(0))
     assert u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
     assert g.loss_i2t is None and g.z_u is None and g.answer_ids is None and g.loss_t2i is not None
 
 
 def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
-    batch = _batch(model, "uu")
+    batch = collated_batch(model, "uu")
     store = []
     handle = model.llm.model.register_forward_hook(lambda _, args, out: store.append(out.last_hidden_state))
     with torch.no_grad():
@@ -222,7 +227,7 @@ def test_diffusion_token_losses_match_the_formulas_at_every_timestep(model):
 
 
 def test_loss_t2i_is_the_masked_diffusion_formula_on_a_fixed_seed(model):
-    batch = _batch(model, "gg")
+    batch = collated_batch(model, "gg")
     seen, llm_inputs = [], []
     hooks = [model.mar.diffloss.register_forward_pre_hook(lambda _, args: seen.append(args)),
              _capture_kwargs(model.llm.model, llm_inputs)]
@@ -265,7 +270,7 @@ def test_visual_tokens_put_the_buffers_last(model):
 
 
 def test_z_u_is_the_tensor_the_llm_consumed_and_z_g_the_clean_encoding(model):
-    batch = _batch(model, "ug")
+    batch = collated_batch(model, "ug")
     llm_inputs = []
     hook = _capture_kwargs(model.llm.model, llm_inputs)
     with torch.no_grad():
@@ -287,7 +292,7 @@ def test_gradients_reach_the_shared_encoder_from_both_losses(model):
     # Seed 1 masks 12 of the 16 tokens (seed 0 masks all: then z_proj gets no T2I gradient).
     for loss_name in ("loss_i2t", "loss_t2i"):
         model.zero_grad()
-        out = model(_batch(model), generator=torch.Generator().manual_seed(1))
+        out = model(collated_batch(model), generator=torch.Generator().manual_seed(1))
         getattr(out, loss_name).backward()
         for prefix in model.shared_encoder_prefixes():
             grads = [p.grad for name, p in model.named_parameters() if name.startswith(prefix)]
@@ -297,7 +302,7 @@ def test_gradients_reach_the_shared_encoder_from_both_losses(model):
 def test_i2t_gradient_into_the_visual_features_is_scaled(model, tokenizer_dir):
     unscaled = _tiny(tokenizer_dir, grad_scale=1.0, **NO_DROPOUT).train()
     unscaled.load_state_dict(model.state_dict())
-    batch = _batch(model, "uu")
+    batch = collated_batch(model, "uu")
     grads = []
     for m in (model, unscaled):
         m.zero_grad()
@@ -324,7 +329,7 @@ def test_trainable_groups(tokenizer_dir):
 
 def test_dropout_draws_from_the_global_rng(tokenizer_dir):
     dropping = _tiny(tokenizer_dir).train()
-    batch = _batch(dropping, "u")
+    batch = collated_batch(dropping, "u")
     losses = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
@@ -336,7 +341,7 @@ def test_dropout_draws_from_the_global_rng(tokenizer_dir):
 def test_gradient_checkpointing_gives_the_same_losses_and_gradients(model, tokenizer_dir):
     checkpointed = _tiny(tokenizer_dir, gradient_checkpointing=True, **NO_DROPOUT).train()
     checkpointed.load_state_dict(model.state_dict())
-    batch = _batch(model)
+    batch = collated_batch(model)
     grads = []
     for m in (model, checkpointed):
         m.zero_grad()
@@ -365,42 +370,17 @@ def saved_dir(model, tmp_path_factory):
 
 def test_save_then_load_gives_identical_outputs(model, saved_dir):
     loaded = Harmon.from_pretrained(saved_dir).train()
-    batch = _batch(model)
-    with torch.no_grad():
-        a = model(batch, generator=torch.Generator().manual_seed(3))
-        b = loaded(batch, generator=torch.Generator().manual_seed(3))
-    for key in ("loss_i2t", "loss_t2i", "z_u", "z_g", "text_u", "text_g", "target_patches"):
-        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=0, atol=0)
+    assert_same_outputs(model, loaded, collated_batch(model))
     assert loaded.llm.lm_head.weight is loaded.llm.model.embed_tokens.weight
     assert "llm.lm_head.weight" not in load_file(saved_dir / "model.safetensors")
 
 
-def _copy_checkpoint(saved_dir, tmp_path):
-    target = tmp_path / "ckpt"
-    target.mkdir()
-    for item in saved_dir.iterdir():
-        if item.is_file():
-            (target / item.name).write_bytes(item.read_bytes())
-    return target
-
-
 @pytest.mark.parametrize("change", ["missing", "extra", "shape"])
 def test_checkpoint_mismatch_fails_naming_the_key(saved_dir, tmp_path, change):
-    target = _copy_checkpoint(saved_dir, tmp_path)
-    state = load_file(target / "model.safetensors")
-    key = "mar.diffloss.net.res_blocks.1.adaLN_modulation.1.bias"
-    if change == "missing":
-        del state[key]
-    elif change == "extra":
-        key = "mar.encoder_blocks.7.norm1.weight"
-        state[key] = torch.zeros(3)
-    else:
-        state[key] = torch.zeros(5)
-    save_file(state, target / "model.safetensors")
-    with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")) as info:
-        Harmon.from_pretrained(target, vae_path=saved_dir / "vae")
-    section = {"missing": "missing keys", "extra": "unexpected keys", "shape": "shape mismatches"}[change]
-    assert section in str(info.value)
+    target = copy_checkpoint(saved_dir, tmp_path)
+    key = break_checkpoint(target, change, "mar.diffloss.net.res_blocks.1.adaLN_modulation.1.bias",
+                           "mar.encoder_blocks.7.norm1.weight")
+    assert_mismatch_named(lambda: Harmon.from_pretrained(target, vae_path=saved_dir / "vae"), key, change)
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +409,7 @@ def test_loads_the_released_pth_on_top_of_the_base_llm(model, released):
             assert torch.equal(state[key], qwen.state_dict()[key[len("llm."):]]), key
         else:
             assert torch.equal(state[key], value), key
-    pixels = _batch(model, "g")["g_pixel_values"]
+    pixels = collated_batch(model, "g")["g_pixel_values"]
     torch.testing.assert_close(loaded.encode_latents(pixels), model.encode_latents(pixels), rtol=1e-5, atol=1e-5)
 
 

@@ -28,12 +28,12 @@ Expected values are derived here from the official sources, independently of the
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 
 from harmon_helpers import ldm_vae_keys
+from model_helpers import assert_keys_match, parameter_counts
 from pipeline.models.harmon import Harmon
 from pipeline.models.harmon_config import VAEConfig, harmon_config
 from pipeline.models.harmon_vae import kl16_vae, ldm_to_diffusers
@@ -96,17 +96,9 @@ def key_patterns(size: str) -> dict[str, int]:
 def test_released_size_has_the_official_parameters_and_keys(size):
     with torch.device("meta"):
         model = Harmon(harmon_config(size))
-    counts: dict[str, int] = {}
-    for name, parameter in model.named_parameters():
-        if not name.startswith("vae."):
-            counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + parameter.numel()
-    assert counts == expected_counts(size)
+    assert parameter_counts(model) == expected_counts(size)
     keys = list(model.checkpoint_state_dict())
-    patterns = key_patterns(size)
-    for pattern, count in patterns.items():
-        assert sum(bool(re.fullmatch(pattern, k)) for k in keys) == count, pattern
-    assert not [k for k in keys if not any(re.fullmatch(p, k) for p in patterns)]
-    assert len(keys) == sum(patterns.values())
+    assert_keys_match(keys, key_patterns(size))
     assert sum(not k.startswith("llm.") for k in keys) == {"0.5b": 372, "1.5b": 612}[size]
     state = model.checkpoint_state_dict()
     assert state["llm.model.embed_tokens.weight"].shape == (VOCAB, LLM[size]["width"])

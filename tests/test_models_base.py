@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.models import FAMILIES, MLLMAdapter, MLLMOutput, ModelConfig, adapter_class
+from pipeline.models.base import answer_tokens, masked_mean
 from pipeline.models.weights import (
     CheckpointMismatchError,
     find_weight_files,
@@ -39,8 +41,50 @@ def test_adapter_contract_is_abstract():
 
     with pytest.raises(TypeError, match="abstract"):
         Incomplete()
-    assert {"forward", "infotok_dims", "build", "from_pretrained", "save_pretrained", "generate", "answer",
-            "shared_encoder_prefixes"} <= MLLMAdapter.__abstractmethods__
+    assert {"forward", "build", "from_pretrained", "save_pretrained", "generate", "answer"} <= (
+        MLLMAdapter.__abstractmethods__)
+
+
+class _Adapter(MLLMAdapter):
+    """The shared adapter code on a toy module tree: ``enc`` is V_enc, ``head`` a trainable group
+    (the abstract entry points are not called here)."""
+
+    family = "toy"
+    ENCODER_PREFIXES = ("enc.",)
+    TRAINABLE_GROUPS = {"head": ("head.",)}
+    forward = build = from_pretrained = save_pretrained = generate = answer = None
+
+    def __init__(self, trainable: list[str]) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(llm=SimpleNamespace(hidden_size=4), trainable=trainable, latent_patch_dim=6)
+        self.vocab_size = self._vocab_size(None, ["a", "b", "c"])
+        self.enc, self.head, self.other = nn.Linear(2, 4), nn.Linear(4, 3), nn.Linear(4, 4)
+        self.vae = nn.Dropout()
+        self._set_trainable()
+
+
+def test_shared_adapter_code_follows_the_class_attributes():
+    model = _Adapter(["head"])
+    assert [name for name, _ in model.trainable_parameters()] == ["enc.weight", "enc.bias", "head.weight",
+                                                                  "head.bias"]
+    assert not any(p.requires_grad for p in _Adapter([]).head.parameters())
+    assert model.shared_encoder_prefixes() == ("enc.",)
+    assert model.infotok_dims() == {"token_dim": 4, "text_dim": 4, "vocab_size": 3, "latent_patch_dim": 6}
+    assert model.train() is model and model.training and model.enc.training and not model.vae.training
+    model.vae.register_buffer("scale", torch.ones(1))
+    assert "vae.scale" in model.state_dict() and not any(k.startswith("vae.") for k in model.checkpoint_state_dict())
+    with pytest.raises(ConfigError, match="vocab_size is null"):
+        MLLMAdapter._vocab_size(None, None)
+    with pytest.raises(ConfigError, match="tokenizer has 3 tokens but the embedding only 2 rows"):
+        MLLMAdapter._vocab_size(2, ["a", "b", "c"])
+
+
+def test_answer_tokens_and_masked_mean():
+    labels = torch.tensor([[-100, 5, -100, 6], [-100, -100, 7, -100]])
+    ids, mask = answer_tokens(labels, -100)
+    assert ids.tolist() == [[5, 6], [7, 0]] and mask.tolist() == [[True, True], [True, False]]
+    x = torch.tensor([[[1.0], [3.0], [9.0]]])
+    assert masked_mean(x, torch.tensor([[True, True, False]])).tolist() == [[2.0]]
 
 
 def test_registry_dispatches_on_family_name():

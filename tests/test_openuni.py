@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model_helpers import draw_image, i2t_sample, make_tokenizer, t2i_sample
-from openuni_helpers import Capture, batch, tiny_openuni
+from model_helpers import (
+    assert_mismatch_named,
+    assert_same_outputs,
+    collated_batch,
+    draw_image,
+    i2t_sample,
+    make_tokenizer,
+    t2i_sample,
+)
+from openuni_helpers import Capture, tiny_openuni
 from pipeline.config import ConfigError
 from pipeline.models import FAMILIES, ModelConfig, build_model
 from pipeline.models.base import INFOTOK_INPUT_KEYS
@@ -19,7 +27,6 @@ from pipeline.models.openuni import OpenUni
 from pipeline.models.openuni_config import openuni_config
 from pipeline.models.openuni_internvl import pixel_shuffle
 from pipeline.models.openuni_processor import IGNORE, IMAGENET_MEAN, IMAGENET_STD
-from pipeline.models.weights import CheckpointMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +97,10 @@ def test_t2i_sequence_and_stateless_cfg_dropout(model):
 
 
 def test_collate_splits_the_tasks_into_right_padded_groups(model):
-    b = batch(model, "uggu")
+    b = collated_batch(model, "uggu")
     assert b["i2t_input_ids"].shape[0] == 2 and b["t2i_input_ids"].shape[0] == 2
     assert b["t2i_attention_mask"].dtype == torch.bool and b["i2t_labels"].shape == b["i2t_input_ids"].shape
-    assert set(batch(model, "g")) == {"t2i_input_ids", "t2i_attention_mask", "t2i_pixel_values"}
+    assert set(collated_batch(model, "g")) == {"t2i_input_ids", "t2i_attention_mask", "t2i_pixel_values"}
 
 
 # ----------------------------------------------------------------------------- V_enc geometry
@@ -109,7 +116,7 @@ def test_pixel_shuffle_token_covers_a_2x2_block_of_patches():
 
 
 def test_target_patches_are_the_latents_under_each_token(model):
-    b = batch(model, "g")
+    b = collated_batch(model, "g")
     with torch.no_grad():
         out = model(b, generator=torch.Generator().manual_seed(1))
     latents = model.encode_latents(b["t2i_pixel_values"])
@@ -124,7 +131,7 @@ def test_target_patches_are_the_latents_under_each_token(model):
 
 
 def test_forward_returns_every_infotok_input(model):
-    out = model(batch(model), generator=torch.Generator().manual_seed(0))
+    out = model(collated_batch(model), generator=torch.Generator().manual_seed(0))
     d, n = model.config.llm.hidden_size, model.config.num_image_tokens
     assert torch.isfinite(out.loss_i2t) and torch.isfinite(out.loss_t2i)
     assert out.z_u.shape == out.z_g.shape == (2, n, d)
@@ -137,14 +144,14 @@ def test_forward_returns_every_infotok_input(model):
 
 def test_single_task_batches_leave_the_other_branch_empty(model):
     with torch.no_grad():
-        u = model(batch(model, "uu"))
-        g = model(batch(model, "g"))
+        u = model(collated_batch(model, "uu"))
+        g = model(collated_batch(model, "g"))
     assert u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
     assert g.loss_i2t is None and g.z_u is None and g.answer_ids is None and g.loss_t2i is not None
 
 
 def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
-    b = batch(model, "uu")
+    b = collated_batch(model, "uu")
     with torch.no_grad(), Capture(model.lmm.language_model.model) as llm:
         out = model(b)
     logits = model.lmm.language_model.lm_head(llm.calls[0][2].last_hidden_state)
@@ -157,7 +164,7 @@ def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
 
 
 def test_z_u_is_the_tensor_the_llm_consumed(model):
-    b = batch(model, "u")
+    b = collated_batch(model, "u")
     with torch.no_grad(), Capture(model.lmm.language_model.model) as llm:
         out = model(b)
     embeds = llm.calls[0][1]["inputs_embeds"]
@@ -167,7 +174,7 @@ def test_z_u_is_the_tensor_the_llm_consumed(model):
 
 
 def test_loss_t2i_is_the_openuni_flow_matching_formula_on_a_fixed_seed(model):
-    b = batch(model, "gg")
+    b = collated_batch(model, "gg")
     with torch.no_grad(), Capture(model.transformer) as dit:
         out = model(b, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
@@ -184,7 +191,7 @@ def test_loss_t2i_is_the_openuni_flow_matching_formula_on_a_fixed_seed(model):
 
 
 def test_z_g_is_v_enc_of_the_target_resized_for_the_vit(model):
-    b = batch(model, "g")
+    b = collated_batch(model, "g")
     with torch.no_grad():
         out = model(b, generator=torch.Generator().manual_seed(0))
     pixels = (b["t2i_pixel_values"] + 1) / 2
@@ -206,12 +213,12 @@ def test_gradients_reach_v_enc_from_understanding_and_from_z_g(model):
     encoder = model.shared_encoder_prefixes()
     for name in ("loss_i2t", "z_g"):
         model.zero_grad()
-        out = model(batch(model), generator=torch.Generator().manual_seed(0))
+        out = model(collated_batch(model), generator=torch.Generator().manual_seed(0))
         value = getattr(out, name)
         (value if value.ndim == 0 else value.square().mean()).backward()
         assert all(g is not None and g.abs().sum() > 0 for g in _grads(model, encoder)), name
     model.zero_grad()
-    model(batch(model), generator=torch.Generator().manual_seed(0)).loss_t2i.backward()
+    model(collated_batch(model), generator=torch.Generator().manual_seed(0)).loss_t2i.backward()
     assert all(g is None for g in _grads(model, encoder))
     generation = ("meta_queries", "connector.", "projector.", "transformer.")
     assert all(g is not None and g.abs().sum() > 0 for g in _grads(model, generation))
@@ -234,7 +241,7 @@ def test_trainable_groups(tokenizer_dir):
 def test_gradient_checkpointing_gives_the_same_losses_and_gradients(model, tokenizer_dir):
     checkpointed = tiny_openuni(tokenizer_dir, gradient_checkpointing=True).train()
     checkpointed.load_state_dict(model.state_dict())
-    b = batch(model)
+    b = collated_batch(model)
     results = []
     for m in (model, checkpointed):
         m.zero_grad()
@@ -261,15 +268,6 @@ def saved_dir(model, tmp_path_factory):
     return path
 
 
-def _same_outputs(a, b):
-    data = batch(a)
-    with torch.no_grad():
-        x = a(data, generator=torch.Generator().manual_seed(3))
-        y = b(data, generator=torch.Generator().manual_seed(3))
-    for key in ("loss_i2t", "loss_t2i", "z_u", "z_g", "text_u", "text_g", "target_patches"):
-        torch.testing.assert_close(getattr(x, key), getattr(y, key), rtol=0, atol=0)
-
-
 def test_save_then_load_gives_identical_outputs(model, saved_dir):
     assert {p.name for p in saved_dir.iterdir()} == {"config.json", "internvl3", "sana", "vae", "openuni.pth"}
     internvl = json.loads((saved_dir / "internvl3" / "config.json").read_text())
@@ -277,7 +275,7 @@ def test_save_then_load_gives_identical_outputs(model, saved_dir):
     assert set(torch.load(saved_dir / "openuni.pth")) == {
         k for k in model.state_dict() if k.startswith(("meta_queries", "connector.", "projector."))}
     loaded = OpenUni.from_pretrained(saved_dir).train()
-    _same_outputs(model, loaded)
+    assert_same_outputs(model, loaded, collated_batch(model))
 
 
 def test_assembles_a_released_pth_on_top_of_the_base_models(model, saved_dir, tmp_path):
@@ -323,11 +321,10 @@ def test_checkpoint_mismatch_fails_naming_the_key(saved_dir, tmp_path, change):
         weights[key] = torch.zeros(5, 5)
         save_file(weights, internvl / "model.safetensors")
     torch.save(state, pth)
-    with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")) as info:
-        OpenUni.from_pretrained(pth, internvl_path=internvl, sana_path=saved_dir / "sana",
-                                vae_path=saved_dir / "vae", preset="tiny")
-    section = {"missing": "missing keys", "extra": "unexpected keys", "shape": "shape mismatches"}[change]
-    assert section in str(info.value) and source in str(info.value)
+    message = assert_mismatch_named(
+        lambda: OpenUni.from_pretrained(pth, internvl_path=internvl, sana_path=saved_dir / "sana",
+                                        vae_path=saved_dir / "vae", preset="tiny"), key, change)
+    assert source in message
 
 
 def test_build_model_registry(tokenizer_dir, saved_dir, monkeypatch):

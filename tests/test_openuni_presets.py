@@ -26,11 +26,11 @@ Expected values are derived here from the official sources, independently of the
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 
+from model_helpers import assert_keys_match, parameter_counts
 from pipeline.models.openuni import OpenUni
 from pipeline.models.openuni_config import openuni_config
 from pipeline.models.openuni_files import locate
@@ -124,22 +124,14 @@ def released(request):
 
 def test_released_size_has_the_official_parameters(released):
     size, model = released
-    counts: dict[str, int] = {}
-    for name, parameter in model.named_parameters():
-        if not name.startswith("vae."):
-            group = ".".join(name.split(".")[:2]) if name.startswith("lmm.") else name.split(".")[0]
-            counts[group] = counts.get(group, 0) + parameter.numel()
+    counts = parameter_counts(
+        model, lambda name: ".".join(name.split(".")[:2]) if name.startswith("lmm.") else name.split(".")[0])
     assert counts == expected_counts(size)
 
 
 def test_released_size_has_the_official_checkpoint_keys(released):
     size, model = released
-    keys = list(model.checkpoint_state_dict())
-    patterns = key_patterns(size)
-    for pattern, count in patterns.items():
-        assert sum(bool(re.fullmatch(pattern, k)) for k in keys) == count, pattern
-    assert not [k for k in keys if not any(re.fullmatch(p, k) for p in patterns)]
-    assert len(keys) == sum(patterns.values())
+    assert_keys_match(model.checkpoint_state_dict(), key_patterns(size))
 
 
 def test_released_geometry(released):

@@ -8,16 +8,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from model_helpers import draw_image, i2t_sample, make_tokenizer, t2i_sample
+from model_helpers import (
+    assert_mismatch_named,
+    assert_same_outputs,
+    break_checkpoint,
+    collated_batch,
+    copy_checkpoint,
+    draw_image,
+    i2t_sample,
+    make_tokenizer,
+    t2i_sample,
+)
 from pipeline.config import ConfigError
 from pipeline.models import ModelConfig, build_model
 from pipeline.models.base import INFOTOK_INPUT_KEYS
 from pipeline.models.showo2 import Showo2, omni_attention_mask
 from pipeline.models.showo2_config import showo2_config
 from pipeline.models.showo2_processor import IGNORE, load_tokenizer
-from pipeline.models.weights import CheckpointMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +48,6 @@ def _tiny(tokenizer_dir, **options) -> Showo2:
 @pytest.fixture(scope="module")
 def model(tokenizer_dir) -> Showo2:
     return _tiny(tokenizer_dir).train()
-
-
-def _batch(model, tasks="ugug"):
-    samples = [model.processor(i2t_sample(i) if task == "u" else t2i_sample(i)) for i, task in enumerate(tasks)]
-    return model.collate(samples)
 
 
 def _capture(module, store, key, output=True):
@@ -107,7 +110,7 @@ def test_attention_mask_causal_on_text_full_inside_image():
 
 
 def test_llm_attends_bidirectionally_inside_the_image_only(model):
-    batch = _batch(model, "g")
+    batch = collated_batch(model, "g")
     ids, offsets = batch["input_ids"], batch["image_offset"]
     n, start = model.config.num_image_tokens, int(offsets[0])
     tokens = torch.randn(1, n, model.config.llm.hidden_size)
@@ -126,7 +129,7 @@ def test_llm_attends_bidirectionally_inside_the_image_only(model):
 
 
 def test_forward_backward_both_branches(model):
-    batch = _batch(model)
+    batch = collated_batch(model)
     out = model(batch, generator=torch.Generator().manual_seed(0))
     d, n = model.config.llm.hidden_size, model.config.num_image_tokens
     assert math.isfinite(out.loss_i2t.item()) and math.isfinite(out.loss_t2i.item())
@@ -143,14 +146,14 @@ def test_forward_backward_both_branches(model):
 
 def test_single_branch_batches_leave_the_other_branch_empty(model):
     with torch.no_grad():
-        u = model(_batch(model, "uu"))
-        g = model(_batch(model, "g"))
+        u = model(collated_batch(model, "uu"))
+        g = model(collated_batch(model, "g"))
     assert u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
     assert g.loss_i2t is None and g.z_u is None and g.answer_ids is None and g.loss_t2i is not None
 
 
 def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
-    batch = _batch(model, "uu")
+    batch = collated_batch(model, "uu")
     store = {}
     handle = _capture(model.showo.model, store, "llm")
     with torch.no_grad():
@@ -166,7 +169,7 @@ def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
 
 
 def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(model):
-    batch = _batch(model, "gg")
+    batch = collated_batch(model, "gg")
     store = {}
     handles = [_capture(model.diffusion_head_b, store, "v"),
                _capture(model.image_embedder_gen, store, "x", output=False)]
@@ -191,8 +194,8 @@ def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(model):
 
 def test_target_patches_are_the_patches_under_each_token(model):
     with torch.no_grad():
-        out = model(_batch(model, "g"), generator=torch.Generator().manual_seed(1))
-    latents = model.encode_latents(_batch(model, "g")["pixel_values"], sample=True,
+        out = model(collated_batch(model, "g"), generator=torch.Generator().manual_seed(1))
+    latents = model.encode_latents(collated_batch(model, "g")["pixel_values"], sample=True,
                                    generator=torch.Generator().manual_seed(1))
     p, grid = model.config.patch_size, model.config.grid_size
     row, col = 1, 2
@@ -201,7 +204,7 @@ def test_target_patches_are_the_patches_under_each_token(model):
 
 
 def test_z_u_is_the_tensor_the_llm_consumed(model):
-    batch = _batch(model, "u")
+    batch = collated_batch(model, "u")
     store = {}
     handle = _capture(model.showo.model.embed_tokens, store, "embeds")
     embeds_seen = {}
@@ -222,7 +225,7 @@ def test_gradients_reach_the_shared_tokenizer_from_both_losses(model):
     encoder = [p for name, p in model.named_parameters() if name.startswith(model.shared_encoder_prefixes())]
     for loss_name in ("loss_i2t", "loss_t2i"):
         model.zero_grad()
-        out = model(_batch(model), generator=torch.Generator().manual_seed(0))
+        out = model(collated_batch(model), generator=torch.Generator().manual_seed(0))
         getattr(out, loss_name).backward()
         for prefix in model.shared_encoder_prefixes():
             grads = [p.grad for name, p in model.named_parameters() if name.startswith(prefix)]
@@ -242,7 +245,7 @@ def test_trainable_groups(tokenizer_dir):
 def test_gradient_checkpointing_gives_the_same_losses_and_gradients(model, tokenizer_dir):
     checkpointed = _tiny(tokenizer_dir, gradient_checkpointing=True).train()
     checkpointed.load_state_dict(model.state_dict())
-    batch = _batch(model)
+    batch = collated_batch(model)
     grads = []
     for m in (model, checkpointed):
         m.zero_grad()
@@ -258,7 +261,7 @@ def test_other_resolutions_resize_the_siglip_position_grid(tokenizer_dir):
     """96 px → 6×6 tokens from the 4×4 position table (released HQ models run 64×64 from 27×27)."""
     wide = _tiny(tokenizer_dir, image_size=96).train()
     with torch.no_grad():
-        out = wide(_batch(wide, "ug"), generator=torch.Generator().manual_seed(0))
+        out = wide(collated_batch(wide, "ug"), generator=torch.Generator().manual_seed(0))
     assert out.z_u.shape[1] == out.z_g.shape[1] == 36 and math.isfinite(out.loss_t2i.item())
 
 
@@ -279,41 +282,15 @@ def saved_dir(model, tmp_path_factory):
 
 def test_save_then_load_gives_identical_outputs(model, saved_dir):
     loaded = Showo2.from_pretrained(saved_dir).train()
-    batch = _batch(model)
-    with torch.no_grad():
-        a = model(batch, generator=torch.Generator().manual_seed(3))
-        b = loaded(batch, generator=torch.Generator().manual_seed(3))
-    for key in ("loss_i2t", "loss_t2i", "z_u", "z_g", "text_u", "text_g", "target_patches"):
-        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=0, atol=0)
+    assert_same_outputs(model, loaded, collated_batch(model))
     assert loaded.showo.lm_head.weight is loaded.showo.model.embed_tokens.weight
-
-
-def _copy_checkpoint(saved_dir, tmp_path):
-    target = tmp_path / "ckpt"
-    target.mkdir()
-    for item in saved_dir.iterdir():
-        if item.is_file():
-            (target / item.name).write_bytes(item.read_bytes())
-    return target
 
 
 @pytest.mark.parametrize("change", ["missing", "extra", "shape"])
 def test_checkpoint_mismatch_fails_naming_the_key(saved_dir, tmp_path, change):
-    target = _copy_checkpoint(saved_dir, tmp_path)
-    state = load_file(target / "model.safetensors")
-    key = "diffusion_head_a.0.self_attn.q_norm.weight"
-    if change == "missing":
-        del state[key]
-    elif change == "extra":
-        key = "fusion_proj.9.weight"
-        state[key] = torch.zeros(3)
-    else:
-        state[key] = torch.zeros(5)
-    save_file(state, target / "model.safetensors")
-    with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")) as info:
-        Showo2.from_pretrained(target, vae_path=saved_dir / "vae")
-    section = {"missing": "missing keys", "extra": "unexpected keys", "shape": "shape mismatches"}[change]
-    assert section in str(info.value)
+    target = copy_checkpoint(saved_dir, tmp_path)
+    key = break_checkpoint(target, change, "diffusion_head_a.0.self_attn.q_norm.weight", "fusion_proj.9.weight")
+    assert_mismatch_named(lambda: Showo2.from_pretrained(target, vae_path=saved_dir / "vae"), key, change)
 
 
 def test_loads_the_released_layout(model, saved_dir, tmp_path):

@@ -30,6 +30,7 @@ import re
 import pytest
 import torch
 
+from model_helpers import assert_keys_match, parameter_counts
 from pipeline.models.showo2 import Showo2
 from pipeline.models.showo2_config import showo2_config
 
@@ -101,18 +102,9 @@ def key_patterns(size: str) -> dict[str, int]:
 def test_released_size_has_the_official_parameters_and_keys(size):
     with torch.device("meta"):
         model = Showo2(showo2_config(size))
-    counts: dict[str, int] = {}
-    for name, parameter in model.named_parameters():
-        if not name.startswith("vae."):
-            counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + parameter.numel()
-    assert counts == expected_counts(size)
+    assert parameter_counts(model) == expected_counts(size)
     keys = list(model.checkpoint_state_dict())
-    patterns = key_patterns(size)
-    for pattern, count in patterns.items():
-        assert sum(bool(re.fullmatch(pattern, k)) for k in keys) == count, pattern
-    uncovered = [k for k in keys if not any(re.fullmatch(p, k) for p in patterns)]
-    assert not uncovered
-    assert len(keys) == sum(patterns.values())
+    assert_keys_match(keys, key_patterns(size))
     layer_ids = {int(m.group(1)) for k in keys if (m := re.match(r"showo\.model\.layers\.(\d+)\.", k))}
     assert layer_ids == set(range(LLM[size]["layers"]))
     shape = model.checkpoint_state_dict()["showo.model.embed_tokens.weight"].shape

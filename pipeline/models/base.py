@@ -8,16 +8,16 @@ what it needs (:class:`MLLMOutput`); the trainer never looks at the family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from pipeline.config import param
+from pipeline.config import ConfigError, param
 
 INFOTOK_INPUT_KEYS = ("z_u", "z_g", "text_u", "text_g", "answer_ids", "answer_mask", "target_patches", "target_mask")
 
@@ -70,6 +70,22 @@ class MLLMOutput:
         return {key: getattr(self, key) for key in INFOTOK_INPUT_KEYS}
 
 
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` [B, L, D] over positions where ``mask`` [B, L] is True (the pooled ``text_*``)."""
+    weights = mask.to(x.dtype)[..., None]
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def answer_tokens(labels: Tensor, ignore: int) -> tuple[Tensor, Tensor]:
+    """``answer_ids`` / ``answer_mask``: the tokens of each row whose label is not ``ignore``,
+    left-aligned and right-padded with 0."""
+    valid = labels != ignore
+    length = max(int(valid.sum(1).max()), 1)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :length]
+    mask = valid.gather(1, order)
+    return labels.gather(1, order).clamp_min(0).masked_fill(~mask, 0), mask
+
+
 class Processor(Protocol):
     """Turns raw samples (DESIGN §3) into per-sample tensors and batches them."""
 
@@ -78,27 +94,47 @@ class Processor(Protocol):
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]: ...
 
 
+class _LLMWidth(Protocol):
+    @property
+    def hidden_size(self) -> int: ...
+
+
+class FamilyConfig(Protocol):
+    """What the shared adapter code reads from a family's config."""
+
+    @property
+    def llm(self) -> _LLMWidth: ...
+
+    @property
+    def trainable(self) -> Sequence[str]: ...
+
+    @property
+    def latent_patch_dim(self) -> int: ...
+
+
 class MLLMAdapter(nn.Module, ABC):
     """Base class of the family adapters.
 
-    Subclasses set ``family``, build the released architecture in ``__init__`` and mark which
-    parameters train (``requires_grad``); the shared visual encoder always trains.
+    Subclasses set ``family`` and the parameter-name prefixes below, build the released
+    architecture in ``__init__`` (setting ``config``, ``vocab_size`` and the frozen ``vae``) and call
+    :meth:`_set_trainable`: the shared visual encoder always trains, the other groups per
+    ``config.trainable``, the frozen module never.
     """
 
     family: ClassVar[str]
+    ENCODER_PREFIXES: ClassVar[tuple[str, ...]]
+    """Parameter name prefixes of the shared visual tokenizer ``V_enc``."""
+    TRAINABLE_GROUPS: ClassVar[dict[str, tuple[str, ...]]]
+    """``config.trainable`` group name -> the parameter name prefixes it trains."""
+    FROZEN_MODULE: ClassVar[str] = "vae"
+    """The frozen autoencoder: never trained, always in eval mode, stored apart from the checkpoint."""
+    config: FamilyConfig
+    vocab_size: int
     processor: Processor
 
     @abstractmethod
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> MLLMOutput:
         """Task losses and InfoTok inputs for a collated batch; ``generator`` drives all noise."""
-
-    @abstractmethod
-    def infotok_dims(self) -> dict[str, int]:
-        """``{"token_dim": D, "text_dim": T, "vocab_size": V, "latent_patch_dim": P}``."""
-
-    @abstractmethod
-    def shared_encoder_prefixes(self) -> tuple[str, ...]:
-        """Parameter name prefixes of the shared visual tokenizer ``V_enc``."""
 
     @classmethod
     @abstractmethod
@@ -124,6 +160,44 @@ class MLLMAdapter(nn.Module, ABC):
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return self.processor.collate(samples)
+
+    @staticmethod
+    def _vocab_size(configured: int | None, tokenizer: Sized | None) -> int:
+        """The embedding rows: ``llm.vocab_size``, or the tokenizer's length when that is null."""
+        vocab = configured or (len(tokenizer) if tokenizer is not None else None)
+        if vocab is None:
+            raise ConfigError("model.options.llm.vocab_size is null and no tokenizer was given to size it")
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {vocab} rows")
+        return vocab
+
+    def _set_trainable(self) -> None:
+        """``requires_grad`` by name: ``ENCODER_PREFIXES`` plus the ``config.trainable`` groups."""
+        trained = self.ENCODER_PREFIXES + tuple(p for g in self.config.trainable for p in self.TRAINABLE_GROUPS[g])
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name.startswith(trained))
+
+    def shared_encoder_prefixes(self) -> tuple[str, ...]:
+        """Parameter name prefixes of the shared visual tokenizer ``V_enc``."""
+        return self.ENCODER_PREFIXES
+
+    def infotok_dims(self) -> dict[str, int]:
+        """``{"token_dim": D, "text_dim": T, "vocab_size": V, "latent_patch_dim": P}``; tokens and
+        pooled text both live in the LLM width."""
+        width = self.config.llm.hidden_size
+        return {"token_dim": width, "text_dim": width, "vocab_size": self.vocab_size,
+                "latent_patch_dim": self.config.latent_patch_dim}
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """Every tensor except the separately stored frozen autoencoder's."""
+        prefix = f"{self.FROZEN_MODULE}."
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
+
+    def train(self, mode: bool = True) -> Self:
+        """Set the training mode; the frozen autoencoder stays in eval mode."""
+        super().train(mode)
+        self.get_submodule(self.FROZEN_MODULE).eval()
+        return self
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Named parameters the optimizer should update."""

@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from pipeline.config import ConfigError, from_dict, to_dict
-from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig
-from pipeline.models.harmon_config import VAE_STRIDE, HarmonConfig, deep_merge, harmon_config
+from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, masked_mean
+from pipeline.models.harmon_config import VAE_STRIDE, HarmonConfig, harmon_config
 from pipeline.models.harmon_mar import MAR, mask_first, patchify, random_orders, training_mask, unpatchify
 from pipeline.models.harmon_processor import (
     IGNORE,
@@ -51,6 +51,8 @@ from pipeline.models.harmon_processor import (
     to_tensor,
 )
 from pipeline.models.harmon_vae import kl16_vae, load_vae, load_vae_state, unwrap_state
+from pipeline.models.presets import deep_merge
+from pipeline.models.qwen import qwen2_config
 from pipeline.models.weights import (
     CheckpointMismatchError,
     load_strict,
@@ -59,10 +61,6 @@ from pipeline.models.weights import (
     save_state_dict,
 )
 
-ENCODER_PREFIXES = ("mar.fake_latent", "mar.z_proj.", "mar.z_proj_ln.", "mar.encoder_pos_embed_learned",
-                    "mar.encoder_blocks.", "mar.encoder_norm.", "proj_in.")
-DECODER_PREFIXES = ("mar.decoder_embed.", "mar.mask_token", "mar.decoder_pos_embed_learned", "mar.decoder_blocks.",
-                    "mar.decoder_norm.", "mar.diffusion_pos_embed_learned", "mar.diffloss.", "proj_out.")
 ADAPTER_CONFIG_KEY = "_infotok_adapter"
 # proj_in.0.weight shape [LLM width, MAR encoder width] of the released sizes.
 RELEASED_BY_PROJ_IN = {(896, 768): "0.5b", (1536, 1280): "1.5b"}
@@ -94,33 +92,35 @@ def causal_mask(key_valid: Tensor, query_len: int, dtype: torch.dtype) -> Tensor
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` [B, L, D] over positions where ``mask`` [B, L] is True."""
-    weights = mask.to(x.dtype)[..., None]
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
-
-
 def build_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
 
 class Harmon(MLLMAdapter):
-    """The Harmon adapter. Top-level attribute names are the released checkpoint's key prefixes."""
+    """The Harmon adapter. Top-level attribute names are the released checkpoint's key prefixes.
+
+    The MAR encoder and ``proj_in`` always train; the LLM and the generation side (MAR decoder,
+    diffusion MLP, ``proj_out``) per ``config.trainable``; never MAR's unused ``class_emb``.
+    """
 
     family = "harmon"
+    ENCODER_PREFIXES = ("mar.fake_latent", "mar.z_proj.", "mar.z_proj_ln.", "mar.encoder_pos_embed_learned",
+                        "mar.encoder_blocks.", "mar.encoder_norm.", "proj_in.")
+    TRAINABLE_GROUPS = {
+        "llm": ("llm.",),
+        "decoder": ("mar.decoder_embed.", "mar.mask_token", "mar.decoder_pos_embed_learned", "mar.decoder_blocks.",
+                    "mar.decoder_norm.", "mar.diffusion_pos_embed_learned", "mar.diffloss.", "proj_out."),
+    }
+    config: HarmonConfig
+    vae: AutoencoderKL
 
     def __init__(self, config: HarmonConfig, tokenizer: PreTrainedTokenizerBase | None = None,
                  vae: AutoencoderKL | None = None) -> None:
         super().__init__()
         self.config = config
-        vocab = config.llm.vocab_size or (len(tokenizer) if tokenizer is not None else None)
-        if vocab is None:
-            raise ConfigError("model.options.llm.vocab_size is null and no tokenizer was given to size it")
-        if tokenizer is not None and len(tokenizer) > vocab:
-            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {vocab} rows")
-        self.vocab_size = vocab
+        self.vocab_size = self._vocab_size(config.llm.vocab_size, tokenizer)
         width, encoder_width = config.llm.hidden_size, config.mar.encoder_embed_dim
-        self.llm = Qwen2ForCausalLM(self._qwen_config())
+        self.llm = Qwen2ForCausalLM(qwen2_config(config.llm, self.vocab_size, config.attn_implementation))
         self.mar = MAR(config.mar, config.latent_patch_dim, config.gradient_checkpointing)
         self.proj_in = build_mlp(encoder_width, width, width)
         self.proj_out = build_mlp(width, width, encoder_width)
@@ -132,48 +132,6 @@ class Harmon(MLLMAdapter):
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     # ----------------------------------------------------------------- construction
-
-    def _qwen_config(self) -> Qwen2Config:
-        llm = self.config.llm
-        return Qwen2Config(
-            vocab_size=self.vocab_size,
-            hidden_size=llm.hidden_size,
-            intermediate_size=llm.intermediate_size,
-            num_hidden_layers=llm.num_hidden_layers,
-            num_attention_heads=llm.num_attention_heads,
-            num_key_value_heads=llm.num_key_value_heads,
-            rms_norm_eps=llm.rms_norm_eps,
-            max_position_embeddings=llm.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta},
-            tie_word_embeddings=llm.tie_word_embeddings,
-            use_sliding_window=False,
-            attn_implementation=self.config.attn_implementation,
-        )
-
-    def _set_trainable(self) -> None:
-        """The shared encoder always trains; the LLM and the generation side per ``config.trainable``;
-        never the VAE nor MAR's unused ``class_emb``."""
-        groups = {"llm": ("llm.",), "decoder": DECODER_PREFIXES}
-        trained = ENCODER_PREFIXES + tuple(p for g in self.config.trainable for p in groups[g])
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad_(name.startswith(trained))
-
-    def shared_encoder_prefixes(self) -> tuple[str, ...]:
-        return ENCODER_PREFIXES
-
-    def infotok_dims(self) -> dict[str, int]:
-        width = self.config.llm.hidden_size
-        return {"token_dim": width, "text_dim": width, "vocab_size": self.vocab_size,
-                "latent_patch_dim": self.config.latent_patch_dim}
-
-    def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """The released checkpoint's tensors: everything except the separately stored VAE."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("vae.")}
-
-    def train(self, mode: bool = True) -> Harmon:
-        super().train(mode)
-        self.vae.eval()
-        return self
 
     # ----------------------------------------------------------------- shared pieces
 
@@ -268,7 +226,7 @@ class Harmon(MLLMAdapter):
         out.loss_i2t = F.cross_entropy(logits.float(), targets[selected])
         out.z_u = z_u
         out.text_u = masked_mean(hidden, batch["u_text_mask"])
-        out.answer_ids, out.answer_mask = self._answers(labels)
+        out.answer_ids, out.answer_mask = answer_tokens(labels, IGNORE)
         out.num_text_tokens += int(valid.sum()) - z_u.shape[0] * z_u.shape[1]
         out.num_image_tokens += z_u.shape[0] * z_u.shape[1]
 
@@ -290,15 +248,6 @@ class Harmon(MLLMAdapter):
         out.target_mask = torch.cat([mask.new_ones(b, n), mask.new_zeros(b, buffers)], dim=1)
         out.num_text_tokens += int(valid.sum())
         out.num_image_tokens += b * z.shape[1]
-
-    @staticmethod
-    def _answers(labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Answer tokens (labels ≠ ignore) of each row, left-aligned and right-padded with 0."""
-        valid = labels != IGNORE
-        length = max(int(valid.sum(1).max()), 1)
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :length]
-        mask = valid.gather(1, order)
-        return labels.gather(1, order).clamp_min(0).masked_fill(~mask, 0), mask
 
     # ----------------------------------------------------------------- inference
 

@@ -20,11 +20,11 @@ The defaults are the released Harmon-1.5B (``wusize/harmon`` file ``harmon_1.5b.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.config import ConfigError, from_dict, param
+from pipeline.config import ConfigError, param
+from pipeline.models.presets import preset_config
 
 VAE_STRIDE = 16  # the KL-16 VAE: four 2x downsamplings
 
@@ -166,20 +166,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def harmon_config(
     preset: str = "1.5b", options: dict[str, Any] | None = None, *, source: str = "model"
 ) -> HarmonConfig:
     """A validated config: the named preset with ``options`` (nested, same keys) on top."""
-    if preset not in PRESETS:
-        raise ConfigError(f"{source}: preset: unknown Harmon preset {preset!r} (valid: {', '.join(PRESETS)})")
-    return from_dict(HarmonConfig, deep_merge(PRESETS[preset], options or {}), source=source, prefix="options.")
+    return preset_config(HarmonConfig, PRESETS, "Harmon", preset, options, source)

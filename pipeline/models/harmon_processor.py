@@ -19,7 +19,6 @@ Sequences follow the official data code (wusize/Harmon with xtuner's ``qwen_chat
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.models.harmon_config import HarmonConfig
+from pipeline.models.processing import keyed_fraction
 
 IGNORE = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -107,9 +107,7 @@ class HarmonProcessor:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _hash(self, sample: Mapping[str, Any], purpose: str) -> float:
-        key = str(sample.get("__key__", sample.get("prompt", "")))
-        digest = hashlib.blake2b(f"{self.config.seed}:{purpose}:{key}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2**64
+        return keyed_fraction(self.config.seed, purpose, sample.get("__key__", sample.get("prompt", "")))
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         task = sample.get("task")

@@ -38,8 +38,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
-from pipeline.config import ConfigError, to_dict
-from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig
+from pipeline.config import to_dict
+from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, masked_mean
 from pipeline.models.openuni_config import PRESETS, OpenUniConfig, openuni_config
 from pipeline.models.openuni_files import (
     ADAPTER_CONFIG_KEY,
@@ -71,37 +71,31 @@ from pipeline.models.openuni_processor import (
 )
 from pipeline.models.weights import load_strict, read_state_dict, save_state_dict
 
-ENCODER_PREFIXES = ("lmm.vision_model.", "lmm.mlp1.")
-TRAINABLE_GROUPS = {
-    "llm": ("lmm.language_model.",),
-    "connector": ("meta_queries", "connector.", "projector."),
-    "transformer": ("transformer.",),
-}
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` [B, L, D] over positions where ``mask`` [B, L] is True."""
-    weights = mask.to(x.dtype)[..., None]
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
-
-
 class OpenUni(MLLMAdapter):
-    """The OpenUni adapter. Top-level attribute names are the released checkpoints' key prefixes."""
+    """The OpenUni adapter. Top-level attribute names are the released checkpoints' key prefixes.
+
+    ``V_enc`` (InternViT + ``mlp1``) always trains; the LLM, OpenUni's own modules and the DiT per
+    ``config.trainable``; the DC-AE is the frozen ``vae``.
+    """
 
     family = "openuni"
+    ENCODER_PREFIXES = ("lmm.vision_model.", "lmm.mlp1.")
+    TRAINABLE_GROUPS = {
+        "llm": ("lmm.language_model.",),
+        "connector": ("meta_queries", "connector.", "projector."),
+        "transformer": ("transformer.",),
+    }
+    config: OpenUniConfig
+    vae: AutoencoderDC
 
     def __init__(self, config: OpenUniConfig, tokenizer: PreTrainedTokenizerBase | None = None,
                  vae: AutoencoderDC | None = None) -> None:
         super().__init__()
         self.config = config
-        vocab = config.llm.vocab_size or (len(tokenizer) if tokenizer is not None else None)
-        if vocab is None:
-            raise ConfigError("model.options.llm.vocab_size is null and no tokenizer was given to size it")
-        if tokenizer is not None and len(tokenizer) > vocab:
-            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {vocab} rows")
-        self.vocab_size = vocab
+        self.vocab_size = self._vocab_size(config.llm.vocab_size, tokenizer)
         width = config.llm.hidden_size
-        self.lmm = InternVLChat(config.vision, config.llm, vocab, config.downsample_ratio, config.attn_implementation)
+        self.lmm = InternVLChat(config.vision, config.llm, self.vocab_size, config.downsample_ratio,
+                                config.attn_implementation)
         self.meta_queries = nn.Parameter(torch.zeros(config.num_queries, width))
         self.connector = SiglipEncoder(self._connector_config())
         self.projector = nn.Linear(config.connector.hidden_size, config.sana.caption_channels)
@@ -155,29 +149,6 @@ class OpenUni(MLLMAdapter):
                     nn.init.ones_(norm.weight)
                     nn.init.zeros_(norm.bias)
             self.projector.reset_parameters()
-
-    def _set_trainable(self) -> None:
-        """``V_enc`` always trains; the LLM, OpenUni's modules and the DiT per ``config.trainable``; never the VAE."""
-        trained = ENCODER_PREFIXES + tuple(p for group in self.config.trainable for p in TRAINABLE_GROUPS[group])
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad_(name.startswith(trained))
-
-    def shared_encoder_prefixes(self) -> tuple[str, ...]:
-        return ENCODER_PREFIXES
-
-    def infotok_dims(self) -> dict[str, int]:
-        width = self.config.llm.hidden_size
-        return {"token_dim": width, "text_dim": width, "vocab_size": self.vocab_size,
-                "latent_patch_dim": self.config.latent_patch_dim}
-
-    def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """Every tensor except the separately stored DC-AE."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("vae.")}
-
-    def train(self, mode: bool = True) -> OpenUni:
-        super().train(mode)
-        self.vae.eval()
-        return self
 
     # ----------------------------------------------------------------- shared pieces
 
@@ -265,7 +236,7 @@ class OpenUni(MLLMAdapter):
         out.loss_i2t = F.cross_entropy(logits.float(), targets[selected])
         out.z_u = z_u
         out.text_u = masked_mean(hidden, batch["i2t_text_mask"])
-        out.answer_ids, out.answer_mask = self._answers(labels)
+        out.answer_ids, out.answer_mask = answer_tokens(labels, IGNORE)
         out.num_text_tokens += int(mask.sum()) - z_u.shape[0] * z_u.shape[1]
         out.num_image_tokens += z_u.shape[0] * z_u.shape[1]
 
@@ -286,16 +257,6 @@ class OpenUni(MLLMAdapter):
         out.target_mask = torch.ones(out.target_patches.shape[:2], dtype=torch.bool, device=x.device)
         out.num_text_tokens += int(mask.sum())
         out.num_image_tokens += len(ids) * self.config.num_queries
-
-    @staticmethod
-    def _answers(labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Answer tokens (labels ≠ ignore) of each row, left-aligned and right-padded with 0."""
-        valid = labels != IGNORE
-        length = max(int(valid.sum(1).max()), 1)
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :length]
-        ids = labels.gather(1, order).clamp_min(0)
-        mask = valid.gather(1, order)
-        return ids.masked_fill(~mask, 0), mask
 
     # ----------------------------------------------------------------- inference
 
@@ -401,7 +362,7 @@ class OpenUni(MLLMAdapter):
             self.processor.tokenizer.save_pretrained(str(internvl))
         self.transformer.save_pretrained(str(path / LAYOUT["sana"] / "transformer"))
         self.vae.save_pretrained(str(path / LAYOUT["vae"]))
-        own = TRAINABLE_GROUPS["connector"]
+        own = self.TRAINABLE_GROUPS["connector"]
         torch.save({k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(own)},
                    path / LAYOUT["checkpoint"])
 

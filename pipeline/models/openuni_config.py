@@ -29,11 +29,11 @@ override them. Sources of the numbers (wusize/OpenUni unless named otherwise):
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.config import ConfigError, from_dict, param
+from pipeline.config import ConfigError, param
+from pipeline.models.presets import preset_config
 
 INTERNVL_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -253,23 +253,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` merged in, recursively for nested mappings (inputs are not modified)."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def openuni_config(preset: str = "b_512", options: dict[str, Any] | None = None, *,
                    source: str = "model") -> OpenUniConfig:
     """A validated config: the named preset with ``options`` (nested, same keys) on top."""
-    if preset not in PRESETS:
-        raise ConfigError(f"{source}: preset: unknown OpenUni preset {preset!r} (valid: {', '.join(PRESETS)})")
-    return from_dict(OpenUniConfig, deep_merge(PRESETS[preset], options or {}), source=source, prefix="options.")
+    return preset_config(OpenUniConfig, PRESETS, "OpenUni", preset, options, source)
 
 
 def infer_preset(llm_width: int, sana_sample_size: int) -> str:

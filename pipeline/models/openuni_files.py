@@ -20,13 +20,13 @@ from torch import Tensor
 from pipeline.config import from_dict
 from pipeline.models.openuni_config import (
     OpenUniConfig,
-    deep_merge,
     infer_preset,
     openuni_config,
     options_from_dcae,
     options_from_internvl,
     options_from_sana,
 )
+from pipeline.models.presets import deep_merge
 from pipeline.models.weights import load_strict, read_weight_file
 
 ADAPTER_CONFIG_KEY = "_infotok_adapter"

@@ -18,6 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from pipeline.models.openuni_config import LLMConfig, VisionConfig
+from pipeline.models.qwen import qwen2_config
 
 
 def _norm(cfg: VisionConfig, width: int) -> nn.Module:
@@ -144,24 +145,12 @@ def pixel_shuffle(x: Tensor, scale: float) -> Tensor:
     return x.permute(0, 2, 1, 3).contiguous()
 
 
-def qwen2_config(cfg: LLMConfig, vocab_size: int, attn_implementation: str) -> Qwen2Config:
-    rope: dict[str, object] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+def internvl_qwen2_config(cfg: LLMConfig, vocab_size: int, attn_implementation: str) -> Qwen2Config:
+    """The InternVL3 LLM's config: default RoPE, or dynamic NTK scaling when ``rope_dynamic_factor`` is set."""
+    rope = None
     if cfg.rope_dynamic_factor is not None:
         rope = {"rope_type": "dynamic", "rope_theta": cfg.rope_theta, "factor": cfg.rope_dynamic_factor}
-    return Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters=rope,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        use_sliding_window=False,
-        attn_implementation=attn_implementation,
-    )
+    return qwen2_config(cfg, vocab_size, attn_implementation, rope)
 
 
 class InternVLChat(nn.Module):
@@ -175,7 +164,7 @@ class InternVLChat(nn.Module):
         self.vision_model = InternVisionModel(vision)
         width = llm.hidden_size
         self.mlp1 = nn.Sequential(nn.LayerNorm(merged), nn.Linear(merged, width), nn.GELU(), nn.Linear(width, width))
-        self.language_model = Qwen2ForCausalLM(qwen2_config(llm, vocab_size, attn_implementation))
+        self.language_model = Qwen2ForCausalLM(internvl_qwen2_config(llm, vocab_size, attn_implementation))
 
     def extract_feature(self, pixels: Tensor) -> Tensor:
         """``V_enc``: ViT-normalised pixels [B, 3, S, S] → visual tokens [B, (S/p·r)², D_llm]."""

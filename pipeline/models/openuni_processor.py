@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.models.openuni_config import OpenUniConfig
+from pipeline.models.processing import prompt_dropped
 
 IGNORE = -100
 PAD_ID = 0  # OpenUni's pad_index; padded positions are masked out
@@ -115,19 +115,13 @@ class OpenUniProcessor:
             out = self.i2t_sequence(sample["messages"])
             out["pixel_values"] = vit_tensor(sample["image"], self.config.vision.image_size)
         elif task == "t2i":
-            message = self.config.cfg_prompt if self._drop_prompt(sample) else None
+            dropped = self.train and prompt_dropped(sample, self.config.seed, self.config.cond_dropout_prob)
+            message = self.config.cfg_prompt if dropped else None
             out = self.t2i_sequence(sample["prompt"], message=message)
             out["pixel_values"] = square_tensor(sample["image"], self.config.image_size)
         else:
             raise ValueError(f"sample task must be 'i2t' or 't2i', got {task!r}")
         return out
-
-    def _drop_prompt(self, sample: Mapping[str, Any]) -> bool:
-        if not self.train or self.config.cond_dropout_prob == 0:
-            return False
-        key = str(sample.get("__key__", sample["prompt"]))
-        digest = hashlib.blake2b(f"{self.config.seed}:{key}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2**64 < self.config.cond_dropout_prob
 
     def i2t_sequence(self, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
         """Token ids, labels and text mask of a conversation; ending on a user turn adds the answer prompt."""

@@ -27,15 +27,17 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
+from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM, SiglipVisionConfig
 from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from pipeline.config import ConfigError, from_dict, to_dict
-from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig
-from pipeline.models.showo2_config import Showo2Config, deep_merge, options_from_official, showo2_config
+from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, masked_mean
+from pipeline.models.presets import deep_merge
+from pipeline.models.qwen import qwen2_config
+from pipeline.models.showo2_config import Showo2Config, options_from_official, showo2_config
 from pipeline.models.showo2_flow import (
     from_flow_layout,
     patchify,
@@ -61,8 +63,6 @@ from pipeline.models.showo2_processor import (
 )
 from pipeline.models.weights import load_strict, read_state_dict, read_weight_file, save_state_dict
 
-ENCODER_PREFIXES = ("image_embedder_und.", "image_embedder_gen.", "position_embedding.", "und_trans.", "fusion_proj.")
-FLOW_HEAD_PREFIXES = ("time_embed.", "time_embed_proj.", "diff_proj.", "diffusion_head_a.", "diffusion_head_b.")
 ADAPTER_CONFIG_KEY = "_infotok_adapter"
 
 
@@ -83,31 +83,31 @@ def omni_attention_mask(
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` [B, L, D] over positions where ``mask`` [B, L] is True."""
-    weights = mask.to(x.dtype)[..., None]
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
-
-
 class Showo2(MLLMAdapter):
-    """The Show-o2 adapter. Top-level attribute names are the released checkpoint's key prefixes."""
+    """The Show-o2 adapter. Top-level attribute names are the released checkpoint's key prefixes.
+
+    The dual-path tokenizer always trains; the LLM and the flow head per ``config.trainable``.
+    """
 
     family = "showo2"
+    ENCODER_PREFIXES = ("image_embedder_und.", "image_embedder_gen.", "position_embedding.", "und_trans.",
+                        "fusion_proj.")
+    TRAINABLE_GROUPS = {
+        "llm": ("showo.",),
+        "flow_head": ("time_embed.", "time_embed_proj.", "diff_proj.", "diffusion_head_a.", "diffusion_head_b."),
+    }
+    config: Showo2Config
+    vae: AutoencoderKLWan
 
     def __init__(self, config: Showo2Config, tokenizer: PreTrainedTokenizerBase | None = None,
                  vae: AutoencoderKLWan | None = None) -> None:
         super().__init__()
         self.config = config
-        vocab = config.llm.vocab_size or (len(tokenizer) if tokenizer is not None else None)
-        if vocab is None:
-            raise ConfigError("model.options.llm.vocab_size is null and no tokenizer was given to size it")
-        if tokenizer is not None and len(tokenizer) > vocab:
-            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {vocab} rows")
-        self.vocab_size = vocab
+        self.vocab_size = self._vocab_size(config.llm.vocab_size, tokenizer)
         width, sem, flow = config.llm.hidden_size, config.semantic, config.flow_head
         z_dim, patch = config.vae.z_dim, config.patch_size
 
-        self.showo = Qwen2ForCausalLM(self._qwen_config())
+        self.showo = Qwen2ForCausalLM(qwen2_config(config.llm, self.vocab_size, config.attn_implementation))
         self.image_embedder_und = PatchEmbed(z_dim, sem.hidden_size, patch)
         self.image_embedder_gen = PatchEmbed(z_dim, width, patch)
         self.position_embedding = nn.Embedding(sem.num_positions, sem.hidden_size)
@@ -140,23 +140,6 @@ class Showo2(MLLMAdapter):
 
     # ----------------------------------------------------------------- construction
 
-    def _qwen_config(self) -> Qwen2Config:
-        llm = self.config.llm
-        return Qwen2Config(
-            vocab_size=self.vocab_size,
-            hidden_size=llm.hidden_size,
-            intermediate_size=llm.intermediate_size,
-            num_hidden_layers=llm.num_hidden_layers,
-            num_attention_heads=llm.num_attention_heads,
-            num_key_value_heads=llm.num_key_value_heads,
-            rms_norm_eps=llm.rms_norm_eps,
-            max_position_embeddings=llm.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta},
-            tie_word_embeddings=llm.tie_word_embeddings,
-            use_sliding_window=False,
-            attn_implementation=self.config.attn_implementation,
-        )
-
     def _siglip_config(self) -> SiglipVisionConfig:
         sem = self.config.semantic
         return SiglipVisionConfig(
@@ -187,30 +170,6 @@ class Showo2(MLLMAdapter):
         for layer in (self.diffusion_head_b.adaLN_modulation[1], self.diffusion_head_b.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    def _set_trainable(self) -> None:
-        """The shared tokenizer always trains; the LLM and flow head per ``config.trainable``; never the VAE."""
-        groups = {"llm": ("showo.",), "flow_head": FLOW_HEAD_PREFIXES}
-        trained = ENCODER_PREFIXES + tuple(p for g in self.config.trainable for p in groups[g])
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad_(name.startswith(trained))
-
-    def shared_encoder_prefixes(self) -> tuple[str, ...]:
-        return ENCODER_PREFIXES
-
-    def infotok_dims(self) -> dict[str, int]:
-        width = self.config.llm.hidden_size
-        return {"token_dim": width, "text_dim": width, "vocab_size": self.vocab_size,
-                "latent_patch_dim": self.config.latent_patch_dim}
-
-    def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """The released checkpoint's tensors: everything except the separately stored VAE."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("vae.")}
-
-    def train(self, mode: bool = True) -> Showo2:
-        super().train(mode)
-        self.vae.eval()
-        return self
 
     # ----------------------------------------------------------------- shared pieces
 
@@ -353,7 +312,7 @@ class Showo2(MLLMAdapter):
             out.loss_i2t = F.cross_entropy(logits.float(), targets[selected])
             out.z_u = task_tokens[is_und]
             out.text_u = masked_mean(hidden_u, batch["text_mask"][is_und])
-            out.answer_ids, out.answer_mask = self._answers(labels)
+            out.answer_ids, out.answer_mask = answer_tokens(labels, IGNORE)
         if n_gen:
             velocity = self._velocity(hidden[is_gen], t_emb[is_gen], offsets[is_gen], mask[is_gen])
             target = to_flow_layout(x1[is_gen] - x0, self.config.patch_size)
@@ -363,16 +322,6 @@ class Showo2(MLLMAdapter):
             out.target_patches = patchify(x1[is_gen], self.config.patch_size)
             out.target_mask = torch.ones(out.target_patches.shape[:2], dtype=torch.bool, device=device)
         return out
-
-    @staticmethod
-    def _answers(labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Answer tokens (labels ≠ ignore) of each row, left-aligned and right-padded with 0."""
-        valid = labels != IGNORE
-        length = max(int(valid.sum(1).max()), 1)
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :length]
-        ids = labels.gather(1, order).clamp_min(0)
-        mask = valid.gather(1, order)
-        return ids.masked_fill(~mask, 0), mask
 
     # ----------------------------------------------------------------- inference
 

@@ -22,11 +22,11 @@ The defaults are the released Show-o2 1.5B (``showlab/show-o2-1.5B``); the prese
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.config import ConfigError, from_dict, param
+from pipeline.config import ConfigError, param
+from pipeline.models.presets import preset_config
 
 WAN_LATENTS_MEAN = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -186,23 +186,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def showo2_config(
     preset: str = "1.5b", options: dict[str, Any] | None = None, *, source: str = "model"
 ) -> Showo2Config:
     """A validated config: the named preset with ``options`` (nested, same keys) on top."""
-    if preset not in PRESETS:
-        raise ConfigError(f"{source}: preset: unknown Show-o2 preset {preset!r} (valid: {', '.join(PRESETS)})")
-    return from_dict(Showo2Config, deep_merge(PRESETS[preset], options or {}), source=source, prefix="options.")
+    return preset_config(Showo2Config, PRESETS, "Show-o2", preset, options, source)
 
 
 def options_from_official(raw: dict[str, Any], preset: str | None = None) -> tuple[str, dict[str, Any]]:

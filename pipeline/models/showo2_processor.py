@@ -16,7 +16,6 @@ Sequences follow the official data code (``show-o2/datasets``):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pipeline.models.processing import prompt_dropped
 from pipeline.models.showo2_config import Showo2Config
 
 IGNORE = -100
@@ -128,20 +128,14 @@ class Showo2Processor:
             out = self.i2t_sequence(sample["messages"])
             out["pixel_values"] = to_tensor(resize_and_pad(sample["image"].convert("RGB"), self.config.image_size))
         elif task == "t2i":
-            prompt = "" if self._drop_prompt(sample) else sample["prompt"]
+            dropped = self.train and prompt_dropped(sample, self.config.seed, self.config.cond_dropout_prob)
+            prompt = "" if dropped else sample["prompt"]
             out = self.t2i_sequence(prompt)
             image = resize_and_center_crop(sample["image"].convert("RGB"), self.config.image_size)
             out["pixel_values"] = to_tensor(image)
         else:
             raise ValueError(f"sample task must be 'i2t' or 't2i', got {task!r}")
         return out
-
-    def _drop_prompt(self, sample: Mapping[str, Any]) -> bool:
-        if not self.train or self.config.cond_dropout_prob == 0:
-            return False
-        key = str(sample.get("__key__", sample["prompt"]))
-        digest = hashlib.blake2b(f"{self.config.seed}:{key}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2**64 < self.config.cond_dropout_prob
 
     def i2t_sequence(self, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
         """Token ids and labels of a conversation; ending on a user turn adds the answer prompt."""
