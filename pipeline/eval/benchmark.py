@@ -1,0 +1,77 @@
+"""Scoring the synthetic-scenes benchmark against the ground truth each record carries in ``meta``.
+
+Generation follows GenEval's rules per category (Ghosh et al. 2023), with the shape detector in
+place of an object detector; understanding is exact-match of the normalised answer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from PIL import Image
+
+from data_prep.scenes import GENEVAL_CATEGORIES, QUESTION_TYPES, relation
+from pipeline.eval.detector import Detection, detect
+
+
+def _has(found: Sequence[Detection], shape: str, color: str | None = None) -> bool:
+    return any(d.shape == shape and color in (None, d.color) for d in found)
+
+
+def score_generation(meta: Mapping[str, Any], found: Sequence[Detection]) -> bool:
+    """Whether the detections satisfy the prompt of a T2I record's ``meta`` (kind ``t2i``)."""
+    category = meta.get("category")
+    objects = meta["scene"]["objects"]
+    first = objects[0]
+    if category == "single_object":
+        return _has(found, first["shape"])
+    if category == "colors":
+        return _has(found, first["shape"], first["color"])
+    if category == "counting":
+        return sum(d.shape == first["shape"] for d in found) == meta["count"]
+    second = objects[1]
+    if category == "two_object":
+        return _has(found, first["shape"]) and _has(found, second["shape"])
+    if category == "color_attr":
+        return _has(found, first["shape"], first["color"]) and _has(found, second["shape"], second["color"])
+    if category == "position":
+        i, wanted, j = meta["relation"]
+        a_shape, b_shape = objects[i]["shape"], objects[j]["shape"]
+        return any(relation(a.as_scene_object(), b.as_scene_object()) == wanted
+                   for a in found if a.shape == a_shape for b in found if b.shape == b_shape and b is not a)
+    raise ValueError(f"meta.category: unknown GenEval category {category!r} (expected one of {GENEVAL_CATEGORIES})")
+
+
+def normalise_answer(text: str) -> str:
+    return text.strip().lower().rstrip(".!").strip()
+
+
+def score_answer(meta: Mapping[str, Any], expected: str, predicted: str) -> bool:
+    if meta.get("question_type") not in QUESTION_TYPES:
+        raise ValueError(f"meta.question_type: {meta.get('question_type')!r} is not one of {QUESTION_TYPES}")
+    return normalise_answer(predicted) == normalise_answer(expected)
+
+
+def generation_results(metas: Sequence[Mapping[str, Any]], images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+    """Per generated image: category, correctness and what the detector found."""
+    out = []
+    for meta, image in zip(metas, images, strict=True):
+        found = detect(image)
+        out.append({"category": meta["category"], "correct": score_generation(meta, found),
+                    "detections": [d.to_json() for d in found]})
+    return out
+
+
+def accuracy_by(results: Iterable[Mapping[str, Any]], key: str, order: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{group: {"accuracy", "n"}}`` in ``order`` (groups with no sample are left out), plus ``overall``
+    as the mean over groups (GenEval's convention)."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r in results:
+        groups[r[key]].append(bool(r["correct"]))
+    table = {g: {"accuracy": sum(groups[g]) / len(groups[g]), "n": len(groups[g])} for g in order if groups[g]}
+    if table:
+        table["overall"] = {"accuracy": sum(v["accuracy"] for v in table.values()) / len(table),
+                            "n": sum(v["n"] for v in table.values())}
+    return table

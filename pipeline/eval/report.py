@@ -1,0 +1,96 @@
+"""``report.md``, ``metrics.json`` and the PNG plots of an evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+
+LOSS_PLOT_KEYS = ("loss", "loss_i2t", "loss_t2i", "kl_u", "kl_g", "suff_u", "suff_g", "align_u", "align_g")
+
+
+def plot_training_curves(records: list[dict[str, Any]], path: Path) -> bool:
+    """One panel per logged loss term over optimizer steps; False when nothing was logged."""
+    keys = [k for k in LOSS_PLOT_KEYS if any(_finite(r.get(k)) for r in records)]
+    if not keys:
+        return False
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+        ax.plot(*zip(*points), lw=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_accuracy_bars(table: dict[str, dict[str, float]], title: str, path: Path) -> None:
+    names = list(table)
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 3.2))
+    bars = ax.bar(names, [table[n]["accuracy"] for n in names],
+                  color=["#4c72b0" if n != "overall" else "#dd8452" for n in names])
+    for bar, name in zip(bars, names):
+        ax.annotate(f"{table[name]['accuracy']:.2f}\n(n={table[name]['n']})",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_metrics(metrics: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
+    m = metrics
+    lines = [f"# Evaluation of `{m['model']['source']}`", ""]
+    if m["model"].get("step") is not None:
+        lines.append(f"Step {m['model']['step']}, family `{m['model']['family']}`, InfoTok mode "
+                     f"`{m['model']['infotok_mode']}`; held-out data: {', '.join(f'`{d}`' for d in m['data'])}.")
+    else:
+        lines.append(f"Family `{m['model']['family']}`; held-out data: {', '.join(f'`{d}`' for d in m['data'])}.")
+    h = m["heldout"]
+    lines += ["", f"## Held-out losses ({h['batches']} batches; samples: "
+              f"{', '.join(f'{k} {v}' for k, v in h['samples'].items())})", "", "| term | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in h["losses"].items()]
+    if m.get("rate"):
+        lines += ["", "Rate of the shared tokens (KL to N(0, I)): "
+                  + "; ".join(f"{b}: {r['nats_per_token']:.3f} nats/token" for b, r in m["rate"].items()) + "."]
+    if h["notes"]:
+        lines += ["", *[f"_{n}_" for n in h["notes"]]]
+    c = m.get("cka")
+    if c:
+        lines += ["", "## CKA (mean-pooled z_u vs pooled text features)", "",
+                  "| estimator | CKA | 95% CI | n |", "|---|---:|---|---:|"]
+        for name, e in c.items():
+            lines.append(f"| {name} | {e['value']:.4f} | [{e['ci_low']:.4f}, {e['ci_high']:.4f}] | {e['n']} |")
+    for section, title in (("understanding", "Understanding accuracy by question type"),
+                           ("generation", "Generation accuracy by GenEval category (shape detector)")):
+        table = m.get("benchmark", {}).get(section)
+        if table:
+            lines += ["", f"## {title}", "", "| group | accuracy | n |", "|---|---:|---:|"]
+            lines += [f"| {g} | {v['accuracy']:.3f} | {v['n']} |" for g, v in table.items()]
+    if plots:
+        lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots]]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,76 @@
+"""The shape detector on the corpus's own ground-truth renders, and GenEval scoring with it."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import scenes, synth
+from data_prep.cli import main as data_prep
+from pipeline.eval.benchmark import accuracy_by, generation_results, score_answer
+from pipeline.eval.detector import components, detect, matches_scene
+
+SCENES = 200
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert data_prep(["synth", "--output", str(out), "--count", str(SCENES), "--seed", "3", "--size", "64"]) == 0
+    records = [json.loads(line) for line in (out / synth.JSONL_FILE).read_text().splitlines()]
+    return [(r, Image.open(out / r["image"]).convert("RGB")) for r in records]
+
+
+def test_detector_finds_every_object_of_ground_truth_renders(corpus):
+    correct = sum(matches_scene(detect(image), r["meta"]["scene"]) for r, image in corpus)
+    print(f"detector: {correct}/{len(corpus)} scenes fully correct")
+    assert correct / len(corpus) >= 0.99
+
+
+@pytest.mark.parametrize("size", [96, 256])
+def test_detector_at_other_resolutions(size):
+    hits = 0
+    for i in range(20):
+        _, scene = synth.make_record(random.Random(f"size/{i}"), size)
+        hits += matches_scene(detect(scenes.draw(scene)), scene.to_json())
+    assert hits >= 19
+
+
+def test_detector_ignores_noise_and_unknown_colours():
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert detect(noise) == []
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    assert detect(grey) == []
+
+
+def test_components_are_four_connected():
+    mask = np.zeros((5, 5), bool)
+    mask[0, 0] = mask[1, 1] = True  # diagonal neighbours: two components
+    mask[3, 1:4] = True
+    assert sorted(int(c.sum()) for c in components(mask)) == [1, 1, 3]
+
+
+def test_ground_truth_renders_pass_every_geneval_category_and_wrong_images_fail(corpus):
+    t2i = [(r["meta"], image) for r, image in corpus if r["meta"]["kind"] == "t2i"]
+    results = generation_results([m for m, _ in t2i], [image for _, image in t2i])
+    table = accuracy_by(results, "category", scenes.GENEVAL_CATEGORIES)
+    assert set(table) == {*scenes.GENEVAL_CATEGORIES, "overall"}
+    assert all(v["accuracy"] == 1.0 for v in table.values()), table
+    blank = [Image.new("RGB", (64, 64), scenes.BACKGROUND_RGB)] * len(t2i)
+    assert accuracy_by(generation_results([m for m, _ in t2i], blank), "category", scenes.GENEVAL_CATEGORIES)[
+        "overall"]["accuracy"] == 0.0
+    mirrored = [image.transpose(Image.Transpose.ROTATE_180) for _, image in t2i]
+    position = [(m, img) for (m, _), img in zip(t2i, mirrored) if m["category"] == "position"]
+    assert position and not any(r["correct"] for r in generation_results(*zip(*position)))
+
+
+def test_answers_are_compared_after_normalisation():
+    meta = {"question_type": "count"}
+    assert score_answer(meta, "2", " 2. ") and not score_answer(meta, "2", "3")
+    with pytest.raises(ValueError, match="question_type"):
+        score_answer({"question_type": "colour"}, "red", "red")
