@@ -2,7 +2,8 @@
 
 data_prep synth -> data_prep shard -> train tiny_showo2 with InfoTok csa on 2 ranks (ZeRO-2, gloo)
 -> stop it mid-run with SIGUSR1 (as SLURM's warning signal would) -> resume with resume=auto ->
-export -> summary. An uninterrupted run of the same recipe is the reference for the resume check.
+export -> evaluate on held-out scenes -> summary. An uninterrupted run of the same recipe is the
+reference for the resume check.
 
     python -m pipeline.demo [--workdir runs/demo] [--steps 24] [--samples 192]
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,33 +52,42 @@ def main(argv: list[str] | None = None) -> None:
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)
 
-    print(f"[1/5] data: {args.samples} synthetic scenes -> WebDataset shards", flush=True)
-    data_prep(["synth", "--output", str(work / "synth"), "--count", str(args.samples), "--size", "64"])
-    data_prep(["shard", "--source", f"jsonl:{work / 'synth'}/synth.jsonl", "--output", str(work / "shards"),
-               "--shard-size", "64"])
+    print(f"[1/6] data: {args.samples} synthetic scenes -> WebDataset shards (+ held-out scenes)", flush=True)
+    for name, count, seed in (("shards", args.samples, 0), ("heldout", 48, 1)):
+        data_prep(["synth", "--output", str(work / f"{name}-src"), "--count", str(count), "--seed", str(seed),
+                   "--size", "64"])
+        data_prep(["shard", "--source", f"jsonl:{work / f'{name}-src'}/synth.jsonl", "--output", str(work / name),
+                   "--shard-size", "64"])
     tokenizer = make_tokenizer(work / "tokenizer")
     common = [f"data.i2t=[{work / 'shards'}]", f"data.t2i=[{work / 'shards'}]", f"model.tokenizer_path={tokenizer}",
               f"steps={args.steps}", f"checkpoint.every={max(1, args.steps // 4)}"]
 
     stop_at = args.steps // 2
     run_dir = work / "run"
-    print(f"[2/5] train tiny_showo2 (InfoTok csa, 2 ranks, DeepSpeed ZeRO-2 on CPU); SIGUSR1 at step {stop_at}",
+    print(f"[2/6] train tiny_showo2 (InfoTok csa, 2 ranks, DeepSpeed ZeRO-2 on CPU); SIGUSR1 at step {stop_at}",
           flush=True)
     _train(common + [f"run_dir={run_dir}"], work / "logs" / "interrupted", stop_at=stop_at)
     stopped = steps_logged(run_dir)
-    print(f"[3/5] stopped after step {stopped} (exit {EXIT_STOPPED}, checkpoint saved); resuming with resume=auto",
+    print(f"[3/6] stopped after step {stopped} (exit {EXIT_STOPPED}, checkpoint saved); resuming with resume=auto",
           flush=True)
     _train(common + [f"run_dir={run_dir}"], work / "logs" / "resumed")
 
-    print("[4/5] reference: the same recipe without interruption", flush=True)
+    print("[4/6] reference: the same recipe without interruption", flush=True)
     reference_dir = work / "reference"
     _train(common + [f"run_dir={reference_dir}"], work / "logs" / "reference")
     resumed, reference = read_metrics(run_dir), read_metrics(reference_dir)
     identical = [{k: r.get(k) for k in TERMS} for r in resumed] == [{k: r.get(k) for k in TERMS} for r in reference]
     steps = [r["step"] for r in resumed]
 
-    print("[5/5] export (InfoTok heads dropped)", flush=True)
+    print("[5/6] export (InfoTok heads dropped)", flush=True)
     summary = export(run_dir, work / "exported")
+
+    print("[6/6] evaluate on held-out scenes", flush=True)
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", "--model", str(run_dir), "--data", str(work / "heldout"),
+         "--output", str(work / "eval"), "--samples", "16", "--batches", "4"], capture_output=True, text=True)
+    if evaluation.returncode != 0:
+        raise SystemExit(f"evaluation failed:\n{evaluation.stderr[-4000:]}")
 
     first, last = resumed[0], resumed[-1]
     print("\nloss terms          step 1    step", last["step"])
@@ -86,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exported step {summary['step']}: {summary['kept']} model tensors kept, {summary['dropped']} InfoTok "
           f"tensors dropped")
     print(f"outputs: shards {work / 'shards'}\n         run     {run_dir} (metrics.jsonl, checkpoints/)"
-          f"\n         model   {work / 'exported'}\n         logs    {work / 'logs'}")
+          f"\n         model   {work / 'exported'}\n         report  {work / 'eval' / 'report.md'}"
+          f"\n         logs    {work / 'logs'}")
     print(f"done in {time.monotonic() - began:.0f} s")
     if not identical:
         raise SystemExit("resume check failed: the resumed run differs from the uninterrupted one")
