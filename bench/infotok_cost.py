@@ -13,27 +13,18 @@ same run. Each measurement runs in its own process so peak memory is its own.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.measure import in_fresh_process, time_and_peak  # noqa: E402
 from pipeline.infotok import InfoTokConfig, InfoTokDims, InfoTokRegularizer  # noqa: E402
 
 QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
                   rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=32768)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _build_regularizer(args, device, dtype):
@@ -67,32 +58,18 @@ def _build_qwen2_layer(args, device, dtype):
     return lambda: layer(x, position_embeddings=rope).float().square().mean(), layer
 
 
-def _measure(kind: str, args, queue) -> None:
+def _measure(kind: str, args) -> tuple[str, float, int, int]:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     step, module = (_build_regularizer if kind == "regularizer" else _build_qwen2_layer)(args, device, dtype)
-    params = sum(p.numel() for p in module.parameters())
 
     def run() -> None:
         module.zero_grad(set_to_none=True)
         step().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    base = _rss_bytes()  # on CPU the peak (ru_maxrss) covers the warm-up pass too
-    run()  # warm-up (allocator, kernels)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(args.reps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
-    queue.put((kind, statistics.median(times), max(peak, 0), params))
+    seconds, peak, _ = time_and_peak(run, args.reps, device)
+    return kind, seconds, peak, sum(p.numel() for p in module.parameters())
 
 
 def main() -> None:
@@ -110,14 +87,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
     results = {}
     for kind in ("qwen2_layer", "regularizer"):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_measure, args=(kind, args, queue))
-        proc.start()
-        name, seconds, peak, params = queue.get()
-        proc.join()
+        name, seconds, peak, params = in_fresh_process(_measure, kind, args)
         results[name] = (seconds, peak, params)
 
     print(f"device={args.device} dtype={args.dtype} batch={args.batch}/branch tokens={args.tokens} "

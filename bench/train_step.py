@@ -11,14 +11,9 @@ step), reporting the median step time and the peak memory of the training steps.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
 import random
-import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +21,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.measure import in_fresh_process, time_and_peak  # noqa: E402
 from pipeline.infotok import InfoTokConfig, InfoTokDims, InfoTokRegularizer  # noqa: E402
 from pipeline.models import ModelConfig, build_model  # noqa: E402
 from pipeline.models.tiny_tokenizer import make_tokenizer  # noqa: E402
@@ -59,12 +55,7 @@ def _samples(n: int, task: str) -> list[dict]:
     return out
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _measure(mode: str, args, tokenizer: str, queue) -> None:
+def _measure(mode: str, args, tokenizer: str) -> tuple[str, float, int, int, int]:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -83,24 +74,11 @@ def _measure(mode: str, args, tokenizer: str, queue) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
         return tokens
 
-    base = _rss()
-    step()  # warm-up, also allocates the optimizer state
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        tokens = step()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    seconds, peak, tokens = time_and_peak(step, args.steps, dev)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    queue.put((mode, statistics.median(times), peak, tokens, params))
+    return mode, seconds, peak, tokens, params
 
 
 def main() -> None:
@@ -111,14 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = str(make_tokenizer(Path(tmp) / "tokenizer"))
-        ctx = mp.get_context("spawn")
         results = {}
         for mode in ("off", "cs", "csa"):
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_measure, args=(mode, args, tokenizer, queue))
-            proc.start()
-            name, seconds, peak, tokens, params = queue.get()
-            proc.join()
+            name, seconds, peak, tokens, params = in_fresh_process(_measure, mode, args, tokenizer)
             results[name] = (seconds, peak, tokens, params)
     print(f"small Show-o2, 729 visual tokens/image, vocab 151,669, 2 I2T + 2 T2I per step, "
           f"device={args.device} dtype={args.dtype}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-PORT_BASE, PORT_SPAN = 20000, 20000
+PORT_BASE, PORT_SPAN = 20000, 12000  # below the ephemeral range (32768+), as jobs/ does
 
 
 @dataclass(frozen=True)

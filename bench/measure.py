@@ -1,0 +1,60 @@
+"""Shared by the benches: time a callable and take its peak memory, each case in its own process."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def time_and_peak(step: Callable[[], Any], reps: int, device: torch.device) -> tuple[float, int, Any]:
+    """(median seconds of ``reps`` calls after one warm-up, peak memory above the start, last result).
+
+    On CPU the peak is the process's max RSS (so it covers the warm-up too) above the RSS before it;
+    on CUDA it is the allocator's peak above what was allocated after the warm-up.
+    """
+    def timed() -> Any:
+        out = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    base = _rss_bytes()
+    timed()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times, out = [], None
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = timed()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return statistics.median(times), max(peak - base, 0), out
+
+
+def in_fresh_process(target: Callable[..., Any], *args: Any) -> Any:
+    """Run ``target(*args)`` in a spawned process (so its peak memory is its own); return its result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_call, args=(queue, target, args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _call(queue, target: Callable[..., Any], args: tuple) -> None:
+    queue.put(target(*args))

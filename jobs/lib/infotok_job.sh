@@ -1,0 +1,266 @@
+# shellcheck shell=bash
+# The launch logic shared by jobs/infotok_{showo2,harmon,openuni}.sh (sourced, not run).
+#
+# One attempt of a job = preflight -> `srun python -m pipeline.train` (one task per GPU) -> decide:
+#   trainer exit 0   finished: the job ends COMPLETED and is never requeued;
+#   trainer exit 75  stopped after a checkpoint: `scontrol requeue` this job; the next attempt
+#                    resumes with resume=auto. At most INFOTOK_MAX_RESTARTS requeues per job;
+#   anything else    a crash: the job ends FAILED (requeued only with INFOTOK_REQUEUE_ON_CRASH=1,
+#                    within the same bound, so a deterministic crash cannot loop);
+#   preflight fails  one line saying why; the job ends FAILED with exit 78, never requeued.
+#
+# Signals. The scripts ask for `--signal=B:USR1@900`: SLURM sends USR1 to this batch shell only
+# (B:), 15 minutes before the time limit; `scancel --batch --signal=USR1 JOB` does the same by
+# hand. The shell forwards INFOTOK_STOP_SIGNAL (USR2) to srun, which passes it on to every task;
+# the trainer listens for it (checkpoint.stop_signals), every rank agrees at the next step
+# boundary, saves, and exits 75. Why these signals:
+#   - The tasks never see USR1: NCCL 2.12 grabbed SIGUSR1 in its proxy thread (NVIDIA/nccl#704),
+#     and NCCL_PROXY_DUMP_SIGNAL can still bind it (or USR2: then this script refuses to start).
+#   - Not TERM: srun answers TERM by SIGKILLing the tasks ("forcing job termination"), and SLURM
+#     sends TERM (then KILL after KillWait) on scancel, preemption and the time limit anyway.
+# A TERM reaching this shell therefore means SLURM is ending the job (a user's scancel, the limit,
+# preemption): nothing is forwarded and nothing is requeued here; the last complete checkpoint
+# stands, and a scheduler with PreemptMode=REQUEUE requeues preempted jobs itself.
+#
+# Settings (environment variables; sbatch exports the submitting shell's environment):
+#   INFOTOK_RECIPE          recipe YAML (default: the script's recipe, e.g. configs/showo2_1.5b.yaml)
+#   INFOTOK_RUN_DIR         run_dir=... (default: the recipe's run_dir)
+#   INFOTOK_I2T, INFOTOK_T2I  comma-separated data_prep dirs, each DIR[:weight] -> data.i2t / data.t2i
+#   INFOTOK_MODEL_PATH, INFOTOK_TOKENIZER_PATH, INFOTOK_VAE_PATH  -> model.path / tokenizer_path / vae_path
+#   INFOTOK_RESUME          auto (default) | none | a checkpoint path, for the first attempt; requeued
+#                           attempts use auto once the run dir holds a checkpoint
+#   INFOTOK_OVERRIDES       extra key=value overrides (whitespace-separated); the script's own
+#                           arguments (`sbatch jobs/infotok_showo2.sh optim.lr=1e-6`) come last and win
+#   INFOTOK_MAX_RESTARTS    requeues allowed per job, counted by SLURM_RESTART_COUNT (default 20)
+#   INFOTOK_REQUEUE_ON_CRASH  1: requeue after a crash too, within INFOTOK_MAX_RESTARTS (default 0)
+#   INFOTOK_STOP_SIGNAL     signal forwarded to the trainer (default USR2)
+#   INFOTOK_WORKDIR         directory the job runs in; relative paths resolve here (default: checkout)
+#   INFOTOK_PYTHON          interpreter (default: the checkout's .venv/bin/python, else python3)
+#   INFOTOK_MASTER_ADDR, INFOTOK_MASTER_PORT  rendezvous (default: first node; 20000 + job id % 12000)
+#   INFOTOK_SRUN_ARGS       extra srun flags (e.g. "--cpu-bind=cores --mpi=pmix")
+#   INFOTOK_STEP_GRACE      seconds srun lets the other tasks run once one has exited (default 300)
+#   INFOTOK_SKIP_PREFLIGHT  1: skip the preflight (debugging only)
+#   INFOTOK_TRAIN_MODULE    module srun runs (default pipeline.train; for wrappers/profilers)
+#   NCCL_*, TORCH_NCCL_*, OMP_NUM_THREADS: the defaults below apply only where unset.
+
+EXIT_STOPPED=75         # trainer: stopped after a checkpoint, resume me (EX_TEMPFAIL)
+EXIT_PREFLIGHT=78       # this job: configuration/preflight failure, do not requeue (EX_CONFIG)
+
+_infotok_step_pid=""
+_infotok_stop_signal=USR2
+_infotok_stop_requested=0
+_infotok_terminated=0
+_infotok_requeued=0
+
+infotok_log() { printf '[infotok-job %(%F %T)T] %s\n' -1 "$*"; }
+
+# The warning signal: ask the running training step to checkpoint and stop.
+_infotok_on_usr1() {
+    _infotok_stop_requested=1
+    if [[ -n "$_infotok_step_pid" ]] && kill -0 "$_infotok_step_pid" 2>/dev/null; then
+        infotok_log "SIGUSR1: forwarding SIG$_infotok_stop_signal to the training step (srun pid $_infotok_step_pid) to checkpoint and stop"
+        kill -s "$_infotok_stop_signal" "$_infotok_step_pid" 2>/dev/null || true
+    else
+        infotok_log "SIGUSR1 before training started: will requeue without training"
+    fi
+}
+
+# SLURM is ending the job (scancel, time limit, preemption): remember it, forward nothing.
+_infotok_on_term() {
+    (( _infotok_requeued )) && return 0  # our own requeue is ending this attempt
+    _infotok_terminated=1
+    infotok_log "SIGTERM: SLURM is ending this job (cancel, time limit or preemption); not requeueing"
+}
+
+# YAML flow list of quoted strings from "a,b:0.5" (quoted so that DIR:weight stays one string).
+_infotok_yaml_list() {
+    local IFS=, item out=""
+    for item in $1; do
+        [[ -n "$item" ]] || continue
+        out+="${out:+, }\"$item\""
+    done
+    printf '[%s]' "$out"
+}
+
+# Requeue this job unless it has used up its restarts; returns 0 when requeued.
+_infotok_requeue() {
+    local why="$1" restarts="${SLURM_RESTART_COUNT:-0}" max="${INFOTOK_MAX_RESTARTS:-20}"
+    if (( restarts >= max )); then
+        infotok_log "NOT requeueing ($why): job already restarted $restarts times (INFOTOK_MAX_RESTARTS=$max); resubmit to continue from the last checkpoint"
+        return 1
+    fi
+    infotok_log "requeueing job $SLURM_JOB_ID ($why; restart $((restarts + 1)) of at most $max)"
+    _infotok_requeued=1
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        _infotok_requeued=0
+        infotok_log "scontrol requeue failed (submitted with --no-requeue, or JobRequeue=0 here?); resubmit to continue"
+        return 1
+    fi
+    return 0
+}
+
+# infotok_job_main FAMILY DEFAULT_RECIPE [key=value ...]: one attempt; returns the job's exit code.
+infotok_job_main() {
+    local family="$1" default_recipe="$2"
+    shift 2
+    local root
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    local workdir="${INFOTOK_WORKDIR:-$root}"
+    local recipe="${INFOTOK_RECIPE:-$default_recipe}"
+    local py="${INFOTOK_PYTHON:-}"
+    if [[ -z "$py" ]]; then
+        if [[ -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"; else py="python3"; fi
+    fi
+    local restarts="${SLURM_RESTART_COUNT:-0}"
+    _infotok_stop_signal="${INFOTOK_STOP_SIGNAL:-USR2}"
+    _infotok_stop_signal="${_infotok_stop_signal#SIG}"
+
+    trap _infotok_on_usr1 USR1
+    trap _infotok_on_term TERM
+
+    infotok_log "job ${SLURM_JOB_ID:-?} ($family) attempt $((restarts + 1)) (SLURM_RESTART_COUNT=$restarts) on ${SLURM_JOB_NODELIST:-$(hostname)}: ${SLURM_NNODES:-1} node(s) x ${SLURM_NTASKS_PER_NODE:-?} task(s); recipe $recipe; workdir $workdir"
+
+    cd "$workdir" || return "$EXIT_PREFLIGHT"
+    if [[ ! -f "$recipe" ]]; then
+        echo "preflight: FAILED: recipe $recipe does not exist in $workdir (set INFOTOK_RECIPE; recipes live in configs/)"
+        infotok_log "preflight failed: not training, not requeueing (exit $EXIT_PREFLIGHT)"
+        return "$EXIT_PREFLIGHT"
+    fi
+    local stop_signum
+    if ! stop_signum="$(kill -l "$_infotok_stop_signal" 2>/dev/null)"; then
+        echo "preflight: FAILED: INFOTOK_STOP_SIGNAL=$_infotok_stop_signal is not a signal name"
+        return "$EXIT_PREFLIGHT"
+    fi
+    if [[ "${NCCL_PROXY_DUMP_SIGNAL:-}" == "$stop_signum" ]]; then
+        echo "preflight: FAILED: NCCL_PROXY_DUMP_SIGNAL=$stop_signum would swallow the stop signal SIG$_infotok_stop_signal; unset it or change INFOTOK_STOP_SIGNAL"
+        return "$EXIT_PREFLIGHT"
+    fi
+
+    # Overrides, least specific first (the trainer applies them in order, the last one wins):
+    # the stop signals, the site's environment, INFOTOK_OVERRIDES, then the script's arguments.
+    local -a overrides=("checkpoint.stop_signals=[SIG$_infotok_stop_signal, SIGTERM]")
+    if [[ -n "${INFOTOK_RUN_DIR:-}" ]]; then overrides+=("run_dir=$INFOTOK_RUN_DIR"); fi
+    if [[ -n "${INFOTOK_I2T:-}" ]]; then overrides+=("data.i2t=$(_infotok_yaml_list "$INFOTOK_I2T")"); fi
+    if [[ -n "${INFOTOK_T2I:-}" ]]; then overrides+=("data.t2i=$(_infotok_yaml_list "$INFOTOK_T2I")"); fi
+    if [[ -n "${INFOTOK_MODEL_PATH:-}" ]]; then overrides+=("model.path=$INFOTOK_MODEL_PATH"); fi
+    if [[ -n "${INFOTOK_TOKENIZER_PATH:-}" ]]; then overrides+=("model.tokenizer_path=$INFOTOK_TOKENIZER_PATH"); fi
+    if [[ -n "${INFOTOK_VAE_PATH:-}" ]]; then overrides+=("model.vae_path=$INFOTOK_VAE_PATH"); fi
+    if [[ -n "${INFOTOK_OVERRIDES:-}" ]]; then
+        local -a extra
+        read -r -a extra <<< "$INFOTOK_OVERRIDES"
+        overrides+=("${extra[@]}")
+    fi
+    overrides+=("$@")
+
+    # The package imports from any workdir; nothing is downloaded at run time.
+    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+    export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
+    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/infotok/torch_extensions}"
+
+    # Preflight on the batch host before any GPU work: one line and no requeue on failure.
+    local envfile run_dir=""
+    envfile="$(mktemp "${TMPDIR:-/tmp}/infotok-preflight.XXXXXX")"
+    if [[ "${INFOTOK_SKIP_PREFLIGHT:-0}" != 1 ]]; then
+        if ! "$py" -m pipeline.preflight --config "$recipe" --family "$family" --env-out "$envfile" \
+                -- "${overrides[@]}"; then
+            rm -f "$envfile"
+            infotok_log "preflight failed: not training, not requeueing (exit $EXIT_PREFLIGHT)"
+            return "$EXIT_PREFLIGHT"
+        fi
+        run_dir="$(sed -n 's/^run_dir=//p' "$envfile")"
+    fi
+    rm -f "$envfile"
+
+    # The first attempt honours INFOTOK_RESUME; a requeued one continues from the run dir's own
+    # newest checkpoint once there is one, not from the original path again.
+    local resume="${INFOTOK_RESUME:-auto}"
+    if (( restarts > 0 )) && [[ "$resume" != auto && "$resume" != none ]] \
+            && [[ -z "$run_dir" || -f "$run_dir/checkpoints/latest" ]]; then
+        resume=auto
+    fi
+
+    if (( _infotok_terminated )); then return "$EXIT_STOPPED"; fi
+    if (( _infotok_stop_requested )); then
+        _infotok_requeue "warning signal before training started" && return 0
+        return "$EXIT_STOPPED"
+    fi
+
+    # Ranks come from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; a RANK or WORLD_SIZE exported from
+    # the submitting shell would override them in the trainer, so drop them.
+    unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
+    # Rendezvous: rank 0 runs on the first node. The port is a pure function of the job id, so all
+    # tasks and every requeued attempt agree, and it stays below the Linux ephemeral range (32768+)
+    # where an outgoing connection could already hold it.
+    local -a hosts
+    mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/dev/null || hostname)
+    local jobnum="${SLURM_JOB_ID:-0}"
+    jobnum="${jobnum//[^0-9]/}"
+    export MASTER_ADDR="${INFOTOK_MASTER_ADDR:-${hosts[0]}}"
+    export MASTER_PORT="${INFOTOK_MASTER_PORT:-$(( 20000 + ${jobnum:-0} % 12000 ))}"
+
+    # NCCL / torch.distributed defaults; whatever the site or the user set wins.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  # a failed collective aborts, no silent hang
+    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+    export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"  # patient with busy InfiniBand fabrics
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+    # NCCL_SOCKET_IFNAME, NCCL_IB_HCA and friends are fabric-specific: set them in the site environment.
+
+    # srun (SLURM >= 22.05) does not inherit sbatch's --cpus-per-task: pass it on explicitly.
+    # --kill-on-bad-exit=0: exit 75 is non-zero too, and the first rank done with its save must not
+    # kill the others mid-save; --wait bounds how long a crashed rank can leave the others hanging.
+    local -a srun_args=(--kill-on-bad-exit=0 "--wait=${INFOTOK_STEP_GRACE:-300}")
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then srun_args+=("--cpus-per-task=$SLURM_CPUS_PER_TASK"); fi
+    if [[ -n "${INFOTOK_SRUN_ARGS:-}" ]]; then
+        local -a site_args
+        read -r -a site_args <<< "$INFOTOK_SRUN_ARGS"
+        srun_args+=("${site_args[@]}")
+    fi
+    local -a cmd=(srun "${srun_args[@]}" "$py" -m "${INFOTOK_TRAIN_MODULE:-pipeline.train}"
+                  --config "$recipe" "resume=$resume" "${overrides[@]}")
+    infotok_log "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT; running: ${cmd[*]}"
+
+    # srun runs in the background so that this shell takes signals while it waits (bash runs a
+    # trap only after a foreground child has exited).
+    "${cmd[@]}" &
+    _infotok_step_pid=$!
+    # A warning signal that came while srun was starting had nothing to forward to yet.
+    if (( _infotok_stop_requested )); then kill -s "$_infotok_stop_signal" "$_infotok_step_pid" 2>/dev/null || true; fi
+    local rc
+    while :; do
+        rc=0
+        wait "$_infotok_step_pid" || rc=$?
+        # `wait` returns >128 when a trapped signal interrupts it; the step is still running then.
+        if (( rc > 128 )) && kill -0 "$_infotok_step_pid" 2>/dev/null; then continue; fi
+        break
+    done
+    _infotok_step_pid=""
+
+    if (( rc == 0 )); then
+        infotok_log "training finished (exit 0): not requeueing"
+        return 0
+    fi
+    if (( _infotok_terminated )); then
+        infotok_log "training ended (exit $rc) while SLURM ends the job: not requeueing"
+        return "$rc"
+    fi
+    if (( rc == EXIT_STOPPED )); then
+        infotok_log "trainer saved a checkpoint and stopped (exit 75)"
+        _infotok_requeue "stopped after a checkpoint" && return 0
+        return "$EXIT_STOPPED"
+    fi
+    if (( _infotok_stop_requested && rc == 128 + stop_signum )); then
+        # The stop signal ended a rank before the trainer had installed its handler (start-up):
+        # nothing was trained since the last complete checkpoint, which is still the one to resume.
+        infotok_log "the stop signal ended the trainer during start-up (exit $rc): the last checkpoint stands"
+        _infotok_requeue "stopped during start-up" && return 0
+        return "$EXIT_STOPPED"
+    fi
+    infotok_log "training FAILED (exit $rc)"
+    if [[ "${INFOTOK_REQUEUE_ON_CRASH:-0}" == 1 ]]; then
+        _infotok_requeue "crash, INFOTOK_REQUEUE_ON_CRASH=1" && return 0
+    else
+        infotok_log "not requeueing a crash (INFOTOK_REQUEUE_ON_CRASH=1 would, within INFOTOK_MAX_RESTARTS); resubmit to resume from the last checkpoint"
+    fi
+    return "$rc"
+}
