@@ -8,6 +8,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from queue import Empty
 from typing import Any
 
 import torch
@@ -51,7 +52,13 @@ def in_fresh_process(target: Callable[..., Any], *args: Any) -> Any:
     queue = ctx.Queue()
     proc = ctx.Process(target=_call, args=(queue, target, args))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{target.__name__}{args[:1]} died (exit {proc.exitcode}); see its traceback above")
     proc.join()
     return result
 
