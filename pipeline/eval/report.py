@@ -54,6 +54,22 @@ def plot_accuracy_bars(table: dict[str, dict[str, float]], title: str, path: Pat
     plt.close(fig)
 
 
+def plot_reconstructions(originals: Any, reconstructions: Any, path: Path) -> None:
+    """Held-out images (top row) over the probe decoder's reconstructions (bottom row)."""
+    k = len(originals)
+    fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 2.9), squeeze=False)
+    for row, (images, label) in enumerate(((originals, "image"), (reconstructions, "probe"))):
+        for col in range(k):
+            ax = axes[row][col]
+            ax.imshow(images[col].permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row][0].set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_metrics(metrics: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
@@ -81,6 +97,16 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
                   "| estimator | CKA | 95% CI | n |", "|---|---:|---|---:|"]
         for name, e in c.items():
             lines.append(f"| {name} | {e['value']:.4f} | [{e['ci_low']:.4f}, {e['ci_high']:.4f}] | {e['n']} |")
+    r = m.get("reconstruction")
+    if r:
+        cfg, base = r["config"], r["baseline_mean_image"]
+        fid = "n/a (no --inception)" if r["fid"] is None else f"{r['fid']:.2f}"
+        lines += ["", f"## Reconstruction probe (frozen V_enc, {cfg['steps']}-step decoder on {cfg['train_images']} "
+                      f"images, scored on {cfg['test_images']} held-out; {r['resolution']} px, "
+                      f"{r['token_grid']}×{r['token_grid']} token grid)", "",
+                  "| metric | probe | mean-image baseline |", "|---|---:|---:|",
+                  f"| PSNR (dB) | {r['psnr']:.2f} | {base['psnr']:.2f} |",
+                  f"| SSIM | {r['ssim']:.4f} | {base['ssim']:.4f} |", f"| FID | {fid} | |"]
     for section, title in (("understanding", "Understanding accuracy by question type"),
                            ("generation", "Generation accuracy by GenEval category (shape detector)")):
         table = m.get("benchmark", {}).get(section)

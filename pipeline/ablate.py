@@ -1,0 +1,388 @@
+"""Table 5 of the paper: Finetune vs InfoTok C&S vs C&S&A from the same start on the same data.
+
+    python -m pipeline.ablate --config configs/tiny_showo2.yaml --modes off,cs,csa --steps 100 --workdir runs/ablation
+
+1. Data (unless ``--data``/``--heldout`` are given): ``data_prep synth`` train and held-out corpora
+   (different seeds) as shards, and the package's tiny tokenizer (unless the recipe's exists).
+2. The "original" model: for Show-o2 recipes its Wan VAE is first trained as an autoencoder on the
+   training images (the adapter keeps the VAE frozen, so this happens here), with the latent
+   normalisation measured on them; then every trainable part of the recipe is pretrained
+   (``infotok.mode=off``) and exported. Cached under ``WORKDIR/pretrain/<key>``, where the key
+   hashes everything that determines it (recipe, overrides, budgets, seed, ranks, data manifests,
+   tokenizer), and reused.
+3. One fine-tuning per mode from the exported weights (``model.path``), same seed, same data order.
+4. ``pipeline.evaluate`` on the held-out data for the original and every fine-tuning, then
+   ``WORKDIR/ablation.md`` (the table with deltas against the original), ``ablation.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+
+from data_prep.cli import main as data_prep
+from pipeline.config import ConfigError
+from pipeline.eval import report
+from pipeline.eval.loading import load
+from pipeline.eval.recon_probe import ProbeConfig, psnr, ssim, targets
+from pipeline.eval.samples import iter_samples
+from pipeline.evaluate import evaluate
+from pipeline.export import export
+from pipeline.launch import LocalRun
+from pipeline.metrics import read_metrics
+from pipeline.models import build_model
+from pipeline.models.presets import deep_merge
+from pipeline.models.tiny_tokenizer import make_tokenizer
+from pipeline.train import load_train_config
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+
+MODES = ("off", "cs", "csa")
+ROW_NAMES = {"original": "original", "off": "Finetune (off)", "cs": "C&S (cs)", "csa": "C&S&A (csa)"}
+DONE = "DONE.json"
+
+
+@dataclass(frozen=True)
+class Column:
+    label: str
+    get: Callable[[dict[str, Any]], float | None]
+    higher_is_better: bool | None  # None: no preferred direction (the rate)
+
+
+def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
+    def get(metrics: dict[str, Any]) -> float | None:
+        node: Any = metrics
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node if isinstance(node, (int, float)) else None
+    return get
+
+
+COLUMNS = (
+    Column("held-out loss_i2t", _path("heldout", "losses", "loss_i2t"), False),
+    Column("held-out loss_t2i", _path("heldout", "losses", "loss_t2i"), False),
+    Column("rate z_u (nats/token)", _path("rate", "u", "nats_per_token"), None),
+    Column("rate z_g (nats/token)", _path("rate", "g", "nats_per_token"), None),
+    Column("CKA (debiased)", _path("cka", "debiased", "value"), True),
+    Column("understanding acc.", _path("benchmark", "understanding", "overall", "accuracy"), True),
+    Column("generation acc.", _path("benchmark", "generation", "overall", "accuracy"), True),
+    Column("recon. PSNR (dB)", _path("reconstruction", "psnr"), True),
+    Column("recon. SSIM", _path("reconstruction", "ssim"), True),
+)
+
+
+# ----------------------------------------------------------------------------- data and the original model
+
+
+def synth_corpus(directory: Path, count: int, seed: int) -> Path:
+    """``data_prep synth`` + ``shard`` into ``directory/shards`` (reused when its manifest exists)."""
+    shards = directory / "shards"
+    if not (shards / "manifest.json").is_file():
+        shutil.rmtree(directory, ignore_errors=True)
+        for argv in (["synth", "--output", str(directory / "synth"), "--count", str(count), "--seed", str(seed),
+                      "--size", "64"],
+                     ["shard", "--source", f"jsonl:{directory / 'synth'}/synth.jsonl", "--output", str(shards),
+                      "--shard-size", "256"]):
+            if data_prep(argv) != 0:
+                raise RuntimeError(f"data_prep {' '.join(argv)} failed")
+    return shards
+
+
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def pretrain_key(recipe: Path, overrides: list[str], args: argparse.Namespace, data: list[str],
+                 tokenizer: Path) -> str:
+    """Hash of everything the original model depends on."""
+    parts = {"recipe": recipe.read_text(), "overrides": overrides, "steps": args.pretrain_steps,
+             "vae_steps": args.vae_steps, "seed": args.seed, "ranks": args.ranks,
+             "data": [_digest([Path(d) / "manifest.json"]) for d in data],
+             "tokenizer": _digest([p for p in tokenizer.iterdir() if p.is_file()])}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: list[str], steps: int, seed: int,
+                 output: Path, batch_size: int = 16, kl_weight: float = 1e-6) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the Show-o2 Wan VAE as an autoencoder on the training images; save it (diffusers layout).
+
+    Returns the model options that normalise its latents (per-channel mean/std of the posterior
+    means on the training images, as the released ``latents_mean/std``) and its held-out PSNR/SSIM.
+    """
+    cfg = load_train_config(recipe, overrides)
+    if cfg.model.family != "showo2":
+        raise ConfigError(f"VAE pretraining is implemented for Show-o2 only (recipe family {cfg.model.family}); "
+                          f"pass --vae-steps 0 to keep the recipe's VAE")
+    torch.manual_seed(seed)
+    adapter = build_model(cfg.model)
+    size = adapter.config.image_size
+    vae = adapter.vae.requires_grad_(True).train()
+
+    def images(datasets: list[str], limit: int | None = None) -> torch.Tensor:
+        records = itertools.chain(iter_samples(datasets, "i2t"), iter_samples(datasets, "t2i"))
+        return targets([r["image"] for r in itertools.islice(records, limit)], size) * 2 - 1
+
+    train_x = images(data)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = train_x[torch.randint(len(train_x), (batch_size,), generator=generator)][:, :, None]
+        posterior = vae.encode(x).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
+        loss = F.mse_loss(reconstruction, x) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(train_x[i:i + 64][:, :, None]).latent_dist.mean
+                           for i in range(0, len(train_x), 64)])
+        test_x = images(heldout, 64)
+        recon = vae.decode(vae.encode(test_x[:, :, None]).latent_dist.mean).sample[:, :, 0]
+    vae.save_pretrained(str(output))
+    stats = {"latents_mean": means.mean(dim=(0, 2, 3, 4)).tolist(),
+             "latents_std": means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3).tolist()}
+    original, decoded = (test_x + 1) / 2, ((recon + 1) / 2).clamp(0, 1)
+    quality = {"steps": steps, "train_images": len(train_x), "heldout_images": len(test_x),
+               "psnr": float(psnr(decoded, original).mean()), "ssim": float(ssim(decoded, original).mean())}
+    return deep_merge(cfg.model.options, {"vae": stats}), quality
+
+
+def train(recipe: Path, overrides: list[str], log_dir: Path, ranks: int) -> None:
+    run = LocalRun(str(recipe), overrides, log_dir, world=ranks)
+    codes = run.wait(timeout=4 * 3600)
+    if codes != [0] * ranks:
+        raise RuntimeError(f"trainer exited with {codes}:\n{run.output()}")
+
+
+def original_model(recipe: Path, base: list[str], args: argparse.Namespace, data: list[str], heldout: list[str],
+                   tokenizer: Path) -> tuple[Path, dict[str, Any]]:
+    """The exported pretrained model directory and its description (cached by ``pretrain_key``)."""
+    key = pretrain_key(recipe, base, args, data, tokenizer)
+    home = args.workdir / "pretrain" / key
+    if (home / DONE).is_file():
+        print(f"[ablate] original model: cached {home}", flush=True)
+        return home / "model", json.loads((home / DONE).read_text())
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    began = time.monotonic()
+    overrides = [*base, f"model.tokenizer_path={tokenizer}"]
+    info: dict[str, Any] = {"key": key, "steps": args.pretrain_steps, "vae": None}
+    if args.vae_steps:
+        print(f"[ablate] original model: training the VAE as an autoencoder ({args.vae_steps} steps)", flush=True)
+        options, info["vae"] = pretrain_vae(recipe, overrides, data, heldout, args.vae_steps, args.seed, home / "vae")
+        overrides += [f"model.vae_path={home / 'vae'}", f"model.options={json.dumps(options)}"]
+    print(f"[ablate] original model: pretraining every trainable part ({args.pretrain_steps} steps, "
+          f"infotok.mode=off, {args.ranks} ranks)", flush=True)
+    run_dir = home / "run"
+    train(recipe, [*overrides, f"run_dir={run_dir}", f"steps={args.pretrain_steps}", "infotok.mode=off",
+                   "resume=none", f"checkpoint.every={args.pretrain_steps}", "checkpoint.keep_last=1"],
+          home / "logs", args.ranks)
+    export(run_dir, home / "model")
+    info["seconds"] = round(time.monotonic() - began, 1)
+    (home / DONE).write_text(json.dumps(info, indent=2) + "\n")
+    return home / "model", info
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per model, every column with its delta against the original."""
+    columns = [c for c in COLUMNS if any(c.get(m) is not None for m in rows.values())]
+    arrows = {True: " ↑", False: " ↓", None: ""}
+    lines = ["| model | " + " | ".join(c.label + arrows[c.higher_is_better] for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    original = rows["original"]
+    for name, metrics in rows.items():
+        cells = []
+        for c in columns:
+            value, base = c.get(metrics), c.get(original)
+            cell = _fmt(value)
+            if name != "original" and value is not None and base is not None:
+                cell += f" ({value - base:+.4f})"
+            cells.append(cell)
+        lines.append(f"| {ROW_NAMES[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_metrics(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    columns = [c for c in COLUMNS if any(c.get(m) is not None for m in rows.values())]
+    cols = min(3, len(columns))
+    fig, axes = plt.subplots(-(-len(columns) // cols), cols, figsize=(4.2 * cols, 3.0 * -(-len(columns) // cols)),
+                                    squeeze=False)
+    colours = ["#8c8c8c", "#4c72b0", "#dd8452", "#55a868"]
+    for ax, c in zip(axes.flat, columns):
+        names = [n for n in rows if c.get(rows[n]) is not None]
+        ax.bar([ROW_NAMES[n] for n in names], [c.get(rows[n]) for n in names],
+               color=[colours[list(rows).index(n)] for n in names])
+        ax.set_title(c.label, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=25, labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(runs: dict[str, Path], path: Path) -> None:
+    """The fine-tunings' task losses over steps, one line per mode."""
+    keys = ("loss_i2t", "loss_t2i", "loss")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.0), squeeze=False)
+    for mode, run_dir in runs.items():
+        records = read_metrics(run_dir)
+        for ax, key in zip(axes[0], keys):
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), lw=1.2, label=ROW_NAMES[mode])
+    for ax, key in zip(axes[0], keys):
+        ax.set_title(key)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], runs: dict[str, Path],
+                 pretrained: dict[str, Any], seconds: float) -> str:
+    out = args.workdir
+    plot_metrics(rows, out / "ablation_metrics.png")
+    plot_curves(runs, out / "ablation_curves.png")
+    vae = pretrained["vae"]
+    vae_line = ("the recipe's VAE was kept as is (--vae-steps 0)" if vae is None else
+                f"its VAE was first trained as an autoencoder for {vae['steps']} steps on {vae['train_images']} "
+                f"training images (held-out reconstruction PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f})")
+    lines = [
+        f"# Ablation: `{args.config}` (Table 5)", "",
+        f"Original: {pretrained['steps']} pretraining steps (`infotok.mode=off`, every trainable part; "
+        f"cache key `{pretrained['key']}`); {vae_line}. Each fine-tuning: {args.steps} steps from the exported "
+        f"original, seed {args.seed}, the same data order, {args.ranks} ranks. Held-out: "
+        f"{', '.join(f'`{d}`' for d in args.heldout)}. Deltas are against the original; the rate exists only "
+        f"where InfoTok heads were trained. Total time {seconds / 60:.1f} min.", "",
+        table(rows), "",
+        "Per-model reports: " + ", ".join(f"[{ROW_NAMES[n]}](eval/{n}/report.md)" for n in rows) + ".", "",
+        "![metrics](ablation_metrics.png)", "", "![fine-tuning curves](ablation_curves.png)", "",
+    ]
+    text = "\n".join(lines)
+    (out / "ablation.md").write_text(text)
+    report.write_metrics({"rows": rows, "pretrained": pretrained, "steps": args.steps, "seed": args.seed,
+                          "modes": list(runs), "seconds": round(seconds, 1)}, out / "ablation.json")
+    return text
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> str:
+    began = time.monotonic()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    if args.data is None:
+        args.data = [str(synth_corpus(work / "data" / "train", args.samples, args.seed))]
+    if args.heldout is None:
+        args.heldout = [str(synth_corpus(work / "data" / "heldout", args.heldout_samples, args.seed + 1))]
+    tokenizer = work / "tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        make_tokenizer(tokenizer)
+    data = [f"data.i2t=[{','.join(args.data)}]", f"data.t2i=[{','.join(args.data)}]", f"seed={args.seed}",
+            "log.tensorboard=false"]
+    base = [*data, *args.overrides]
+    load_train_config(args.config, base)  # fail on a bad recipe or override before any work
+    model_dir, pretrained = original_model(args.config, base, args, args.data, args.heldout, tokenizer)
+
+    runs = {}
+    for mode in args.modes:
+        run_dir = work / "finetune" / mode
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"[ablate] fine-tuning {ROW_NAMES[mode]}: {args.steps} steps", flush=True)
+        train(args.config, [*base, f"model.path={model_dir}", f"model.tokenizer_path={model_dir}",
+                            f"infotok.mode={mode}", f"run_dir={run_dir}", f"steps={args.steps}", "resume=none",
+                            f"checkpoint.every={args.steps}", "checkpoint.keep_last=1"],
+              work / "logs" / mode, args.ranks)
+        runs[mode] = run_dir
+
+    probe = ProbeConfig(train_images=args.recon_train, test_images=args.recon_test, steps=args.recon_steps,
+                        seed=args.seed) if args.recon_steps else None
+    rows = {}
+    for name, source in {"original": model_dir, **runs}.items():
+        print(f"[ablate] evaluating {ROW_NAMES[name]}", flush=True)
+        rows[name] = evaluate(load(source), args.heldout, work / "eval" / name, samples=args.eval_samples,
+                              batch_size=8, batches=args.eval_batches, resamples=args.bootstrap, seed=args.seed,
+                              probe=probe)
+    return write_report(args, rows, runs, pretrained, time.monotonic() - began)
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated subset of {', '.join(MODES)}")
+    return modes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="YAML recipe (e.g. configs/tiny_showo2.yaml)")
+    parser.add_argument("--modes", type=_modes, default=list(MODES), help="fine-tunings to run (default off,cs,csa)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each fine-tuning")
+    parser.add_argument("--workdir", required=True, type=Path, help="everything goes here; the original is cached")
+    parser.add_argument("--pretrain-steps", type=int, default=1000, help="steps that make the original model")
+    parser.add_argument("--vae-steps", type=int, default=600, help="autoencoder steps of the VAE (0: keep it)")
+    parser.add_argument("--data", action="append", help="training shards (default: a synthetic corpus)")
+    parser.add_argument("--heldout", action="append", help="held-out shards (default: a synthetic corpus)")
+    parser.add_argument("--samples", type=int, default=2000, help="synthetic training scenes")
+    parser.add_argument("--heldout-samples", type=int, default=400, help="synthetic held-out scenes")
+    parser.add_argument("--ranks", type=int, default=2, help="local trainer processes (DeepSpeed, gloo)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-samples", type=int, default=64, help="benchmark items per task")
+    parser.add_argument("--eval-batches", type=int, default=16, help="held-out loss batches (of 8 + 8)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="CKA bootstrap resamples")
+    parser.add_argument("--recon-steps", type=int, default=300, help="reconstruction probe decoder steps (0: off)")
+    parser.add_argument("--recon-train", type=int, default=256)
+    parser.add_argument("--recon-test", type=int, default=64)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. optim.lr=5e-4")
+    args = parser.parse_args(argv)
+    args.config = args.config if args.config.is_absolute() else (Path.cwd() / args.config)
+    args.workdir = args.workdir.resolve()
+    for name in ("steps", "pretrain_steps", "samples", "heldout_samples", "ranks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        text = run(args)
+    except (FileNotFoundError, ValueError, ConfigError, RuntimeError) as e:
+        print(f"ablate: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(text)
+    print(f"wrote {args.workdir / 'ablation.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""``python -m pipeline.ablate`` on a minimal budget: the table, the plots, and the cached original."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from pipeline.ablate import _modes, main, table
+
+ARGS = ["--config", "configs/tiny_showo2.yaml", "--steps", "2", "--pretrain-steps", "2", "--vae-steps", "2",
+        "--samples", "48", "--heldout-samples", "24", "--eval-samples", "4", "--eval-batches", "2",
+        "--bootstrap", "10", "--recon-steps", "3", "--recon-train", "8", "--recon-test", "4"]
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ablate")
+    main([*ARGS, "--workdir", str(work)])
+    return work
+
+
+def test_ablation_writes_the_table_with_deltas_and_the_plots(ablation):
+    text = (ablation / "ablation.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "Finetune (off)", "C&S (cs)", "C&S&A (csa)"]
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    for column in ("loss_i2t", "loss_t2i", "rate z_u", "CKA", "understanding", "generation", "recon. PSNR"):
+        assert column in header
+    # every fine-tuned row carries deltas; the rate exists only where InfoTok heads were trained
+    assert all(re.search(r"\([+-]\d", r) for r in rows[1:]) and "(" not in rows[0].split("|", 2)[2]
+    assert rows[1].split("|")[4].strip() == "n/a" and rows[2].split("|")[4].strip() != "n/a"
+    for name in ("ablation_metrics.png", "ablation_curves.png"):
+        assert (ablation / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name})" in text
+    data = json.loads((ablation / "ablation.json").read_text())
+    assert set(data["rows"]) == {"original", "off", "cs", "csa"} and data["modes"] == ["off", "cs", "csa"]
+    assert data["rows"]["csa"]["model"]["infotok_mode"] == "csa"
+    assert data["pretrained"]["vae"]["steps"] == 2
+    # every fine-tuning started from the same exported original and saw the same first batch
+    first = [json.loads((ablation / "finetune" / m / "metrics.jsonl").read_text().splitlines()[0])["loss_i2t"]
+             for m in ("off", "cs", "csa")]
+    assert first[0] == first[1] == first[2]
+
+
+def test_a_second_ablation_reuses_the_cached_original(ablation, capsys):
+    (done,) = (ablation / "pretrain").glob("*/DONE.json")
+    before = done.stat().st_mtime_ns
+    main([*ARGS, "--workdir", str(ablation), "--modes", "off"])
+    assert "original model: cached" in capsys.readouterr().out
+    assert done.stat().st_mtime_ns == before
+
+
+def test_table_deltas_and_modes_parsing():
+    rows = {"original": {"heldout": {"losses": {"loss_i2t": 2.0}}},
+            "cs": {"heldout": {"losses": {"loss_i2t": 1.5}}, "rate": {"u": {"nats_per_token": 0.5}}}}
+    text = table(rows)
+    assert "| C&S (cs) | 1.5000 (-0.5000) | 0.5000 |" in text and "| original | 2.0000 | n/a |" in text
+    assert _modes("off, csa") == ["off", "csa"]
+    for bad in ("off,xx", "off,off", ""):
+        with pytest.raises(Exception, match="subset of off, cs, csa"):
+            _modes(bad)
