@@ -52,9 +52,9 @@ def workspace(tmp_path_factory):
     return {"root": root, "shards": shards, "tokenizer": tokenizer}
 
 
-def job_env(workspace, run_dir: Path, **extra: str) -> dict[str, str]:
+def job_env(workspace, run_dir: Path, recipe: str = RECIPE, **extra: str) -> dict[str, str]:
     """The site settings a user would export before sbatch."""
-    return {"INFOTOK_RECIPE": RECIPE, "INFOTOK_RUN_DIR": str(run_dir), "INFOTOK_I2T": str(workspace["shards"]),
+    return {"INFOTOK_RECIPE": recipe, "INFOTOK_RUN_DIR": str(run_dir), "INFOTOK_I2T": str(workspace["shards"]),
             "INFOTOK_T2I": str(workspace["shards"]), "INFOTOK_TOKENIZER_PATH": str(workspace["tokenizer"]),
             **extra}
 
@@ -182,18 +182,20 @@ def test_self_requeue_is_bounded_by_max_restarts(slurm, workspace):
 
 # ---------------------------------------------------------------------------------- end to end
 
-def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspace):
+@pytest.mark.parametrize("family", ["showo2", "harmon", "openuni"])
+def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspace, family):
     from pipeline.launch import LocalRun
     from train_helpers import loss_table
 
-    root = workspace["root"] / "e2e"
+    recipe = f"configs/tiny_{family}.yaml"
+    root = workspace["root"] / f"e2e-{family}"
     run_dir, log = root / "run", root / "job.out"
     args = [f"steps={STEPS}", f"checkpoint.every={EVERY}", "data.num_workers=1"]
-    job = slurm.submit("jobs/infotok_showo2.sh", [*SMALL, "--ntasks-per-node=2", f"--output={log}"], args,
-                       job_env(workspace, run_dir))
+    job = slurm.submit(f"jobs/infotok_{family}.sh", [*SMALL, "--ntasks-per-node=2", f"--output={log}"], args,
+                       job_env(workspace, run_dir, recipe))
     # The uninterrupted reference: the same config on 2 plain local ranks, while the job runs.
     reference_dir = root / "reference"
-    reference = LocalRun(RECIPE, [f"run_dir={reference_dir}", f"data.i2t=[{workspace['shards']}]",
+    reference = LocalRun(recipe, [f"run_dir={reference_dir}", f"data.i2t=[{workspace['shards']}]",
                                   f"data.t2i=[{workspace['shards']}]",
                                   f"model.tokenizer_path={workspace['tokenizer']}", *args], root / "reference-logs")
     try:
