@@ -1,6 +1,6 @@
 """Throughput of ``data_prep shard`` against the obvious alternatives, on real-size photos.
 
-    python bench/data_prep.py [--count 400] [--workers N] [--repeat 3]
+    python bench/data_prep.py [--count 1500] [--workers N] [--repeat 3]
 
 Builds COUNT 1024x768 JPEGs (gradients + noise, ~200 KB each) in a temporary directory, warms
 the page cache, then times (best of --repeat runs each):
@@ -115,7 +115,8 @@ def run_shard(source: Path, out: Path, workers: int, shard_size: int, *extra: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=400, help="photos to generate (default: %(default)s)")
+    parser.add_argument("--count", type=int, default=1500,
+                        help="photos to generate; enough that start-up costs amortise (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="data_prep --workers for the parallel runs (default: CPUs available, %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per method, the best counts (default: %(default)s)")
