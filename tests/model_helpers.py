@@ -114,3 +114,12 @@ def collated_batch(model: MLLMAdapter, tasks: str = "ugug") -> dict:
     """A collated batch; ``u`` = an I2T sample, ``g`` = a T2I sample, seeded by position."""
     samples = [model.processor(i2t_sample(i) if task == "u" else t2i_sample(i)) for i, task in enumerate(tasks)]
     return model.collate(samples)
+
+
+def fill_zeroed(model: Module, prefix: str, std: float) -> Module:
+    """Give the all-zero parameters under ``prefix`` (zero-initialised heads) small random values."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith(prefix) and not parameter.any():
+                parameter.normal_(std=std)
+    return model

@@ -20,8 +20,8 @@ from model_helpers import (
     collated_batch,
     copy_checkpoint,
     draw_image,
+    fill_zeroed,
     i2t_sample,
-    make_tokenizer,
     t2i_sample,
 )
 from pipeline import models
@@ -37,21 +37,12 @@ from pipeline.models.weights import CheckpointMismatchError
 NO_DROPOUT = {"mar": {"attn_dropout": 0.0, "proj_dropout": 0.0}}
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
 def _tiny(tokenizer_dir, **options) -> Harmon:
     torch.manual_seed(0)
     model = Harmon(harmon_config("tiny", options), load_tokenizer(tokenizer_dir))
     # The official init zeroes the diffusion MLP's adaLN and output layers (a trained head is not
     # zero); give them values so that gradients and samples are informative.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.startswith("mar.diffloss") and not parameter.any():
-                parameter.normal_(std=0.1)
-    return model
+    return fill_zeroed(model, "mar.diffloss", std=0.1)
 
 
 @pytest.fixture(scope="module")

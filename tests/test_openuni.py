@@ -16,7 +16,6 @@ from model_helpers import (
     collated_batch,
     draw_image,
     i2t_sample,
-    make_tokenizer,
     t2i_sample,
 )
 from openuni_helpers import Capture, tiny_openuni
@@ -27,11 +26,6 @@ from pipeline.models.openuni import OpenUni
 from pipeline.models.openuni_config import openuni_config
 from pipeline.models.openuni_internvl import pixel_shuffle
 from pipeline.models.openuni_processor import IGNORE, IMAGENET_MEAN, IMAGENET_STD
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

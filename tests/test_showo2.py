@@ -16,8 +16,8 @@ from model_helpers import (
     collated_batch,
     copy_checkpoint,
     draw_image,
+    fill_zeroed,
     i2t_sample,
-    make_tokenizer,
     t2i_sample,
 )
 from pipeline.config import ConfigError
@@ -28,21 +28,12 @@ from pipeline.models.showo2_config import showo2_config
 from pipeline.models.showo2_processor import IGNORE, load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
 def _tiny(tokenizer_dir, **options) -> Showo2:
     torch.manual_seed(0)
     model = Showo2(showo2_config("tiny", options), load_tokenizer(tokenizer_dir))
     # The official init zeroes the flow head's output and adaLN layers (a trained head is not zero);
     # give them values so that gradients and velocities are informative.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.startswith("diffusion_head") and not parameter.any():
-                parameter.normal_(std=0.02)
-    return model
+    return fill_zeroed(model, "diffusion_head", std=0.02)
 
 
 @pytest.fixture(scope="module")
