@@ -71,7 +71,8 @@ def evaluate(model: EvalModel, data: list[str], output: Path, *, samples: int, b
         metrics["cka"] = cka_metrics(held.pooled_tokens, held.text, resamples, seed)
     understanding = synthetic.understanding(model.adapter, data, samples, batch_size)
     generation = synthetic.generation(model.adapter, data, samples, batch_size, seed)
-    metrics["benchmark"] = {"understanding": understanding["accuracy"], "generation": generation["accuracy"]}
+    metrics["benchmark"] = {"understanding": understanding["accuracy"], "generation": generation["accuracy"],
+                            "understanding_majority_baseline": understanding["majority_baseline"]}
     with open(output / "benchmark.jsonl", "w") as f:
         for item in understanding["results"] + generation["results"]:
             f.write(json.dumps(item) + "\n")

@@ -7,9 +7,17 @@ import re
 
 import pytest
 
-from pipeline.ablate import _modes, main, table
+from pathlib import Path
 
-ARGS = ["--config", "configs/tiny_showo2.yaml", "--steps", "2", "--pretrain-steps", "2", "--vae-steps", "2",
+import torch
+from safetensors.torch import load_file
+
+from pipeline.ablate import _modes, foreground, main, pretrain_vae, synth_corpus, table
+from pipeline.models import build_model
+from pipeline.train import load_train_config
+
+ARGS = ["--config", "configs/tiny_showo2.yaml", "--steps", "2", "--pretrain-steps", "2", "--pretrain-batch", "2",
+        "--vae-steps", "2",
         "--samples", "48", "--heldout-samples", "24", "--eval-samples", "4", "--eval-batches", "2",
         "--bootstrap", "10", "--recon-steps", "3", "--recon-train", "8", "--recon-test", "4"]
 
@@ -44,12 +52,27 @@ def test_ablation_writes_the_table_with_deltas_and_the_plots(ablation):
     assert first[0] == first[1] == first[2]
 
 
-def test_a_second_ablation_reuses_the_cached_original(ablation, capsys):
+def test_a_second_ablation_reuses_the_cached_original_and_repeats_the_figures(ablation, capsys):
     (done,) = (ablation / "pretrain").glob("*/DONE.json")
     before = done.stat().st_mtime_ns
+    first = json.loads((ablation / "ablation.json").read_text())["rows"]
     main([*ARGS, "--workdir", str(ablation), "--modes", "off"])
     assert "original model: cached" in capsys.readouterr().out
     assert done.stat().st_mtime_ns == before
+    again = json.loads((ablation / "ablation.json").read_text())["rows"]
+    assert set(again) == {"original", "off"}
+    for name in again:  # fine-tuning and evaluation are deterministic: every figure repeats exactly
+        for key in ("heldout", "cka", "benchmark", "reconstruction"):
+            assert again[name][key] == first[name][key], (name, key)
+
+
+def test_foreground_marks_the_pixels_off_the_scene_background():
+    white = torch.ones(1, 3, 2, 2)
+    x = white.clone()
+    x[0, :, 0, 1] = torch.tensor([0.73, -0.70, -0.70])  # the corpus's red
+    x[0, :, 1, 0] = 0.97  # within the tolerance of white
+    assert foreground(x)[0, 0].tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    assert foreground(white[:, :, None]).shape == (1, 1, 1, 2, 2)
 
 
 def test_table_deltas_and_modes_parsing():
@@ -61,3 +84,18 @@ def test_table_deltas_and_modes_parsing():
     for bad in ("off,xx", "off,off", ""):
         with pytest.raises(Exception, match="subset of off, cs, csa"):
             _modes(bad)
+
+
+@pytest.mark.parametrize("family", ["harmon", "openuni"])
+def test_the_autoencoder_of_every_family_pretrains_and_loads_back(family, tmp_path, tokenizer_dir):
+    data = str(synth_corpus(tmp_path / "data", 24, 0))
+    overrides = [f"data.i2t=[{data}]", f"data.t2i=[{data}]", f"model.tokenizer_path={tokenizer_dir}"]
+    recipe = Path(f"configs/tiny_{family}.yaml")
+    options, quality = pretrain_vae(recipe, overrides, [data], [data], 2, 0, tmp_path / "vae", batch_size=4)
+    assert quality["steps"] == 2 and quality["train_images"] == 24 and 0 <= quality["detector_accuracy"] <= 1
+    assert options["vae"]["scaling_factor"] > 0
+    model = build_model(load_train_config(recipe, [*overrides, f"model.vae_path={tmp_path / 'vae'}",
+                                                   f"model.options={json.dumps(options)}"]).model)
+    assert model.config.vae.scaling_factor == options["vae"]["scaling_factor"]
+    trained = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(model.vae.state_dict()[k], v) for k, v in trained.items())

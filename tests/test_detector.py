@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_prep import scenes, synth
 from data_prep.cli import main as data_prep
-from pipeline.eval.benchmark import accuracy_by, generation_results, score_answer
+from pipeline.eval.benchmark import accuracy_by, generation_results, majority_baseline, score_answer
 from pipeline.eval.detector import components, detect, matches_scene
 
 SCENES = 200
@@ -74,3 +74,13 @@ def test_answers_are_compared_after_normalisation():
     assert score_answer(meta, "2", " 2. ") and not score_answer(meta, "2", "3")
     with pytest.raises(ValueError, match="question_type"):
         score_answer({"question_type": "colour"}, "red", "red")
+
+
+def test_majority_baseline_answers_the_most_common_answer_of_each_type():
+    results = [{"question_type": "count", "expected": e} for e in ("1", "1", "2", "0")]
+    results += [{"question_type": "exists", "expected": e} for e in ("Yes", "no")]  # a tie: "no" comes first
+    results += [{"question_type": "color", "expected": "red"}]
+    table = majority_baseline(results, scenes.QUESTION_TYPES)
+    assert table["count"] == {"accuracy": 0.5, "n": 4} and table["exists"] == {"accuracy": 0.5, "n": 2}
+    assert table["color"]["accuracy"] == 1.0 and "position" not in table
+    assert table["overall"]["accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)

@@ -41,8 +41,8 @@ def test_adapter_contract_is_abstract():
 
     with pytest.raises(TypeError, match="abstract"):
         Incomplete()
-    assert {"forward", "build", "from_pretrained", "save_pretrained", "generate", "answer"} <= (
-        MLLMAdapter.__abstractmethods__)
+    assert {"forward", "build", "from_pretrained", "save_pretrained", "generate", "answer", "autoencoder_pass",
+            "autoencoder_options"} <= MLLMAdapter.__abstractmethods__
 
 
 class _Adapter(MLLMAdapter):
@@ -53,6 +53,7 @@ class _Adapter(MLLMAdapter):
     ENCODER_PREFIXES = ("enc.",)
     TRAINABLE_GROUPS = {"head": ("head.",)}
     forward = build = from_pretrained = save_pretrained = generate = answer = None
+    autoencoder_pass = autoencoder_options = None
 
     def __init__(self, trainable: list[str]) -> None:
         super().__init__()

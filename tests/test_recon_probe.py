@@ -115,7 +115,7 @@ def test_probe_on_tiny_showo2_is_finite_and_deterministic(tmp_path):
     first = run_probe(adapter, images, cfg, token_batch=5)
     second = run_probe(adapter, images, cfg, token_batch=3)
     m = first.metrics
-    assert m["token_grid"] == 4 and m["resolution"] == 32 and m["fid"] is None
+    assert m["token_grid"] == 8 and m["resolution"] == 32 and m["fid"] is None  # 64 px / (VAE 4 × patch 2)
     assert math.isfinite(m["psnr"]) and -1 <= m["ssim"] <= 1
     assert m["psnr"] == pytest.approx(second.metrics["psnr"], rel=1e-4)
     assert first.reconstructions.shape == first.originals.shape == (4, 3, 32, 32)

@@ -6,7 +6,7 @@ place of an object detector; understanding is exact-match of the normalised answ
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -75,3 +75,16 @@ def accuracy_by(results: Iterable[Mapping[str, Any]], key: str, order: Sequence[
         table["overall"] = {"accuracy": sum(v["accuracy"] for v in table.values()) / len(table),
                             "n": sum(v["n"] for v in table.values())}
     return table
+
+
+def majority_baseline(results: Sequence[Mapping[str, Any]], order: Sequence[str]) -> dict[str, dict[str, float]]:
+    """What answering every question with the most common expected answer of its type scores on
+    these items (an optimistic prior-only reference: the majority is taken on the items themselves;
+    ties go to the alphabetically first answer). Same layout as :func:`accuracy_by`."""
+    answers: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in results:
+        answers[r["question_type"]][normalise_answer(r["expected"])] += 1
+    majority = {t: min(c, key=lambda a: (-c[a], a)) for t, c in answers.items()}
+    return accuracy_by([{"question_type": r["question_type"],
+                         "correct": normalise_answer(r["expected"]) == majority[r["question_type"]]}
+                        for r in results], "question_type", order)

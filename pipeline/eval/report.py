@@ -107,12 +107,19 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
                   "| metric | probe | mean-image baseline |", "|---|---:|---:|",
                   f"| PSNR (dB) | {r['psnr']:.2f} | {base['psnr']:.2f} |",
                   f"| SSIM | {r['ssim']:.4f} | {base['ssim']:.4f} |", f"| FID | {fid} | |"]
-    for section, title in (("understanding", "Understanding accuracy by question type"),
-                           ("generation", "Generation accuracy by GenEval category (shape detector)")):
-        table = m.get("benchmark", {}).get(section)
-        if table:
-            lines += ["", f"## {title}", "", "| group | accuracy | n |", "|---|---:|---:|"]
-            lines += [f"| {g} | {v['accuracy']:.3f} | {v['n']} |" for g, v in table.items()]
+    benchmark = m.get("benchmark", {})
+    if benchmark.get("understanding"):
+        baseline = benchmark.get("understanding_majority_baseline", {})
+        lines += ["", "## Understanding accuracy by question type", "",
+                  "The baseline answers every question with the most common answer of its type on these items.", "",
+                  "| group | accuracy | majority-answer baseline | n |", "|---|---:|---:|---:|"]
+        for g, v in benchmark["understanding"].items():
+            base = f"{baseline[g]['accuracy']:.3f}" if g in baseline else "n/a"
+            lines.append(f"| {g} | {v['accuracy']:.3f} | {base} | {v['n']} |")
+    if benchmark.get("generation"):
+        lines += ["", "## Generation accuracy by GenEval category (shape detector)", "",
+                  "| group | accuracy | n |", "|---|---:|---:|"]
+        lines += [f"| {g} | {v['accuracy']:.3f} | {v['n']} |" for g, v in benchmark["generation"].items()]
     if plots:
         lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots]]
     return "\n".join(lines) + "\n"

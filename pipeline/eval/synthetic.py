@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from data_prep.scenes import GENEVAL_CATEGORIES, QUESTION_TYPES
-from pipeline.eval.benchmark import accuracy_by, generation_results, score_answer
+from pipeline.eval.benchmark import accuracy_by, generation_results, majority_baseline, score_answer
 from pipeline.eval.samples import benchmark_samples, question_and_answer
 from pipeline.models.base import MLLMAdapter
 
@@ -29,7 +29,8 @@ def understanding(adapter: MLLMAdapter, datasets: Sequence[str], limit: int, bat
             results.append({"key": s["__key__"], "question_type": s["meta"]["question_type"], "question": question,
                             "expected": expected, "predicted": answer,
                             "correct": score_answer(s["meta"], expected, answer)})
-    return {"accuracy": accuracy_by(results, "question_type", QUESTION_TYPES), "results": results}
+    return {"accuracy": accuracy_by(results, "question_type", QUESTION_TYPES),
+            "majority_baseline": majority_baseline(results, QUESTION_TYPES), "results": results}
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ what it needs (:class:`MLLMOutput`); the trainer never looks at the family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self
@@ -74,6 +74,12 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x`` [B, L, D] over positions where ``mask`` [B, L] is True (the pooled ``text_*``)."""
     weights = mask.to(x.dtype)[..., None]
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int = 64) -> Tensor:
+    """``fn`` over ``x`` in slices of ``size`` rows, concatenated (bounds the memory of encoders)."""
+    return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)])
 
 
 def answer_tokens(labels: Tensor, ignore: int) -> tuple[Tensor, Tensor]:
@@ -157,6 +163,18 @@ class MLLMAdapter(nn.Module, ABC):
     @abstractmethod
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], **kwargs: Any) -> list[str]:
         """Greedy answers to one question per image."""
+
+    @abstractmethod
+    def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The frozen autoencoder as an autoencoder, for training it when a tiny original model is made
+        (``pipeline.ablate``): pixels [B, 3, H, W] in [-1, 1] → (reconstruction in the same layout,
+        mean KL of the posterior to N(0, I), 0 for a deterministic autoencoder). The latents are a
+        posterior sample drawn with ``generator``, or the posterior mean without one."""
+
+    @abstractmethod
+    def autoencoder_options(self, pixels: Tensor) -> dict[str, Any]:
+        """``model.options`` that normalise the autoencoder's latents as the model expects (the
+        family's scaling factor or per-channel mean/std), measured on ``pixels`` (as above)."""
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return self.processor.collate(samples)

@@ -38,7 +38,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from pipeline.config import ConfigError, from_dict, to_dict
-from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, masked_mean
+from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, in_chunks, masked_mean
 from pipeline.models.harmon_config import VAE_STRIDE, HarmonConfig, harmon_config
 from pipeline.models.harmon_mar import MAR, mask_first, patchify, random_orders, training_mask, unpatchify
 from pipeline.models.harmon_processor import (
@@ -47,11 +47,11 @@ from pipeline.models.harmon_processor import (
     HarmonProcessor,
     expand_to_square,
     load_tokenizer,
-    to_pil,
     to_tensor,
 )
 from pipeline.models.harmon_vae import kl16_vae, load_vae, load_vae_state, unwrap_state
 from pipeline.models.presets import deep_merge
+from pipeline.models.processing import to_pil
 from pipeline.models.qwen import qwen2_config
 from pipeline.models.weights import (
     CheckpointMismatchError,
@@ -158,6 +158,16 @@ class Harmon(MLLMAdapter):
         """Latent tokens [B, N, P] → pixels [B, 3, H, W] in [-1, 1]."""
         latents = unpatchify(tokens.float(), self.config.vae.latent_channels, self.config.mar.patch_size, grid)
         return self.vae.decode((latents / self.config.vae.scaling_factor).to(self.vae.dtype)).sample.float()
+
+    def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        latents = posterior.mode() if generator is None else posterior.sample(generator)
+        return self.vae.decode(latents).sample.float(), posterior.kl().mean()
+
+    def autoencoder_options(self, pixels: Tensor) -> dict[str, Any]:
+        """``vae.scaling_factor`` (the official ``vae_scale``): one over the std of the posterior modes."""
+        modes = in_chunks(lambda x: self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float(), pixels)
+        return {"vae": {"scaling_factor": 1 / max(float(modes.std()), 1e-3)}}
 
     def encode_visual(self, tokens: Tensor, mask: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """``V_enc``: MAR encoder features [B, buffer + kept, E] and the LLM-side tokens [B, kept + buffer, D]

@@ -69,12 +69,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(2.0 * array - 1.0).permute(2, 0, 1).contiguous()
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] → PIL images (official ``clamp(127.5·x + 128, 0, 255)``)."""
-    array = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
-
-
 @dataclass(frozen=True)
 class SpecialIds:
     eos: int

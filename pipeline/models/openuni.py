@@ -39,7 +39,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from pipeline.config import to_dict
-from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, masked_mean
+from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, in_chunks, masked_mean
 from pipeline.models.openuni_config import PRESETS, OpenUniConfig, openuni_config
 from pipeline.models.openuni_files import (
     ADAPTER_CONFIG_KEY,
@@ -66,9 +66,9 @@ from pipeline.models.openuni_processor import (
     PAD_ID,
     OpenUniProcessor,
     load_tokenizer,
-    to_pil,
     vit_tensor,
 )
+from pipeline.models.processing import to_pil
 from pipeline.models.weights import load_strict, read_state_dict, save_state_dict
 
 class OpenUni(MLLMAdapter):
@@ -185,6 +185,16 @@ class OpenUni(MLLMAdapter):
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+
+    def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """DC-AE is deterministic: no posterior, no KL (``generator`` is not used)."""
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent
+        return self.vae.decode(latents).sample.float(), latents.new_zeros(())
+
+    def autoencoder_options(self, pixels: Tensor) -> dict[str, Any]:
+        """``vae.scaling_factor`` as SANA's: one over the std of the latents."""
+        latents = in_chunks(lambda x: self.vae.encode(x.to(self.vae.dtype)).latent.float(), pixels)
+        return {"vae": {"scaling_factor": 1 / max(float(latents.std()), 1e-3)}}
 
     def _image_embeds(self, input_ids: Tensor, tokens: Tensor) -> Tensor:
         """Token embeddings with the ``<IMG_CONTEXT>`` slots replaced by ``tokens`` [B, N, D] in order."""

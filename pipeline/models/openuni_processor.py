@@ -85,12 +85,6 @@ def square_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] → PIL images (OpenUni ``127.5·x + 128`` clamped)."""
-    array = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
-
-
 class OpenUniProcessor:
     """Raw samples → per-sample tensors; :meth:`collate` pads them into a flat batch.
 

@@ -34,7 +34,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from pipeline.config import ConfigError, from_dict, to_dict
-from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, masked_mean
+from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, in_chunks, masked_mean
 from pipeline.models.presets import deep_merge
 from pipeline.models.qwen import qwen2_config
 from pipeline.models.showo2_config import Showo2Config, options_from_official, showo2_config
@@ -200,6 +200,19 @@ class Showo2(MLLMAdapter):
         std = torch.tensor(self.config.vae.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
         raw = latents.float()[:, :, None] * std + mean
         return self.vae.decode(raw.to(self.vae.dtype)).sample[:, :, 0].float()
+
+    def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)[:, :, None]).latent_dist
+        latents = posterior.mean
+        if generator is not None:
+            latents = latents + posterior.std * torch.randn(latents.shape, generator=generator, device=latents.device)
+        return self.vae.decode(latents).sample[:, :, 0].float(), posterior.kl().mean()
+
+    def autoencoder_options(self, pixels: Tensor) -> dict[str, Any]:
+        """Per-channel mean and std of the posterior means, as the released ``latents_mean/std``."""
+        means = in_chunks(lambda x: self.vae.encode(x.to(self.vae.dtype)[:, :, None]).latent_dist.mean.float(), pixels)
+        return {"vae": {"latents_mean": means.mean(dim=(0, 2, 3, 4)).tolist(),
+                        "latents_std": means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3).tolist()}}
 
     def _positions(self) -> Tensor:
         """SigLIP position embeddings for the token grid, bicubic-resized when the grid differs."""
