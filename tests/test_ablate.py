@@ -66,6 +66,17 @@ def test_a_second_ablation_reuses_the_cached_original_and_repeats_the_figures(ab
             assert again[name][key] == first[name][key], (name, key)
 
 
+def test_a_fresh_ablation_repeats_every_figure_bit_for_bit(ablation, tmp_path):
+    """From scratch in another directory (new data, VAE, pretraining and fine-tuning): the same numbers."""
+    first = json.loads((ablation / "ablation.json").read_text())
+    main([*ARGS, "--workdir", str(tmp_path / "again"), "--modes", "off"])
+    again = json.loads((tmp_path / "again" / "ablation.json").read_text())
+    assert again["pretrained"]["vae"] == first["pretrained"]["vae"]  # PSNR, SSIM, detector accuracy
+    for name in ("original", "off"):
+        for key in ("heldout", "cka", "benchmark", "reconstruction"):
+            assert again["rows"][name][key] == first["rows"][name][key], (name, key)
+
+
 def test_foreground_marks_the_pixels_off_the_scene_background():
     white = torch.ones(1, 3, 2, 2)
     x = white.clone()
