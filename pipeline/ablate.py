@@ -189,18 +189,26 @@ def train(recipe: Path, overrides: list[str], log_dir: Path, ranks: int) -> None
         raise RuntimeError(f"trainer exited with {codes}:\n{run.output()}")
 
 
+def cache_entry(root: Path, key: str, what: str) -> tuple[Path, dict[str, Any] | None]:
+    """``root/key`` with its ``DONE.json`` record when complete; otherwise that directory emptied and None."""
+    home = root / key
+    if (home / DONE).is_file():
+        print(f"[ablate] original model: cached {what} {home}", flush=True)
+        return home, json.loads((home / DONE).read_text())
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    return home, None
+
+
 def trained_autoencoder(recipe: Path, overrides: list[str], args: argparse.Namespace, data: list[str],
                         heldout: list[str]) -> tuple[Path, dict[str, Any]]:
     """The recipe's VAE trained as an autoencoder (``pretrain_vae``), cached apart from the pretraining
     so that a new pretraining budget reuses it: its directory and ``{"options", "quality"}``."""
     key = cache_key(recipe=recipe.read_text(), overrides=overrides, steps=args.vae_steps, seed=args.seed,
                     data=manifests(data), heldout=manifests(heldout))
-    home = args.workdir / "vae" / key
-    if (home / DONE).is_file():
-        print(f"[ablate] original model: cached VAE {home}", flush=True)
-        return home / "vae", json.loads((home / DONE).read_text())
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
+    home, cached = cache_entry(args.workdir / "vae", key, "VAE")
+    if cached is not None:
+        return home / "vae", cached
     print(f"[ablate] original model: training the VAE as an autoencoder ({args.vae_steps} steps)", flush=True)
     options, quality = pretrain_vae(recipe, overrides, data, heldout, args.vae_steps, args.seed, home / "vae")
     info = {"key": key, "options": options, "quality": quality}
@@ -215,12 +223,9 @@ def original_model(recipe: Path, base: list[str], args: argparse.Namespace, data
                     lr=args.pretrain_lr, vae_steps=args.vae_steps, seed=args.seed, ranks=args.ranks,
                     data=manifests(data), heldout=manifests(heldout),
                     tokenizer=_digest([p for p in tokenizer.iterdir() if p.is_file()]))
-    home = args.workdir / "pretrain" / key
-    if (home / DONE).is_file():
-        print(f"[ablate] original model: cached {home}", flush=True)
-        return home / "model", json.loads((home / DONE).read_text())
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
+    home, cached = cache_entry(args.workdir / "pretrain", key, "model")
+    if cached is not None:
+        return home / "model", cached
     began = time.monotonic()
     overrides = [*base, f"model.tokenizer_path={tokenizer}"]
     info: dict[str, Any] = {"key": key, "steps": args.pretrain_steps, "vae": None}

@@ -78,7 +78,7 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int = 64) -> Tensor:
-    """``fn`` over ``x`` in slices of ``size`` rows, concatenated (bounds the memory of encoders)."""
+    """``fn`` over ``x`` in slices of ``size`` rows, without gradient, concatenated (bounds encoder memory)."""
     return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)])
 
 
