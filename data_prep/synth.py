@@ -21,6 +21,7 @@ from data_prep.scenes import COLORS, GENEVAL_CATEGORIES, NUMBER_WORDS, OPPOSITE,
 JSONL_FILE = "synth.jsonl"
 IMAGE_DIR = "images"
 KIND_WEIGHTS = {"qa": 2, "caption": 1, "t2i": 2}
+TEXT_FIELDS = ("question", "answer", "caption", "prompt")  # the text a record carries, by kind
 
 
 def run(output: Path, count: int, seed: int, size: int) -> int:

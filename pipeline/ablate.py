@@ -25,7 +25,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,16 +96,17 @@ COLUMNS = (
 
 
 def synth_corpus(directory: Path, count: int, seed: int) -> Path:
-    """``data_prep synth`` + ``shard`` into ``directory/shards`` (reused when its manifest exists)."""
-    shards = directory / "shards"
+    """``data_prep synth`` + ``shard`` into ``directory/shards`` (reused when its manifest exists); the
+    intermediate PNG/jsonl corpus is removed once sharded (the shards hold every record)."""
+    shards, source = directory / "shards", directory / "synth"
     if not (shards / "manifest.json").is_file():
         shutil.rmtree(directory, ignore_errors=True)
-        for argv in (["synth", "--output", str(directory / "synth"), "--count", str(count), "--seed", str(seed),
-                      "--size", "64"],
-                     ["shard", "--source", f"jsonl:{directory / 'synth'}/synth.jsonl", "--output", str(shards),
+        for argv in (["synth", "--output", str(source), "--count", str(count), "--seed", str(seed), "--size", "64"],
+                     ["shard", "--source", f"jsonl:{source}/synth.jsonl", "--output", str(shards),
                       "--shard-size", "256"]):
             if data_prep(argv) != 0:
                 raise RuntimeError(f"data_prep {' '.join(argv)} failed")
+        shutil.rmtree(source)
     return shards
 
 
@@ -132,10 +133,18 @@ def foreground(x: torch.Tensor, tolerance: float = 0.1) -> torch.Tensor:
     return ((x - background).abs().amax(1, keepdim=True) > tolerance).to(x.dtype)
 
 
+def alternate(*iterables: Iterable[Any]) -> Iterator[Any]:
+    """The iterables' items in turn (a, b, a, b, ...) until every one is exhausted."""
+    missing = object()
+    for group in itertools.zip_longest(*iterables, fillvalue=missing):
+        yield from (item for item in group if item is not missing)
+
+
 def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: list[str], steps: int, seed: int,
                  output: Path, batch_size: int = 16, lr: float = 2e-3, foreground_weight: float = 10.0,
-                 kl_weight: float = 1e-6) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train the recipe's frozen autoencoder (``adapter.vae``) on the training images; save it (diffusers layout).
+                 kl_weight: float = 1e-6, max_images: int = 10000) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the recipe's frozen autoencoder (``adapter.vae``) on training images (the first ``max_images``,
+    I2T and T2I alternating, held in memory); save it (diffusers layout).
 
     The reconstruction term weights pixels off the white background ``foreground_weight`` times:
     the shapes cover a tenth of a scene, and with a plain mean a tiny VAE first settles on blurred
@@ -153,7 +162,7 @@ def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: l
     def images(records: Iterable[dict[str, Any]]) -> torch.Tensor:
         return targets([r["image"] for r in records], size) * 2 - 1
 
-    train_x = images(itertools.chain(iter_samples(data, "i2t"), iter_samples(data, "t2i")))
+    train_x = images(itertools.islice(alternate(iter_samples(data, "i2t"), iter_samples(data, "t2i")), max_images))
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -405,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", type=_modes, default=list(MODES), help="fine-tunings to run (default off,cs,csa)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each fine-tuning")
     parser.add_argument("--workdir", required=True, type=Path, help="everything goes here; the original is cached")
-    parser.add_argument("--pretrain-steps", type=int, default=2500, help="steps that make the original model")
+    parser.add_argument("--pretrain-steps", type=int, default=3000, help="steps that make the original model")
     parser.add_argument("--pretrain-batch", type=int, default=16,
                         help="pretraining micro-batch per rank of each stream (I2T and T2I)")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="pretraining peak learning rate")
@@ -413,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="steps training the recipe's VAE / autoencoder (0: keep it)")
     parser.add_argument("--data", action="append", help="training shards (default: a synthetic corpus)")
     parser.add_argument("--heldout", action="append", help="held-out shards (default: a synthetic corpus)")
-    parser.add_argument("--samples", type=int, default=10000, help="synthetic training scenes")
+    parser.add_argument("--samples", type=int, default=100000,
+                        help="synthetic training scenes (pretraining repeats each only a few times)")
     parser.add_argument("--heldout-samples", type=int, default=400, help="synthetic held-out scenes")
     parser.add_argument("--ranks", type=int, default=2, help="local trainer processes (DeepSpeed, gloo)")
     parser.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from torch.nn import Module
 
-from pipeline.models.tiny_tokenizer import make_tokenizer, synthetic_text  # noqa: F401 (re-exported)
+from pipeline.models.tiny_tokenizer import make_tokenizer  # noqa: F401 (re-exported)
 from pipeline.models.base import MLLMAdapter
 from pipeline.models.weights import CheckpointMismatchError
 

@@ -1,7 +1,10 @@
-"""A tiny Qwen2.5-style tokenizer for the ``tiny`` presets (CPU demo, tests): nothing is downloaded.
+"""A tiny Qwen2.5-style tokenizer for the ``tiny`` presets (CPU demo, tests, ablation): nothing is downloaded.
 
-A byte-level BPE trained on synthetic scene text with the Qwen2.5 special tokens the families'
-chat templates use and eos ``<|im_end|>`` as in Qwen2.5-Instruct.
+A byte-level BPE trained on the text of the synthetic scenes corpus (``data_prep synth``: its
+questions, answers, captions and prompts) and the chat templates, with the Qwen2.5 special tokens
+the families' templates use and eos ``<|im_end|>`` as in Qwen2.5-Instruct. Its vocabulary is large
+enough that every word of that corpus is one token: a tiny LLM that had to assemble "hexagon" from
+five pieces spends its two layers on spelling instead of on the image.
 
     python -m pipeline.models.tiny_tokenizer OUTPUT_DIR
 """
@@ -15,21 +18,25 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from data_prep.synth import TEXT_FIELDS, make_record
+
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
     "<|video_pad|>",
 ]
-WORDS = ("a red circle on a blue square the green triangle near yellow sky what is in this image describe "
-         "picture there are two three shapes small large left right top bottom photo of cat dog how many "
-         "purple orange hexagon star color colour below above is yes no generate an").split()
+TEMPLATE_TEXT = "system\nYou are a helpful assistant.\nuser\nassistant\nGenerate an image: Generate an image."
 
 
-def synthetic_text(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+def corpus_text(records: int = 3000, seed: int = 0) -> list[str]:
+    """The text fields of ``records`` synthetic-corpus records (deterministic)."""
+    texts = []
+    for index in range(records):
+        fields, _ = make_record(random.Random(f"tokenizer/{seed}/{index}"), 64)
+        texts += [fields[key] for key in TEXT_FIELDS if key in fields]
+    return texts
 
 
-def make_tokenizer(directory: str | Path, vocab_size: int = 320) -> Path:
+def make_tokenizer(directory: str | Path, vocab_size: int = 512) -> Path:
     """Train and save the tiny tokenizer into ``directory`` (deterministic)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -37,7 +44,7 @@ def make_tokenizer(directory: str | Path, vocab_size: int = 320) -> Path:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    bpe.train_from_iterator(synthetic_text(500) + ["system\nYou are a helpful assistant.\nuser\nassistant\n"], trainer)
+    bpe.train_from_iterator(corpus_text() + [TEMPLATE_TEXT], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
     directory = Path(directory)
     tokenizer.save_pretrained(str(directory))
