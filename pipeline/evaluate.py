@@ -6,9 +6,9 @@
 Writes ``report.md``, ``metrics.json``, ``benchmark.jsonl`` (every benchmark item) and PNG plots:
 held-out losses per term and the rate of the shared tokens (KL, nats per token; runs only, since
 export drops the InfoTok heads), linear CKA between mean-pooled ``z_u`` and the pooled text
-features with a bootstrap CI, and the synthetic-scenes benchmark (answer accuracy per question type,
-generation accuracy per GenEval category judged by the shape detector). A run directory also gets
-its training curves from ``metrics.jsonl``. ``--recon`` adds the reconstruction probe (a decoder
+features with a bootstrap CI, and the synthetic-scenes benchmark (answer accuracy per question type
+and for scenes of one object against several, generation accuracy per GenEval category judged by
+the shape detector). A run directory also gets its training curves from ``metrics.jsonl``. ``--recon`` adds the reconstruction probe (a decoder
 trained on the frozen shared tokens: PSNR/SSIM on held-out images, FID with ``--inception``).
 """
 
@@ -72,7 +72,8 @@ def evaluate(model: EvalModel, data: list[str], output: Path, *, samples: int, b
     understanding = synthetic.understanding(model.adapter, data, samples, batch_size)
     generation = synthetic.generation(model.adapter, data, samples, batch_size, seed)
     metrics["benchmark"] = {"understanding": understanding["accuracy"], "generation": generation["accuracy"],
-                            "understanding_majority_baseline": understanding["majority_baseline"]}
+                            "understanding_majority_baseline": understanding["majority_baseline"],
+                            "understanding_by_scene": understanding["by_scene"]}
     with open(output / "benchmark.jsonl", "w") as f:
         for item in understanding["results"] + generation["results"]:
             f.write(json.dumps(item) + "\n")

@@ -13,6 +13,7 @@ from data_prep import scenes, synth
 from data_prep.cli import main as data_prep
 from pipeline.eval.benchmark import accuracy_by, generation_results, majority_baseline, score_answer
 from pipeline.eval.detector import components, detect, matches_scene
+from pipeline.eval.synthetic import scene_group
 
 SCENES = 200
 
@@ -84,3 +85,11 @@ def test_majority_baseline_answers_the_most_common_answer_of_each_type():
     assert table["count"] == {"accuracy": 0.5, "n": 4} and table["exists"] == {"accuracy": 0.5, "n": 2}
     assert table["color"]["accuracy"] == 1.0 and "position" not in table
     assert table["overall"]["accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+
+
+def test_questions_are_grouped_by_how_many_objects_their_scene_holds():
+    rng = random.Random(3)
+    lone = scenes.place(rng, 64, [("circle", "red")]).to_json()
+    several = scenes.place(rng, 64, [("circle", "red"), ("square", "blue"), ("diamond", "red")]).to_json()
+    assert scene_group({"scene": lone}) == "one object"
+    assert scene_group({"scene": several}) == "several objects"

@@ -66,6 +66,12 @@ def test_evaluate_a_run_writes_the_report_metrics_and_plots(trained, tmp_path):
         assert heading in report
     items = [json.loads(line) for line in (out / "benchmark.jsonl").read_text().splitlines()]
     assert len(items) == 16 and len(list((out / "generated").glob("*.png"))) == 8
+    by_scene = metrics["benchmark"]["understanding_by_scene"]
+    assert sum(v["n"] for v in by_scene.values()) == 8 and set(by_scene) <= {"one object", "several objects"}
+    for group, v in by_scene.items():
+        answers = [i["correct"] for i in items if i.get("scene") == group]
+        assert v["n"] == len(answers) and v["accuracy"] == sum(answers) / len(answers)
+    assert "| scene | accuracy | n |" in report
     print(report)
 
 

@@ -116,6 +116,12 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
         for g, v in benchmark["understanding"].items():
             base = f"{baseline[g]['accuracy']:.3f}" if g in baseline else "n/a"
             lines.append(f"| {g} | {v['accuracy']:.3f} | {base} | {v['n']} |")
+        if benchmark.get("understanding_by_scene"):
+            lines += ["", "Questions about a lone object against those about scenes of several objects, where each "
+                          "shape must be bound to its own colour and place:", "",
+                      "| scene | accuracy | n |", "|---|---:|---:|"]
+            lines += [f"| {g} | {v['accuracy']:.3f} | {v['n']} |"
+                      for g, v in benchmark["understanding_by_scene"].items()]
     if benchmark.get("generation"):
         lines += ["", "## Generation accuracy by GenEval category (shape detector)", "",
                   "| group | accuracy | n |", "|---|---:|---:|"]

@@ -14,6 +14,9 @@ from pipeline.eval.samples import benchmark_samples, question_and_answer
 from pipeline.models.base import MLLMAdapter
 
 
+SCENE_GROUPS = ("one object", "several objects")
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -26,11 +29,18 @@ def understanding(adapter: MLLMAdapter, datasets: Sequence[str], limit: int, bat
         qa = [question_and_answer(s) for s in chunk]
         predicted = adapter.answer([s["image"] for s in chunk], [q for q, _ in qa])
         for s, (question, expected), answer in zip(chunk, qa, predicted, strict=True):
-            results.append({"key": s["__key__"], "question_type": s["meta"]["question_type"], "question": question,
-                            "expected": expected, "predicted": answer,
-                            "correct": score_answer(s["meta"], expected, answer)})
+            results.append({"key": s["__key__"], "question_type": s["meta"]["question_type"],
+                            "scene": scene_group(s["meta"]), "question": question, "expected": expected,
+                            "predicted": answer, "correct": score_answer(s["meta"], expected, answer)})
+    by_scene = {g: v for g, v in accuracy_by(results, "scene", SCENE_GROUPS).items() if g != "overall"}
     return {"accuracy": accuracy_by(results, "question_type", QUESTION_TYPES),
-            "majority_baseline": majority_baseline(results, QUESTION_TYPES), "results": results}
+            "majority_baseline": majority_baseline(results, QUESTION_TYPES), "by_scene": by_scene, "results": results}
+
+
+def scene_group(meta: dict[str, Any]) -> str:
+    """``SCENE_GROUPS`` entry of a record: questions about scenes of several objects need each shape
+    bound to its own colour and place, those about a lone object do not."""
+    return SCENE_GROUPS[len(meta["scene"]["objects"]) > 1]
 
 
 @torch.no_grad()
