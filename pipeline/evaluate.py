@@ -8,8 +8,9 @@ held-out losses per term and the rate of the shared tokens (KL, nats per token; 
 export drops the InfoTok heads), linear CKA between mean-pooled ``z_u`` and the pooled text
 features with a bootstrap CI, and the synthetic-scenes benchmark (answer accuracy per question type
 and for scenes of one object against several, generation accuracy per GenEval category judged by
-the shape detector). A run directory also gets its training curves from ``metrics.jsonl``. ``--recon`` adds the reconstruction probe (a decoder
-trained on the frozen shared tokens: PSNR/SSIM on held-out images, FID with ``--inception``).
+the shape detector). A run directory also gets its training curves from ``metrics.jsonl``.
+``--recon`` adds the reconstruction probe (a decoder trained on the frozen shared tokens: PSNR/SSIM
+on held-out images, FID with ``--inception``).
 """
 
 from __future__ import annotations

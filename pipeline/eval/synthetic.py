@@ -40,7 +40,8 @@ def understanding(adapter: MLLMAdapter, datasets: Sequence[str], limit: int, bat
 def scene_group(meta: dict[str, Any]) -> str:
     """``SCENE_GROUPS`` entry of a record: questions about scenes of several objects need each shape
     bound to its own colour and place, those about a lone object do not."""
-    return SCENE_GROUPS[len(meta["scene"]["objects"]) > 1]
+    one, several = SCENE_GROUPS
+    return several if len(meta["scene"]["objects"]) > 1 else one
 
 
 @torch.no_grad()

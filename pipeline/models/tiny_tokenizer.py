@@ -3,8 +3,8 @@
 A byte-level BPE trained on the text of the synthetic scenes corpus (``data_prep synth``: its
 questions, answers, captions and prompts) and the chat templates, with the Qwen2.5 special tokens
 the families' templates use and eos ``<|im_end|>`` as in Qwen2.5-Instruct. Its vocabulary is large
-enough that every word of that corpus is one token: a tiny LLM that had to assemble "hexagon" from
-five pieces spends its two layers on spelling instead of on the image.
+enough that every word of that corpus is one token, as the released models read such text with
+their real tokenizers (a BPE trained on other words would spell "hexagons" in seven pieces).
 
     python -m pipeline.models.tiny_tokenizer OUTPUT_DIR
 """
