@@ -118,8 +118,13 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+PACKAGE = Path(__file__).resolve().parent
+
+
 def cache_key(**parts: Any) -> str:
-    """Hash of everything a cached artefact depends on (data directories enter by their manifests)."""
+    """Hash of everything a cached artefact depends on: ``parts`` (data directories enter by their
+    manifests) and this package's source, whose presets and training code also decide the result."""
+    parts["code"] = _digest(list(PACKAGE.rglob("*.py")))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.ablate import _modes, foreground, main, pretrain_vae, synth_corpus, table
+from pipeline import ablate
+from pipeline.ablate import _modes, cache_key, foreground, main, pretrain_vae, synth_corpus, table
 from pipeline.models import build_model
 from pipeline.train import load_train_config
 
@@ -84,6 +85,20 @@ def test_foreground_marks_the_pixels_off_the_scene_background():
     x[0, :, 1, 0] = 0.97  # within the tolerance of white
     assert foreground(x)[0, 0].tolist() == [[0.0, 1.0], [0.0, 0.0]]
     assert foreground(white[:, :, None]).shape == (1, 1, 1, 2, 2)
+
+
+def test_the_cache_key_changes_with_any_part_and_with_the_package_source(tmp_path, monkeypatch):
+    """A preset edited in the package must not reuse an original trained with the old one."""
+    package = tmp_path / "package"
+    (package / "models").mkdir(parents=True)
+    preset = package / "models" / "presets.py"
+    preset.write_text("WIDTH = 64\n")
+    monkeypatch.setattr(ablate, "PACKAGE", package)
+    key = cache_key(steps=10, seed=0)
+    assert cache_key(steps=10, seed=0) == key
+    assert cache_key(steps=11, seed=0) != key
+    preset.write_text("WIDTH = 128\n")
+    assert cache_key(steps=10, seed=0) != key
 
 
 def test_table_deltas_and_modes_parsing():

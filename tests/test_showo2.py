@@ -315,6 +315,8 @@ def test_build_model_registry(tokenizer_dir, saved_dir):
         build_model(ModelConfig(family="nope"))
     with pytest.raises(ConfigError, match="options.llm.hidden_sise"):
         build_model(ModelConfig(preset="tiny", options={"llm": {"hidden_sise": 3}}, tokenizer_path=str(tokenizer_dir)))
+    with pytest.raises(ConfigError, match="vae.latents_mean has 16 entries; vae.z_dim is 8"):
+        build_model(ModelConfig(preset="tiny", options={"vae": {"z_dim": 8}}, tokenizer_path=str(tokenizer_dir)))
 
 
 # ----------------------------------------------------------------------------- inference

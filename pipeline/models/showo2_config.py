@@ -126,6 +126,10 @@ class Showo2Config:
     seed: int = param(0, help="salt of the deterministic per-sample prompt dropout")
 
     def __post_init__(self) -> None:
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(self.vae, name)) != self.vae.z_dim:
+                raise ConfigError(f"vae.{name} has {len(getattr(self.vae, name))} entries; vae.z_dim is "
+                                  f"{self.vae.z_dim} (one per latent channel)")
         unit = self.vae.spatial_factor * self.patch_size
         if self.image_size % unit:
             raise ConfigError(f"image_size {self.image_size} must be a multiple of VAE factor × patch = {unit}")
