@@ -25,6 +25,7 @@ from pipeline.models import ModelConfig, build_model
 from pipeline.models.base import INFOTOK_INPUT_KEYS
 from pipeline.models.showo2 import Showo2, omni_attention_mask
 from pipeline.models.showo2_config import showo2_config
+from pipeline.models.showo2_flow import velocity_latents, velocity_rows
 from pipeline.models.showo2_processor import IGNORE, load_tokenizer
 
 
@@ -159,7 +160,21 @@ def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
     assert out.answer_ids[0][out.answer_mask[0]].tolist() == answer
 
 
-def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(model):
+def _official_rows(u, p):
+    """The released target layout: the raster-flattened latent cut into runs of p*p positions."""
+    return u.flatten(2).transpose(1, 2).reshape(len(u), -1, p * p * u.shape[1])
+
+
+def _patch_rows(u, p):
+    """Row n holds the p x p patch under visual token n, raster inside the patch, channels last."""
+    rows = [u[i, :, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
+            for i in range(len(u)) for r in range(u.shape[2] // p) for c in range(u.shape[3] // p)]
+    return torch.stack(rows).reshape(len(u), -1, p * p * u.shape[1])
+
+
+@pytest.mark.parametrize("layout, rows", [("official", _official_rows), ("patch", _patch_rows)])
+def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, layout, rows):
+    model = _tiny(tokenizer_dir, flow_layout=layout).train()
     batch = collated_batch(model, "gg")
     store = {}
     handles = [_capture(model.diffusion_head_b, store, "v"),
@@ -176,11 +191,24 @@ def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(model):
     t = 1 - math.exp(mu) / (math.exp(mu) + (1 / (1 - t) - 1))
     xt = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
     torch.testing.assert_close(store["x"][0][:2], xt)
-    # Official target layout: raster-flattened latent cut into runs of p*p positions.
-    u = (x1 - x0).flatten(2).transpose(1, 2).reshape(2, n, p * p * x1.shape[1])
+    u = rows(x1 - x0, p)
     offsets = batch["image_offset"]
     v = torch.stack([store["v"][i, o + 1: o + 1 + n] for i, o in enumerate(offsets.tolist())])
     torch.testing.assert_close(out.loss_t2i, ((v - u) ** 2).mean())
+
+
+@pytest.mark.parametrize("layout", ["official", "patch"])
+def test_velocity_layouts_round_trip(layout):
+    latents = torch.randn(2, 3, 8, 8)
+    rows = velocity_rows(latents, 2, layout)
+    assert rows.shape == (2, 16, 12)
+    torch.testing.assert_close(velocity_latents(rows, 3, 8, 2, layout), latents)
+
+
+def test_the_tiny_preset_predicts_the_patch_under_each_token_and_released_sizes_the_official_rows():
+    assert showo2_config("tiny").flow_layout == "patch"
+    assert showo2_config("1.5b").flow_layout == "official"
+    assert showo2_config("7b").flow_layout == "official"
 
 
 def test_target_patches_are_the_patches_under_each_token(model):

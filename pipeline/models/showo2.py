@@ -38,13 +38,7 @@ from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_to
 from pipeline.models.presets import deep_merge
 from pipeline.models.qwen import qwen2_config
 from pipeline.models.showo2_config import Showo2Config, options_from_official, showo2_config
-from pipeline.models.showo2_flow import (
-    from_flow_layout,
-    patchify,
-    sample_timesteps,
-    sampling_grid,
-    to_flow_layout,
-)
+from pipeline.models.showo2_flow import patchify, sample_timesteps, sampling_grid, velocity_latents, velocity_rows
 from pipeline.models.showo2_layers import (
     FinalLayer,
     ModulatedAttentionBlock,
@@ -328,7 +322,7 @@ class Showo2(MLLMAdapter):
             out.answer_ids, out.answer_mask = answer_tokens(labels, IGNORE)
         if n_gen:
             velocity = self._velocity(hidden[is_gen], t_emb[is_gen], offsets[is_gen], mask[is_gen])
-            target = to_flow_layout(x1[is_gen] - x0, self.config.patch_size)
+            target = velocity_rows(x1[is_gen] - x0, self.config.patch_size, self.config.flow_layout)
             out.loss_t2i = F.mse_loss(velocity.float(), target.float())
             out.z_g = clean_gen_tokens
             out.text_g = masked_mean(hidden[is_gen], batch["text_mask"][is_gen])
@@ -370,7 +364,8 @@ class Showo2(MLLMAdapter):
             x = torch.cat([z, z]) if scale > 0 else z
             t = torch.full((len(x),), t_now, device=self._device)
             hidden, t_emb, mask = self._run_llm(ids, offsets, self.encode_tokens(x.to(self._dtype)), t)
-            velocity = from_flow_layout(self._velocity(hidden, t_emb, offsets, mask).float(), channels, size, size)
+            rows = self._velocity(hidden, t_emb, offsets, mask).float()
+            velocity = velocity_latents(rows, channels, size, self.config.patch_size, self.config.flow_layout)
             if scale > 0:
                 v_cond, v_uncond = velocity.chunk(2)
                 velocity = v_uncond + scale * (v_cond - v_uncond)

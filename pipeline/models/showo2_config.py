@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pipeline.config import ConfigError, param
 from pipeline.models.presets import preset_config
+from pipeline.models.showo2_flow import FlowLayout
 
 WAN_LATENTS_MEAN = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -116,6 +117,10 @@ class Showo2Config:
     trainable: list[Literal["llm", "flow_head"]] = param(
         default_factory=lambda: ["llm", "flow_head"], help="trained besides the shared visual tokenizer"
     )
+    flow_layout: FlowLayout = param(
+        "official", help="latent pixels of flow-head output row n: 'official' = the released raster runs of p·p "
+                         "(released weights need it), 'patch' = the p×p patch under visual token n"
+    )
     cond_dropout_prob: float = param(0.1, ge=0, le=1, help="T2I prompts replaced by '' (for CFG)")
     sample_vae_posterior: bool = param(True, help="training latents = posterior sample, as in Show-o2")
     guidance_scale: float = param(5.0, ge=0)
@@ -186,6 +191,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # latent cells, so a tiny VAE can learn to reconstruct them (8x blurs them into blobs).
         "vae": {"base_dim": 8, "num_res_blocks": 1, "dim_mult": [1, 2, 4], "temperal_downsample": [False, True]},
         "image_size": 64,
+        # Trained from scratch, so free of the released layout: with it, most tokens must fetch their
+        # target's start noise from other tokens, which a 64-wide model does not learn (flow loss
+        # stays at 1.0, the variance of the noise); under the token's own patch it falls to 0.5.
+        "flow_layout": "patch",
         "max_seq_len": 224,
         "num_inference_steps": 8,
     },

@@ -7,6 +7,7 @@ Convention (``transport/path.py`` ``ICPlan``): x0 is noise, x1 the clean latent,
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -44,6 +45,28 @@ def patchify(latents: Tensor, patch: int) -> Tensor:
     b, c, h, w = latents.shape
     x = latents.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(rows: Tensor, channels: int, height: int, width: int, patch: int) -> Tensor:
+    """Inverse of :func:`patchify`: [B, N, p·p·C] → [B, C, H, W]."""
+    b = rows.shape[0]
+    x = rows.reshape(b, height // patch, width // patch, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, height, width)
+
+
+FlowLayout = Literal["official", "patch"]
+
+
+def velocity_rows(latents: Tensor, patch: int, layout: FlowLayout) -> Tensor:
+    """[B, C, H, W] → the flow head's output rows [B, N, p·p·C] in ``layout``."""
+    return to_flow_layout(latents, patch) if layout == "official" else patchify(latents, patch)
+
+
+def velocity_latents(rows: Tensor, channels: int, size: int, patch: int, layout: FlowLayout) -> Tensor:
+    """Inverse of :func:`velocity_rows` for a square ``size``×``size`` latent."""
+    if layout == "official":
+        return from_flow_layout(rows, channels, size, size)
+    return unpatchify(rows, channels, size, size, patch)
 
 
 def to_flow_layout(latents: Tensor, patch: int) -> Tensor:
