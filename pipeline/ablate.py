@@ -151,11 +151,9 @@ def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: l
     """Train the recipe's frozen autoencoder (``adapter.vae``) on training images (the first ``max_images``,
     I2T and T2I alternating, held in memory); save it (diffusers layout).
 
-    The reconstruction term is an L1 error, as image autoencoders are trained (a squared error lets a
-    tiny VAE round off the corners that tell a diamond or a hexagon from a circle), and weights
-    pixels off the white background ``foreground_weight`` times: the shapes cover a tenth of a scene,
-    and with a plain mean a tiny VAE first settles on blurred blobs of averaged colour, which the
-    shape detector cannot read. One-cycle schedule. Returns the
+    The reconstruction term weights pixels off the white background ``foreground_weight`` times:
+    the shapes cover a tenth of a scene, and with a plain mean a tiny VAE first settles on blurred
+    blobs of averaged colour, which the shape detector cannot read. One-cycle schedule. Returns the
     model options that normalise its latents (``adapter.autoencoder_options`` on the training
     images) and its held-out quality: PSNR/SSIM, and the detector's GenEval accuracy on the
     reconstructed ground truth of the held-out T2I scenes (the ceiling of generation accuracy).
@@ -177,7 +175,7 @@ def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: l
         x = train_x[torch.randint(len(train_x), (batch_size,), generator=generator)]
         reconstruction, kl = adapter.autoencoder_pass(x, generator)
         weight = 1 + (foreground_weight - 1) * foreground(x)
-        loss = (weight * (reconstruction - x).abs()).mean() + kl_weight * kl
+        loss = (weight * (reconstruction - x).square()).mean() + kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
