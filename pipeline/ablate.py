@@ -328,9 +328,16 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
 
 
 def _baseline_line(metrics: dict[str, Any]) -> str:
-    baseline = _path("benchmark", "understanding_majority_baseline", "overall", "accuracy")(metrics)
-    return "" if baseline is None else (f"Answering every held-out question with the most common answer of its "
-                                        f"type would score {baseline:.4f} (understanding accuracy). ")
+    """What chance scores on the held-out benchmark (understanding: the majority answer; generation:
+    flawless scenes that ignore the prompt)."""
+    understanding = _path("benchmark", "understanding_majority_baseline", "overall", "accuracy")(metrics)
+    generation = _path("benchmark", "generation_prompt_agnostic_baseline", "overall", "accuracy")(metrics)
+    line = "" if understanding is None else (f"Answering every held-out question with the most common answer of "
+                                             f"its type would score {understanding:.4f} (understanding accuracy). ")
+    if generation is not None:
+        line += (f"Scoring each held-out prompt against another prompt's ground-truth image (flawless shapes that "
+                 f"ignore the prompt) gives {generation:.4f} (generation accuracy). ")
+    return line
 
 
 def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], runs: dict[str, Path],

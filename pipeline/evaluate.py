@@ -74,6 +74,7 @@ def evaluate(model: EvalModel, data: list[str], output: Path, *, samples: int, b
     generation = synthetic.generation(model.adapter, data, samples, batch_size, seed)
     metrics["benchmark"] = {"understanding": understanding["accuracy"], "generation": generation["accuracy"],
                             "understanding_majority_baseline": understanding["majority_baseline"],
+                            "generation_prompt_agnostic_baseline": generation["prompt_agnostic_baseline"],
                             "understanding_by_scene": understanding["by_scene"]}
     with open(output / "benchmark.jsonl", "w") as f:
         for item in understanding["results"] + generation["results"]:

@@ -11,7 +11,13 @@ from PIL import Image
 
 from data_prep import scenes, synth
 from data_prep.cli import main as data_prep
-from pipeline.eval.benchmark import accuracy_by, generation_results, majority_baseline, score_answer
+from pipeline.eval.benchmark import (
+    accuracy_by,
+    generation_results,
+    majority_baseline,
+    prompt_agnostic_results,
+    score_answer,
+)
 from pipeline.eval.detector import components, detect, matches_scene
 from pipeline.eval.synthetic import scene_group
 
@@ -85,6 +91,16 @@ def test_majority_baseline_answers_the_most_common_answer_of_each_type():
     assert table["count"] == {"accuracy": 0.5, "n": 4} and table["exists"] == {"accuracy": 0.5, "n": 2}
     assert table["color"]["accuracy"] == 1.0 and "position" not in table
     assert table["overall"]["accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+
+
+def test_the_prompt_agnostic_baseline_scores_each_prompt_against_every_other_records_truth():
+    rng = random.Random(5)
+    drawn = [scenes.place(rng, 64, [(shape, "red")]) for shape in ("circle", "circle", "square")]
+    metas = [{"category": "single_object", "scene": scene.to_json()} for scene in drawn]
+    results = prompt_agnostic_results(metas, [scenes.draw(scene) for scene in drawn])
+    # each circle prompt is met by the other circle, not by the square; the square prompt by neither circle
+    assert [r["correct"] for r in results] == [0.5, 0.5, 0.0]
+    assert accuracy_by(results, "category", scenes.GENEVAL_CATEGORIES)["single_object"]["accuracy"] == 1 / 3
 
 
 def test_questions_are_grouped_by_how_many_objects_their_scene_holds():

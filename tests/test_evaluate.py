@@ -55,14 +55,17 @@ def test_evaluate_a_run_writes_the_report_metrics_and_plots(trained, tmp_path):
     assert understanding["overall"]["n"] == 8 and generation["overall"]["n"] == 8
     baseline = metrics["benchmark"]["understanding_majority_baseline"]
     assert set(baseline) == set(understanding) and baseline["overall"]["n"] == 8
-    assert all(0 <= v["accuracy"] <= 1 for v in [*understanding.values(), *generation.values(), *baseline.values()])
+    chance = metrics["benchmark"]["generation_prompt_agnostic_baseline"]
+    assert set(chance) == set(generation) and chance["overall"]["n"] == 8
+    assert all(0 <= v["accuracy"] <= 1
+               for v in [*understanding.values(), *generation.values(), *baseline.values(), *chance.values()])
     assert all(math.isfinite(x) for x in _finite_numbers(metrics))
     for name in ("training_curves.png", "understanding_accuracy.png", "generation_accuracy.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     for heading in ("## Held-out losses", "## CKA", "Rate of the shared tokens", "GenEval category",
-                    "majority-answer baseline"):
+                    "majority-answer baseline", "prompt-agnostic baseline"):
         assert heading in report
     items = [json.loads(line) for line in (out / "benchmark.jsonl").read_text().splitlines()]
     assert len(items) == 16 and len(list((out / "generated").glob("*.png"))) == 8

@@ -64,12 +64,25 @@ def generation_results(metas: Sequence[Mapping[str, Any]], images: Sequence[Imag
     return out
 
 
+def prompt_agnostic_results(metas: Sequence[Mapping[str, Any]],
+                            truths: Sequence[Image.Image]) -> list[dict[str, Any]]:
+    """Per record, the fraction of the other records' ground-truth images that satisfy its prompt: what
+    a painter scores that draws flawless corpus scenes but ignores the prompt. The chance level of
+    generation accuracy, as the majority answer is for understanding."""
+    found = [detect(image) for image in truths]
+    out = []
+    for i, meta in enumerate(metas):
+        hits = [score_generation(meta, other) for j, other in enumerate(found) if j != i]
+        out.append({"category": meta["category"], "correct": sum(hits) / max(len(hits), 1)})
+    return out
+
+
 def accuracy_by(results: Iterable[Mapping[str, Any]], key: str, order: Sequence[str]) -> dict[str, dict[str, float]]:
     """``{group: {"accuracy", "n"}}`` in ``order`` (groups with no sample are left out), plus ``overall``
     as the mean over groups (GenEval's convention)."""
-    groups: dict[str, list[bool]] = defaultdict(list)
+    groups: dict[str, list[float]] = defaultdict(list)
     for r in results:
-        groups[r[key]].append(bool(r["correct"]))
+        groups[r[key]].append(float(r["correct"]))
     table = {g: {"accuracy": sum(groups[g]) / len(groups[g]), "n": len(groups[g])} for g in order if groups[g]}
     if table:
         table["overall"] = {"accuracy": sum(v["accuracy"] for v in table.values()) / len(table),

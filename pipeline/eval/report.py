@@ -109,13 +109,10 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
                   f"| SSIM | {r['ssim']:.4f} | {base['ssim']:.4f} |", f"| FID | {fid} | |"]
     benchmark = m.get("benchmark", {})
     if benchmark.get("understanding"):
-        baseline = benchmark.get("understanding_majority_baseline", {})
         lines += ["", "## Understanding accuracy by question type", "",
                   "The baseline answers every question with the most common answer of its type on these items.", "",
-                  "| group | accuracy | majority-answer baseline | n |", "|---|---:|---:|---:|"]
-        for g, v in benchmark["understanding"].items():
-            base = f"{baseline[g]['accuracy']:.3f}" if g in baseline else "n/a"
-            lines.append(f"| {g} | {v['accuracy']:.3f} | {base} | {v['n']} |")
+                  *_accuracy_table(benchmark["understanding"], benchmark.get("understanding_majority_baseline", {}),
+                                   "majority-answer baseline")]
         if benchmark.get("understanding_by_scene"):
             lines += ["", "Questions about a lone object against those about scenes of several objects, where each "
                           "shape must be bound to its own colour and place:", "",
@@ -124,11 +121,23 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
                       for g, v in benchmark["understanding_by_scene"].items()]
     if benchmark.get("generation"):
         lines += ["", "## Generation accuracy by GenEval category (shape detector)", "",
-                  "| group | accuracy | n |", "|---|---:|---:|"]
-        lines += [f"| {g} | {v['accuracy']:.3f} | {v['n']} |" for g, v in benchmark["generation"].items()]
+                  "The baseline scores each prompt against the ground-truth image of another held-out prompt: "
+                  "flawless shapes that ignore the prompt.", "",
+                  *_accuracy_table(benchmark["generation"], benchmark.get("generation_prompt_agnostic_baseline", {}),
+                                   "prompt-agnostic baseline")]
     if plots:
         lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots]]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_table(accuracy: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]],
+                    baseline_label: str) -> list[str]:
+    """Markdown rows: accuracy per group beside its baseline."""
+    rows = [f"| group | accuracy | {baseline_label} | n |", "|---|---:|---:|---:|"]
+    for g, v in accuracy.items():
+        base = f"{baseline[g]['accuracy']:.3f}" if g in baseline else "n/a"
+        rows.append(f"| {g} | {v['accuracy']:.3f} | {base} | {v['n']} |")
+    return rows
 
 
 def _finite(value: Any) -> bool:

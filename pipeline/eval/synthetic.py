@@ -9,7 +9,13 @@ from typing import Any
 import torch
 
 from data_prep.scenes import GENEVAL_CATEGORIES, QUESTION_TYPES
-from pipeline.eval.benchmark import accuracy_by, generation_results, majority_baseline, score_answer
+from pipeline.eval.benchmark import (
+    accuracy_by,
+    generation_results,
+    majority_baseline,
+    prompt_agnostic_results,
+    score_answer,
+)
 from pipeline.eval.samples import benchmark_samples, question_and_answer
 from pipeline.models.base import MLLMAdapter
 
@@ -56,4 +62,7 @@ def generation(adapter: MLLMAdapter, datasets: Sequence[str], limit: int, batch_
         for s, r in zip(chunk, scored, strict=True):
             results.append({"key": s["__key__"], "prompt": s["prompt"], **r})
         images.extend(generated)
-    return {"accuracy": accuracy_by(results, "category", GENEVAL_CATEGORIES), "results": results, "images": images}
+    chance = prompt_agnostic_results([s["meta"] for s in samples], [s["image"] for s in samples])
+    return {"accuracy": accuracy_by(results, "category", GENEVAL_CATEGORIES),
+            "prompt_agnostic_baseline": accuracy_by(chance, "category", GENEVAL_CATEGORIES),
+            "results": results, "images": images}
