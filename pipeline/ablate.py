@@ -335,7 +335,7 @@ def _baseline_line(metrics: dict[str, Any]) -> str:
     line = "" if understanding is None else (f"Answering every held-out question with the most common answer of "
                                              f"its type would score {understanding:.4f} (understanding accuracy). ")
     if generation is not None:
-        line += (f"Scoring each held-out prompt against another prompt's ground-truth image (flawless shapes that "
+        line += (f"Scoring each held-out prompt against the other prompts' ground-truth images (flawless shapes that "
                  f"ignore the prompt) gives {generation:.4f} (generation accuracy). ")
     return line
 
