@@ -121,7 +121,7 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
                       for g, v in benchmark["understanding_by_scene"].items()]
     if benchmark.get("generation"):
         lines += ["", "## Generation accuracy by GenEval category (shape detector)", "",
-                  "The baseline scores each prompt against the ground-truth image of another held-out prompt: "
+                  "The baseline scores each prompt against the ground-truth images of the other held-out prompts: "
                   "flawless shapes that ignore the prompt.", "",
                   *_accuracy_table(benchmark["generation"], benchmark.get("generation_prompt_agnostic_baseline", {}),
                                    "prompt-agnostic baseline")]
