@@ -8,12 +8,21 @@
    images (the adapter keeps it frozen, so this happens here; ``--vae-steps 0`` keeps the recipe's),
    with the latent normalisation measured on them (``adapter.autoencoder_options``); then every
    trainable part of the recipe is pretrained (``infotok.mode=off``, its own batch and learning
-   rate) and exported. Cached under ``WORKDIR/pretrain/<key>``, where the key hashes everything
-   that determines it (recipe, overrides, budgets, seed, ranks, data manifests, tokenizer), and reused
-   (the trained VAE is cached the same way under ``WORKDIR/vae/<key>``, apart from the pretraining).
+   rate; ``--pretrain-override`` applies to it alone) and exported. Cached under ``WORKDIR/pretrain/<key>``,
+   where the key hashes everything that determines it (recipe, overrides, budgets, seed, ranks, data
+   manifests, tokenizer), and reused (the trained VAE is cached the same way under ``WORKDIR/vae/<key>``,
+   apart from the pretraining).
 3. One fine-tuning per mode from the exported weights (``model.path``), same seed, same data order.
 4. ``pipeline.evaluate`` on the held-out data for the original and every fine-tuning, then
    ``WORKDIR/ablation.md`` (the table with deltas against the original), ``ablation.json`` and plots.
+
+The exported original keeps the model options it was pretrained with. OpenUni trains no part of its
+InternVL3 (the released one is already trained); the tiny one is random, so its LLM is pretrained here
+and frozen again for the fine-tunings:
+
+    python -m pipeline.ablate --config configs/tiny_openuni.yaml --workdir runs/ablation_openuni \\
+        --pretrain-override 'model.options={trainable: [llm, connector, transformer]}' \\
+        'model.options={trainable: [connector, transformer]}'
 """
 
 from __future__ import annotations
@@ -156,7 +165,8 @@ def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: l
     blobs of averaged colour, which the shape detector cannot read. One-cycle schedule. Returns the
     model options that normalise its latents (``adapter.autoencoder_options`` on the training
     images) and its held-out quality: PSNR/SSIM, and the detector's GenEval accuracy on the
-    reconstructed ground truth of the held-out T2I scenes (the ceiling of generation accuracy).
+    reconstructed ground truth of the held-out T2I scenes (the ceiling of generation accuracy). The
+    options do not include the recipe's own.
     """
     cfg = load_train_config(recipe, overrides)
     torch.manual_seed(seed)
@@ -193,7 +203,7 @@ def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: l
                "psnr": float(psnr(decoded, original).mean()), "ssim": float(ssim(decoded, original).mean()),
                "detector_accuracy": accuracy_by(detected, "category", GENEVAL_CATEGORIES).get("overall", {})
                .get("accuracy")}
-    return deep_merge(cfg.model.options, options), quality
+    return options, quality
 
 
 def train(recipe: Path, overrides: list[str], log_dir: Path, ranks: int) -> None:
@@ -233,19 +243,22 @@ def trained_autoencoder(recipe: Path, overrides: list[str], args: argparse.Names
 def original_model(recipe: Path, base: list[str], args: argparse.Namespace, data: list[str], heldout: list[str],
                    tokenizer: Path) -> tuple[Path, dict[str, Any]]:
     """The exported pretrained model directory and its description (cached by everything it depends on)."""
-    key = cache_key(recipe=recipe.read_text(), overrides=base, steps=args.pretrain_steps, batch=args.pretrain_batch,
-                    lr=args.pretrain_lr, vae_steps=args.vae_steps, seed=args.seed, ranks=args.ranks,
-                    data=manifests(data), heldout=manifests(heldout),
-                    tokenizer=_digest([p for p in tokenizer.iterdir() if p.is_file()]))
+    key = cache_key(recipe=recipe.read_text(), overrides=base, pretrain_overrides=args.pretrain_overrides,
+                    steps=args.pretrain_steps, batch=args.pretrain_batch, lr=args.pretrain_lr,
+                    vae_steps=args.vae_steps, seed=args.seed, ranks=args.ranks, data=manifests(data),
+                    heldout=manifests(heldout), tokenizer=_digest([p for p in tokenizer.iterdir() if p.is_file()]))
     home, cached = cache_entry(args.workdir / "pretrain", key, "model")
     if cached is not None:
         return home / "model", cached
     began = time.monotonic()
-    overrides = [*base, f"model.tokenizer_path={tokenizer}"]
-    info: dict[str, Any] = {"key": key, "steps": args.pretrain_steps, "vae": None}
+    shared = [*base, f"model.tokenizer_path={tokenizer}"]
+    overrides = [*shared, *args.pretrain_overrides]
+    info: dict[str, Any] = {"key": key, "steps": args.pretrain_steps, "overrides": args.pretrain_overrides,
+                            "vae": None}
     if args.vae_steps:
-        vae_dir, vae = trained_autoencoder(recipe, overrides, args, data, heldout)
-        overrides += [f"model.vae_path={vae_dir}", f"model.options={json.dumps(vae['options'])}"]
+        vae_dir, vae = trained_autoencoder(recipe, shared, args, data, heldout)
+        options = deep_merge(load_train_config(recipe, overrides).model.options, vae["options"])
+        overrides += [f"model.vae_path={vae_dir}", f"model.options={json.dumps(options)}"]
         info["vae"] = vae["quality"]
     print(f"[ablate] original model: pretraining every trainable part ({args.pretrain_steps} steps, "
           f"infotok.mode=off, {args.ranks} ranks)", flush=True)
@@ -353,8 +366,8 @@ def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], runs
                 f"round trip through it, the ceiling of generation accuracy)")
     lines = [
         f"# Ablation: `{args.config}` (Table 5)", "",
-        f"Original: {pretrained['steps']} pretraining steps (`infotok.mode=off`, every trainable part; "
-        f"cache key `{pretrained['key']}`); {vae_line}. Each fine-tuning: {args.steps} steps from the exported "
+        f"Original: {pretrained['steps']} pretraining steps (`infotok.mode=off`, every trainable part"
+        f"{''.join(f', `{o}`' for o in pretrained['overrides'])}; cache key `{pretrained['key']}`); {vae_line}. Each fine-tuning: {args.steps} steps from the exported "
         f"original, seed {args.seed}, the same data order, {args.ranks} ranks. Held-out: "
         f"{', '.join(f'`{d}`' for d in args.heldout)}. Deltas are against the original; the rate exists only "
         f"where InfoTok heads were trained. {_baseline_line(rows['original'])}Total time {seconds / 60:.1f} min.",
@@ -387,7 +400,7 @@ def run(args: argparse.Namespace) -> str:
     data = [f"data.i2t=[{','.join(args.data)}]", f"data.t2i=[{','.join(args.data)}]", f"seed={args.seed}",
             "log.tensorboard=false"]
     base = [*data, *args.overrides]
-    load_train_config(args.config, base)  # fail on a bad recipe or override before any work
+    load_train_config(args.config, [*base, *args.pretrain_overrides])  # fail on a bad override before any work
     model_dir, pretrained = original_model(args.config, base, args, args.data, args.heldout, tokenizer)
 
     runs = {}
@@ -430,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-batch", type=int, default=16,
                         help="pretraining micro-batch per rank of each stream (I2T and T2I)")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="pretraining peak learning rate")
+    parser.add_argument("--pretrain-override", dest="pretrain_overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="recipe override for the pretraining only, after the ones for "
+                        "every run (repeatable; see above for OpenUni)")
     parser.add_argument("--vae-steps", type=int, default=1200,
                         help="steps training the recipe's VAE / autoencoder (0: keep it)")
     parser.add_argument("--data", action="append", help="training shards (default: a synthetic corpus)")

@@ -125,3 +125,15 @@ def test_the_autoencoder_of_every_family_pretrains_and_loads_back(family, tmp_pa
     assert model.config.vae.scaling_factor == options["vae"]["scaling_factor"]
     trained = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(model.vae.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_a_pretraining_override_reaches_the_pretraining_alone(ablation, capsys):
+    override = "model.options={trainable: [flow_head]}"
+    main([*ARGS, "--workdir", str(ablation), "--modes", "off", "--pretrain-override", override])
+    assert "original model: cached VAE" in capsys.readouterr().out  # the autoencoder does not depend on it
+    data = json.loads((ablation / "ablation.json").read_text())
+    assert data["pretrained"]["overrides"] == [override] and f"`{override}`" in (ablation / "ablation.md").read_text()
+    pretrained = load_train_config(ablation / "pretrain" / data["pretrained"]["key"] / "run" / "config.yaml")
+    options = pretrained.model.options
+    assert options["trainable"] == ["flow_head"] and options["vae"]["latents_mean"]  # merged with the VAE's options
+    assert "trainable" not in load_train_config(ablation / "finetune" / "off" / "config.yaml").model.options

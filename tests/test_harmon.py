@@ -124,13 +124,13 @@ def test_mask_ratio_is_the_truncated_normal():
 
 
 def test_position_tables_resize_bilinearly(model):
-    """The tiny tables cover 2x2 tokens (like the released 16x16 for 256 px) and serve a 4x4 grid."""
+    """The tiny tables cover 4x4 tokens (like the released 16x16 for 256 px) and serve an 8x8 grid."""
     mar = model.mar
     table = mar.encoder_pos_embed_learned
-    buffers, image = table[:, :4], table[:, 4:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
-    expected = F.interpolate(image, size=(4, 4), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(mar._positions(table, (4, 4), buffers=True), torch.cat([buffers, expected], 1))
-    torch.testing.assert_close(mar._positions(table, (2, 2), buffers=True), table)
+    buffers, image = table[:, :4], table[:, 4:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(image, size=(8, 8), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(mar._positions(table, (8, 8), buffers=True), torch.cat([buffers, expected], 1))
+    torch.testing.assert_close(mar._positions(table, (4, 4), buffers=True), table)
 
 
 # ----------------------------------------------------------------------------- training step
@@ -244,7 +244,7 @@ def test_loss_t2i_is_the_masked_diffusion_formula_on_a_fixed_seed(model):
     torch.testing.assert_close(out.loss_t2i, (losses * weights).sum() / weights.sum(), rtol=2e-5, atol=2e-5)
     # The LLM read the prompt, then the encoder tokens of the kept image tokens and the buffers.
     with torch.no_grad():
-        _, z = model.encode_visual(model.encode_latents(batch["g_pixel_values"]), mask, (4, 4))
+        _, z = model.encode_visual(model.encode_latents(batch["g_pixel_values"]), mask, (8, 8))
     embeds = llm_inputs[0]["inputs_embeds"]
     prompt_len = batch["g_input_ids"].shape[1]
     assert embeds.shape[1] == prompt_len + z.shape[1] == prompt_len + 4 + int((~mask[0]).sum())
@@ -271,12 +271,12 @@ def test_z_u_is_the_tensor_the_llm_consumed_and_z_g_the_clean_encoding(model):
     torch.testing.assert_close(llm_inputs[0]["inputs_embeds"][0, start: start + slots], out.z_u[0])
     with torch.no_grad():
         tokens = model.encode_latents(batch["g_pixel_values"])
-        _, clean = model.encode_visual(tokens, torch.zeros(1, 16, dtype=torch.bool), (4, 4))
+        _, clean = model.encode_visual(tokens, torch.zeros(1, 64, dtype=torch.bool), (8, 8))
     torch.testing.assert_close(out.z_g, clean)
     # Row n of the targets is the latent under token n (raster order; patch size 1).
     latents = model.vae.encode(batch["g_pixel_values"]).latent_dist.mode() * 0.2325
     row, col = 1, 2
-    torch.testing.assert_close(out.target_patches[0, row * 4 + col], latents[0, :, row, col])
+    torch.testing.assert_close(out.target_patches[0, row * 8 + col], latents[0, :, row, col])
 
 
 def test_gradients_reach_the_shared_encoder_from_both_losses(model):
@@ -387,7 +387,7 @@ def released(model, saved_dir, tmp_path_factory):
     state = {k: v.clone() for k, v in model.checkpoint_state_dict().items()
              if not k.startswith("llm.model.layers.1.")}
     torch.save(state, root / "harmon_tiny.pth")
-    torch.save({"model": ldm_state(model.vae, (1, 1, 2, 2, 2), 8, 1), "epoch": 3}, root / "kl16.ckpt")
+    torch.save({"model": ldm_state(model.vae, (1, 2, 2, 2), 8, 1), "epoch": 3}, root / "kl16.ckpt")
     return root, base, qwen
 
 
@@ -421,7 +421,7 @@ def test_loads_a_transformers_format_directory_with_the_vae_inside(model, saved_
     target.mkdir()
     (target / "config.json").write_text(json.dumps({"architectures": ["Harmon"]}))
     state = dict(model.checkpoint_state_dict())
-    state.update({f"vae.{k}": v for k, v in ldm_state(model.vae, (1, 1, 2, 2, 2), 8, 1).items()})
+    state.update({f"vae.{k}": v for k, v in ldm_state(model.vae, (1, 2, 2, 2), 8, 1).items()})
     save_file({k: v.clone().contiguous() for k, v in state.items()}, target / "model.safetensors")
     load_tokenizer(saved_dir).save_pretrained(str(target))
     loaded = Harmon.from_pretrained(target, preset="tiny", options=NO_DROPOUT)
@@ -467,8 +467,8 @@ def test_generate_samples_every_token_once_with_guided_noise(model, monkeypatch)
     model.eval()
     model.generate(["a cat"], num_iter=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     model.train()
-    # 16 tokens over 4 rounds: masked counts floor(16·cos(π/2·k/4)) = 14, 11, 6 → 2, 3, 5, 6 per round.
-    assert [c[0] for c in calls] == [2, 3, 5, 6] and all(c[1] and c[2] == 3.0 for c in calls)
+    # 64 tokens over 4 rounds: masked counts floor(64·cos(π/2·k/4)) = 59, 45, 24 → 5, 14, 21, 24 per round.
+    assert [c[0] for c in calls] == [5, 14, 21, 24] and all(c[1] and c[2] == 3.0 for c in calls)
 
 
 def test_answer_returns_one_string_per_image_and_matches_the_training_path(model):

@@ -34,6 +34,7 @@ import torch
 
 from harmon_helpers import ldm_vae_keys
 from model_helpers import assert_keys_match, parameter_counts
+from pipeline.config import ConfigError
 from pipeline.models.harmon import Harmon
 from pipeline.models.harmon_config import VAEConfig, harmon_config
 from pipeline.models.harmon_vae import kl16_vae, ldm_to_diffusers
@@ -121,3 +122,17 @@ def test_the_official_kl16_layout_maps_one_to_one_onto_the_diffusers_vae():
     converted = ldm_to_diffusers({k: torch.empty(0) for k in ldm})
     assert set(converted) == set(expected)
     assert sum(p.numel() for p in vae.parameters()) == 66_456_019
+
+
+def test_the_vae_stride_follows_its_levels():
+    """Released: five levels, 16x (512 px → 32×32 tokens, 256-px tables → 16×16). Tiny: four levels, 8x."""
+    released, tiny = harmon_config("1.5b"), harmon_config("tiny")
+    assert (released.vae.stride, released.grid_size, released.position_side) == (16, 32, 16)
+    assert (tiny.vae.stride, tiny.grid_size, tiny.position_side) == (8, 8, 4)
+    with torch.device("meta"):
+        vae = kl16_vae(tiny.vae)
+    assert vae.encode(torch.empty(1, 3, 64, 64, device="meta")).latent_dist.mean.shape == (1, 16, 8, 8)
+    with pytest.raises(ConfigError, match="vae.block_out_channels needs at least 2 levels"):
+        harmon_config("tiny", {"vae": {"block_out_channels": [8]}})
+    with pytest.raises(ConfigError, match="image_size 60 must be a multiple of VAE stride × patch = 8"):
+        harmon_config("tiny", {"image_size": 60})

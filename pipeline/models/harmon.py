@@ -39,7 +39,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_tokens, in_chunks, masked_mean
-from pipeline.models.harmon_config import VAE_STRIDE, HarmonConfig, harmon_config
+from pipeline.models.harmon_config import HarmonConfig, harmon_config
 from pipeline.models.harmon_mar import MAR, mask_first, patchify, random_orders, training_mask, unpatchify
 from pipeline.models.harmon_processor import (
     IGNORE,
@@ -121,7 +121,7 @@ class Harmon(MLLMAdapter):
         self.vocab_size = self._vocab_size(config.llm.vocab_size, tokenizer)
         width, encoder_width = config.llm.hidden_size, config.mar.encoder_embed_dim
         self.llm = Qwen2ForCausalLM(qwen2_config(config.llm, self.vocab_size, config.attn_implementation))
-        self.mar = MAR(config.mar, config.latent_patch_dim, config.gradient_checkpointing)
+        self.mar = MAR(config.mar, config.latent_patch_dim, config.position_side, config.gradient_checkpointing)
         self.proj_in = build_mlp(encoder_width, width, width)
         self.proj_out = build_mlp(width, width, encoder_width)
         self.vae = vae if vae is not None else kl16_vae(config.vae)
@@ -144,7 +144,7 @@ class Harmon(MLLMAdapter):
         return self.proj_in[0].weight.device
 
     def _grid(self, pixels: Tensor) -> tuple[int, int]:
-        unit = VAE_STRIDE * self.config.mar.patch_size
+        unit = self.config.pixels_per_token
         return pixels.shape[-2] // unit, pixels.shape[-1] // unit
 
     @torch.no_grad()

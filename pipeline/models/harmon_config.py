@@ -26,8 +26,6 @@ from typing import Any, Literal
 from pipeline.config import ConfigError, param
 from pipeline.models.presets import preset_config
 
-VAE_STRIDE = 16  # the KL-16 VAE: four 2x downsamplings
-
 
 @dataclass
 class LLMConfig:
@@ -69,21 +67,22 @@ class MARConfig:
     num_sampling_steps: int = param(100, gt=0, help="respaced DDPM steps when sampling")
     diffusion_batch_mul: int = param(4, gt=0, help="noise draws per token in the T2I loss")
 
-    @property
-    def seq_side(self) -> int:
-        return self.img_size // VAE_STRIDE // self.patch_size
-
 
 @dataclass
 class VAEConfig:
     """The frozen KL-16 VAE of MAR (LDM ``AutoencoderKL``, as ``diffusers`` ``AutoencoderKL``)."""
 
     block_out_channels: list[int] = param(default_factory=lambda: [128, 128, 256, 256, 512],
-                                          help="ch × ch_mult; five levels = stride 16")
+                                          help="ch × ch_mult; L levels downsample 2^(L-1)x (five: KL-16)")
     layers_per_block: int = param(2, gt=0)
     latent_channels: int = param(16, gt=0)
     norm_num_groups: int = param(32, gt=0)
     scaling_factor: float = param(0.2325, gt=0, help="official vae_scale applied to the posterior mode")
+
+    @property
+    def stride(self) -> int:
+        """Pixels per latent side: every level but the last halves the resolution."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 @dataclass
@@ -111,22 +110,32 @@ class HarmonConfig:
     seed: int = param(0, help="salt of the deterministic per-sample prompt dropout and crops")
 
     def __post_init__(self) -> None:
-        unit = VAE_STRIDE * self.mar.patch_size
+        if len(self.vae.block_out_channels) < 2:
+            raise ConfigError("vae.block_out_channels needs at least 2 levels (the released KL-16 VAE has 5)")
+        unit = self.pixels_per_token
         for name, size in (("image_size", self.image_size), ("mar.img_size", self.mar.img_size)):
             if size % unit:
                 raise ConfigError(f"{name} {size} must be a multiple of VAE stride × patch = {unit}")
         for part in ("encoder", "decoder"):
             if getattr(self.mar, f"{part}_embed_dim") % getattr(self.mar, f"{part}_num_heads"):
                 raise ConfigError(f"mar.{part}_embed_dim must be divisible by mar.{part}_num_heads")
-        if len(self.vae.block_out_channels) != 5:
-            raise ConfigError("vae.block_out_channels needs 5 levels (the KL-16 VAE downsamples 16x)")
         if self.guidance_scale != 1 and not self.uncond_prompt:
             raise ConfigError("uncond_prompt must not be empty when guidance is on")
 
     @property
+    def pixels_per_token(self) -> int:
+        """Pixels per token side: the VAE stride times the MAR patch."""
+        return self.vae.stride * self.mar.patch_size
+
+    @property
     def grid_size(self) -> int:
         """Tokens per image side at ``image_size``."""
-        return self.image_size // VAE_STRIDE // self.mar.patch_size
+        return self.image_size // self.pixels_per_token
+
+    @property
+    def position_side(self) -> int:
+        """Tokens per side of MAR's learned position tables (``mar.img_size``)."""
+        return self.mar.img_size // self.pixels_per_token
 
     @property
     def num_image_tokens(self) -> int:
@@ -153,11 +162,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "llm": {"vocab_size": None, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048},
+        # Four VAE levels (8x, an 8x8 latent at 64 px): at 16x the 4x4 latent loses the shapes' outlines.
         # The position tables cover half the image side, as 256-px tables serve 512-px images.
         "mar": {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 4, "decoder_embed_dim": 32,
                 "decoder_depth": 2, "decoder_num_heads": 4, "img_size": 32, "buffer_size": 4, "class_num": 10,
                 "diffloss_d": 2, "diffloss_w": 32, "num_sampling_steps": 4},
-        "vae": {"block_out_channels": [8, 8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 4},
+        "vae": {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 4},
         "image_size": 64,
         "i2t_max_text_tokens": 96,
         "t2i_max_prompt_tokens": 96,

@@ -110,13 +110,16 @@ def training_mask(batch: int, length: int, mask_ratio_min: float, generator: tor
 
 class MAR(nn.Module):
     """MAR encoder + decoder + diffusion head. ``class_emb`` (ImageNet labels) is unused by Harmon but
-    is part of the released checkpoints; it is frozen."""
+    is part of the released checkpoints; it is frozen. The learned position tables hold
+    ``position_side``² image positions (resized to each image's token grid)."""
 
-    def __init__(self, cfg: MARConfig, token_dim: int, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: MARConfig, token_dim: int, position_side: int,
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.position_side = position_side
         self.gradient_checkpointing = gradient_checkpointing
-        enc, dec, seq = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.seq_side**2
+        enc, dec, seq = cfg.encoder_embed_dim, cfg.decoder_embed_dim, position_side**2
         self.class_emb = nn.Embedding(cfg.class_num, enc)
         self.fake_latent = nn.Parameter(torch.zeros(1, enc))
         self.z_proj = nn.Linear(token_dim, enc)
@@ -155,8 +158,8 @@ class MAR(nn.Module):
 
     def _positions(self, table: Tensor, grid: tuple[int, int], buffers: bool) -> Tensor:
         """Position embeddings for a token grid; the image part is resized, buffers are kept."""
-        buffer, image = table.split([self.cfg.buffer_size if buffers else 0, self.cfg.seq_side**2], dim=1)
-        return torch.cat([buffer, resize_grid(image, self.cfg.seq_side, grid)], dim=1)
+        buffer, image = table.split([self.cfg.buffer_size if buffers else 0, self.position_side**2], dim=1)
+        return torch.cat([buffer, resize_grid(image, self.position_side, grid)], dim=1)
 
     def _run(self, blocks: nn.ModuleList, x: Tensor) -> Tensor:
         for block in blocks:
