@@ -30,6 +30,7 @@ from pipeline.models import ModelConfig, build_model
 from pipeline.models.base import INFOTOK_INPUT_KEYS
 from pipeline.models.harmon import Harmon, causal_mask
 from pipeline.models.harmon_config import harmon_config
+from pipeline.models.harmon_diffloss import DiffLoss, cosine_betas
 from pipeline.models.harmon_mar import sample_mask_ratio
 from pipeline.models.harmon_processor import IGNORE, load_tokenizer
 from pipeline.models.weights import CheckpointMismatchError
@@ -215,6 +216,28 @@ def test_diffusion_token_losses_match_the_formulas_at_every_timestep(model):
     with torch.no_grad():
         torch.testing.assert_close(diffloss.token_losses(x0, cond, t, noise),
                                    reference_token_losses(diffloss.net, x0, cond, t, noise), rtol=2e-5, atol=2e-5)
+
+
+class GaussianOracle(torch.nn.Module):
+    """The exact E[ε | x_t] for data x0 ~ N(mean, std²), and the posterior variance (``var_values`` = −1)."""
+
+    def __init__(self, mean: float, std: float, alphas_cumprod: torch.Tensor) -> None:
+        super().__init__()
+        self.mean, self.var, self.alphas_cumprod = mean, std**2, alphas_cumprod
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        ac = self.alphas_cumprod[t][:, None].float()
+        eps = (1 - ac).sqrt() * (x - ac.sqrt() * self.mean) / (ac * self.var + 1 - ac)
+        return torch.cat([eps, -torch.ones_like(eps)], dim=1)
+
+
+@pytest.mark.parametrize("steps", [100, 1000])
+def test_the_sampler_draws_the_data_distribution_given_the_exact_noise_prediction(steps):
+    """Ancestral sampling over the respaced cosine schedule, fed the exact ε of a Gaussian, returns that Gaussian."""
+    head = DiffLoss(16, 8, harmon_config("tiny", {"mar": {"num_sampling_steps": steps}}).mar)
+    head.net = GaussianOracle(0.5, 0.8, torch.cumprod(1 - cosine_betas(1000), 0))
+    x = head.sample(torch.zeros(4000, 8), generator=torch.Generator().manual_seed(0))
+    assert abs(x.mean().item() - 0.5) < 0.04 and abs(x.std().item() - 0.8) < 0.04, (x.mean(), x.std())
 
 
 def test_loss_t2i_is_the_masked_diffusion_formula_on_a_fixed_seed(model):
