@@ -35,6 +35,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out = reg(z_g=z_local, text_g=text_local, target_patches=torch.zeros(B, N, DIMS.latent_patch_dim))
         out.terms["align_g"].backward()
         torch.save({"align": out.terms["align_g"].detach(), "text_grad": text_local.grad}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # a rank tearing gloo down while its peer still communicates aborts the process
     finally:
         dist.destroy_process_group()
 
