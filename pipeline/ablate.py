@@ -364,10 +364,11 @@ def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], runs
                 f"training images (held-out reconstruction PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}; "
                 f"the shape detector passes {vae['detector_accuracy']:.0%} of the held-out T2I scenes after a "
                 f"round trip through it, the ceiling of generation accuracy)")
+    overrides = "".join(f", `{o}`" for o in pretrained["overrides"])
     lines = [
         f"# Ablation: `{args.config}` (Table 5)", "",
-        f"Original: {pretrained['steps']} pretraining steps (`infotok.mode=off`, every trainable part"
-        f"{''.join(f', `{o}`' for o in pretrained['overrides'])}; cache key `{pretrained['key']}`); {vae_line}. Each fine-tuning: {args.steps} steps from the exported "
+        f"Original: {pretrained['steps']} pretraining steps (`infotok.mode=off`, every trainable part{overrides}; "
+        f"cache key `{pretrained['key']}`); {vae_line}. Each fine-tuning: {args.steps} steps from the exported "
         f"original, seed {args.seed}, the same data order, {args.ranks} ranks. Held-out: "
         f"{', '.join(f'`{d}`' for d in args.heldout)}. Deltas are against the original; the rate exists only "
         f"where InfoTok heads were trained. {_baseline_line(rows['original'])}Total time {seconds / 60:.1f} min.",
