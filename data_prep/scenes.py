@@ -30,7 +30,10 @@ OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "bel
 QUESTION_TYPES = ("count", "color", "position", "exists")
 NUMBER_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 COUNTING_RANGE = (2, 4)  # GenEval's counting prompts ask for two to four objects
-SIDE_FRACTION = (0.16, 0.26)  # object size relative to the image side
+SIDE_FRACTION = (0.16, 0.26)  # object size relative to the image side ("free" layout)
+LAYOUTS = ("free", "grid")
+GRID_CELLS = 4  # cells per side of the "grid" layout
+GRID_SIDE_FRACTION = (0.8, 0.9)  # object size relative to its grid cell
 DOMINANCE = 2.0  # a relation holds when its axis offset is at least this times the other axis's
 
 
@@ -80,28 +83,55 @@ def relation(a: SceneObject, b: SceneObject) -> str | None:
 
 
 def place(rng: random.Random, size: int, items: list[tuple[str, str]],
-          wanted: tuple[int, str, int] | None = None) -> Scene:
-    """Non-overlapping objects for ``(shape, color)`` items; ``wanted`` = (i, relation, j) holds."""
-    low, high = (max(4, round(size * f)) for f in SIDE_FRACTION)
-    gap = max(2, size // 32)
+          wanted: tuple[int, str, int] | None = None, layout: str = "free") -> Scene:
+    """Non-overlapping objects for ``(shape, color)`` items; ``wanted`` = (i, relation, j) holds.
+
+    ``free``: anywhere, at 0.16–0.26 of the side. ``grid``: each object centred in its own cell of
+    a 4×4 grid, at 0.8–0.9 of the cell. At 64 px a cell is 16 px, so a grid object lies on a fixed
+    2×2 block of a model's 8 px visual tokens, and which pixels a token holds depends on the
+    object alone, not on a continuous offset.
+    """
+    boxes_for = {"free": _free_boxes, "grid": _grid_boxes}[layout]
     for _ in range(1000):
-        boxes: list[tuple[int, int, int, int]] = []
-        for _item in items:
-            side = rng.randint(low, high)
-            for _try in range(100):
-                x0, y0 = rng.randint(gap, size - gap - side), rng.randint(gap, size - gap - side)
-                box = (x0, y0, x0 + side, y0 + side)
-                if not any(_overlap(box, other, gap) for other in boxes):
-                    boxes.append(box)
-                    break
-            else:
-                break
-        if len(boxes) < len(items):
+        boxes = boxes_for(rng, size, len(items))
+        if boxes is None:
             continue
         scene = Scene(size, tuple(SceneObject(s, c, b) for (s, c), b in zip(items, boxes, strict=True)))
         if wanted is None or relation(scene.objects[wanted[0]], scene.objects[wanted[2]]) == wanted[1]:
             return scene
-    raise RuntimeError(f"cannot place {len(items)} objects in {size}x{size} px")
+    raise RuntimeError(f"cannot place {len(items)} objects in {size}x{size} px ({layout} layout)")
+
+
+Box = tuple[int, int, int, int]
+
+
+def _free_boxes(rng: random.Random, size: int, n: int) -> list[Box] | None:
+    low, high = (max(4, round(size * f)) for f in SIDE_FRACTION)
+    gap = max(2, size // 32)
+    boxes: list[Box] = []
+    for _item in range(n):
+        side = rng.randint(low, high)
+        for _try in range(100):
+            x0, y0 = rng.randint(gap, size - gap - side), rng.randint(gap, size - gap - side)
+            box = (x0, y0, x0 + side, y0 + side)
+            if not any(_overlap(box, other, gap) for other in boxes):
+                boxes.append(box)
+                break
+        else:
+            return None
+    return boxes
+
+
+def _grid_boxes(rng: random.Random, size: int, n: int) -> list[Box]:
+    cell = size // GRID_CELLS
+    low, high = (round(cell * f) for f in GRID_SIDE_FRACTION)
+    boxes = []
+    for index in rng.sample(range(GRID_CELLS**2), n):
+        side = rng.randint(low, high)
+        x0 = index % GRID_CELLS * cell + (cell - side) // 2
+        y0 = index // GRID_CELLS * cell + (cell - side) // 2
+        boxes.append((x0, y0, x0 + side, y0 + side))
+    return boxes
 
 
 def draw(scene: Scene) -> Image.Image:
@@ -125,5 +155,5 @@ def draw(scene: Scene) -> Image.Image:
     return img
 
 
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
+def _overlap(a: Box, b: Box, gap: int) -> bool:
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap

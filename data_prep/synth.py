@@ -24,7 +24,7 @@ KIND_WEIGHTS = {"qa": 2, "caption": 1, "t2i": 2}
 TEXT_FIELDS = ("question", "answer", "caption", "prompt")  # the text a record carries, by kind
 
 
-def run(output: Path, count: int, seed: int, size: int) -> int:
+def run(output: Path, count: int, seed: int, size: int, layout: str = "free") -> int:
     jsonl = output / JSONL_FILE
     if jsonl.exists():
         raise CommandError(f"--output {output}: {JSONL_FILE} already exists; choose another directory or remove it")
@@ -34,7 +34,7 @@ def run(output: Path, count: int, seed: int, size: int) -> int:
         raise CommandError(f"--output {output}: cannot create directory ({e.strerror})") from None
     lines = []
     for index in tqdm(range(count), desc="synth", unit="scene", disable=None):
-        fields, scene = make_record(random.Random(f"{seed}/{index}"), size)
+        fields, scene = make_record(random.Random(f"{seed}/{index}"), size, layout)
         image = f"{IMAGE_DIR}/{index:06d}.png"
         scenes.draw(scene).save(output / image)
         lines.append(json.dumps({"image": image, **fields}, sort_keys=True) + "\n")
@@ -43,15 +43,15 @@ def run(output: Path, count: int, seed: int, size: int) -> int:
     return 0
 
 
-def make_record(rng: random.Random, size: int) -> tuple[dict[str, Any], Scene]:
-    """The text fields of one record (with ``meta``) and the scene its image shows."""
+def make_record(rng: random.Random, size: int, layout: str = "free") -> tuple[dict[str, Any], Scene]:
+    """The text fields of one record (with ``meta``) and the scene its image shows (``scenes.place``'s layout)."""
     kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     if kind == "t2i":
         category = rng.choice(GENEVAL_CATEGORIES)
-        prompt, scene, extra = _t2i(rng, size, category)
+        prompt, scene, extra = _t2i(rng, size, category, layout)
         return {"prompt": prompt, "meta": {"kind": kind, "category": category, **extra,
                                            "scene": scene.to_json()}}, scene
-    scene = scenes.place(rng, size, _random_items(rng, rng.randint(1, 5 if kind == "qa" else 4)))
+    scene = scenes.place(rng, size, _random_items(rng, rng.randint(1, 5 if kind == "qa" else 4)), layout=layout)
     if kind == "caption":
         return {"caption": _caption(scene), "meta": {"kind": kind, "scene": scene.to_json()}}, scene
     qtype, query, question, answer = _question(rng, scene)
@@ -59,22 +59,22 @@ def make_record(rng: random.Random, size: int) -> tuple[dict[str, Any], Scene]:
             "meta": {"kind": kind, "question_type": qtype, "query": query, "scene": scene.to_json()}}, scene
 
 
-def _t2i(rng: random.Random, size: int, category: str) -> tuple[str, Scene, dict[str, Any]]:
+def _t2i(rng: random.Random, size: int, category: str, layout: str) -> tuple[str, Scene, dict[str, Any]]:
     shape, other = rng.sample(SHAPES, 2)
     color, other_color = rng.sample(list(COLORS), 2)
     if category in ("single_object", "colors"):
-        scene = scenes.place(rng, size, [(shape, color)])
+        scene = scenes.place(rng, size, [(shape, color)], layout=layout)
         what = _a(f"{color} {shape}") if category == "colors" else _a(shape)
         return f"a photo of {what}", scene, {}
     if category == "counting":
         n = rng.randint(*scenes.COUNTING_RANGE)
-        scene = scenes.place(rng, size, [(shape, color)] * n)
+        scene = scenes.place(rng, size, [(shape, color)] * n, layout=layout)
         return f"a photo of {NUMBER_WORDS[n]} {shape}s", scene, {"count": n}
     if category == "position":
         rel = rng.choice(RELATIONS)
-        scene = scenes.place(rng, size, [(shape, color), (other, other_color)], wanted=(0, rel, 1))
+        scene = scenes.place(rng, size, [(shape, color), (other, other_color)], wanted=(0, rel, 1), layout=layout)
         return f"a photo of {_a(shape)} {rel} {_a(other)}", scene, {"relation": [0, rel, 1]}
-    scene = scenes.place(rng, size, [(shape, color), (other, other_color)])
+    scene = scenes.place(rng, size, [(shape, color), (other, other_color)], layout=layout)
     if category == "two_object":
         return f"a photo of {_a(shape)} and {_a(other)}", scene, {}
     return f"a photo of {_a(f'{color} {shape}')} and {_a(f'{other_color} {other}')}", scene, {}  # color_attr

@@ -3,7 +3,8 @@
     python -m pipeline.ablate --config configs/tiny_showo2.yaml --modes off,cs,csa --steps 100 --workdir runs/ablation
 
 1. Data (unless ``--data``/``--heldout`` are given): ``data_prep synth`` train and held-out corpora
-   (different seeds) as shards, and the package's tiny tokenizer (unless the recipe's exists).
+   (different seeds, ``--scene-layout``) as shards, and the package's tiny tokenizer (unless the
+   recipe's exists).
 2. The "original" model: the recipe's frozen autoencoder is first trained as one on the training
    images (the adapter keeps it frozen, so this happens here; ``--vae-steps 0`` keeps the recipe's),
    with the latent normalisation measured on them (``adapter.autoencoder_options``); then every
@@ -44,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep.cli import main as data_prep
-from data_prep.scenes import BACKGROUND_RGB, GENEVAL_CATEGORIES
+from data_prep.scenes import BACKGROUND_RGB, GENEVAL_CATEGORIES, LAYOUTS
 from pipeline.config import ConfigError
 from pipeline.eval import report
 from pipeline.eval.benchmark import accuracy_by, generation_results
@@ -104,18 +105,22 @@ COLUMNS = (
 # ----------------------------------------------------------------------------- data and the original model
 
 
-def synth_corpus(directory: Path, count: int, seed: int) -> Path:
-    """``data_prep synth`` + ``shard`` into ``directory/shards`` (reused when its manifest exists); the
-    intermediate PNG/jsonl corpus is removed once sharded (the shards hold every record)."""
-    shards, source = directory / "shards", directory / "synth"
-    if not (shards / "manifest.json").is_file():
-        shutil.rmtree(directory, ignore_errors=True)
-        for argv in (["synth", "--output", str(source), "--count", str(count), "--seed", str(seed), "--size", "64"],
-                     ["shard", "--source", f"jsonl:{source}/synth.jsonl", "--output", str(shards),
-                      "--shard-size", "256"]):
-            if data_prep(argv) != 0:
-                raise RuntimeError(f"data_prep {' '.join(argv)} failed")
-        shutil.rmtree(source)
+def synth_corpus(directory: Path, count: int, seed: int, layout: str) -> Path:
+    """``data_prep synth`` + ``shard`` into ``directory/shards``, reused when made with the same arguments
+    (``directory/corpus.json``); the intermediate PNG/jsonl corpus is removed once sharded (the shards
+    hold every record)."""
+    shards, source, recipe = directory / "shards", directory / "synth", directory / "corpus.json"
+    arguments = {"count": count, "seed": seed, "size": 64, "layout": layout}
+    if (shards / "manifest.json").is_file() and recipe.is_file() and json.loads(recipe.read_text()) == arguments:
+        return shards
+    shutil.rmtree(directory, ignore_errors=True)
+    for argv in (["synth", "--output", str(source), "--count", str(count), "--seed", str(seed), "--size", "64",
+                  "--layout", layout],
+                 ["shard", "--source", f"jsonl:{source}/synth.jsonl", "--output", str(shards), "--shard-size", "256"]):
+        if data_prep(argv) != 0:
+            raise RuntimeError(f"data_prep {' '.join(argv)} failed")
+    shutil.rmtree(source)
+    recipe.write_text(json.dumps(arguments))
     return shards
 
 
@@ -392,9 +397,10 @@ def run(args: argparse.Namespace) -> str:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     if args.data is None:
-        args.data = [str(synth_corpus(work / "data" / "train", args.samples, args.seed))]
+        args.data = [str(synth_corpus(work / "data" / "train", args.samples, args.seed, args.scene_layout))]
     if args.heldout is None:
-        args.heldout = [str(synth_corpus(work / "data" / "heldout", args.heldout_samples, args.seed + 1))]
+        args.heldout = [str(synth_corpus(work / "data" / "heldout", args.heldout_samples, args.seed + 1,
+                                         args.scene_layout))]
     tokenizer = work / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
         make_tokenizer(tokenizer)
@@ -454,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=100000,
                         help="synthetic training scenes (pretraining repeats each only a few times)")
     parser.add_argument("--heldout-samples", type=int, default=400, help="synthetic held-out scenes")
+    parser.add_argument("--scene-layout", choices=LAYOUTS, default="grid",
+                        help="synthetic scenes' layout (data_prep synth --layout; default grid: a tiny model learns "
+                             "to draw the free layout's arbitrary offsets only as blobs)")
     parser.add_argument("--ranks", type=int, default=2, help="local trainer processes (DeepSpeed, gloo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-samples", type=int, default=64, help="benchmark items per task")

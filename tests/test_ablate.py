@@ -101,6 +101,17 @@ def test_the_cache_key_changes_with_any_part_and_with_the_package_source(tmp_pat
     assert cache_key(steps=10, seed=0) != key
 
 
+def test_the_synthetic_corpus_is_reused_only_for_the_same_arguments(tmp_path):
+    shards = synth_corpus(tmp_path / "data", 8, 0, "grid")
+    manifest = shards / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    assert synth_corpus(tmp_path / "data", 8, 0, "grid") == shards and manifest.stat().st_mtime_ns == before
+    grid = manifest.read_text()
+    synth_corpus(tmp_path / "data", 8, 0, "free")
+    assert manifest.stat().st_mtime_ns != before and manifest.read_text() != grid
+    assert json.loads((tmp_path / "data" / "corpus.json").read_text())["layout"] == "free"
+
+
 def test_table_deltas_and_modes_parsing():
     rows = {"original": {"heldout": {"losses": {"loss_i2t": 2.0}}},
             "cs": {"heldout": {"losses": {"loss_i2t": 1.5}}, "rate": {"u": {"nats_per_token": 0.5}}}}
@@ -114,7 +125,7 @@ def test_table_deltas_and_modes_parsing():
 
 @pytest.mark.parametrize("family", ["harmon", "openuni"])
 def test_the_autoencoder_of_every_family_pretrains_and_loads_back(family, tmp_path, tokenizer_dir):
-    data = str(synth_corpus(tmp_path / "data", 24, 0))
+    data = str(synth_corpus(tmp_path / "data", 24, 0, "grid"))
     overrides = [f"data.i2t=[{data}]", f"data.t2i=[{data}]", f"model.tokenizer_path={tokenizer_dir}"]
     recipe = Path(f"configs/tiny_{family}.yaml")
     options, quality = pretrain_vae(recipe, overrides, [data], [data], 2, 0, tmp_path / "vae", batch_size=4)

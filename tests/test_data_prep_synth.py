@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from PIL import Image
@@ -14,26 +15,47 @@ from data_prep_helpers import files, samples, shard
 COUNT, SIZE = 80, 64
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+@pytest.fixture(scope="module", params=scenes.LAYOUTS)
+def corpus(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("synth")
-    assert main(["synth", "--output", str(out), "--count", str(COUNT), "--seed", "3", "--size", str(SIZE)]) == 0
+    assert main(["synth", "--output", str(out), "--count", str(COUNT), "--seed", "3", "--size", str(SIZE),
+                 "--layout", request.param]) == 0
     records = [json.loads(line) for line in (out / "synth.jsonl").read_text().splitlines()]
-    return out, records
+    return out, records, request.param
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_the_grid_layout_centres_each_object_in_its_own_cell(size):
+    cell = size // 4
+    for index in range(40):
+        items = [(s, "red") for s in scenes.SHAPES[: 1 + index % 5]]
+        scene = scenes.place(random.Random(index), size, items, layout="grid")
+        cells = set()
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            low, high = (f * cell for f in scenes.GRID_SIDE_FRACTION)
+            assert x1 - x0 == y1 - y0 and low - 1 <= x1 - x0 <= high + 1, obj
+            column, row = x0 // cell, y0 // cell
+            assert (x1 - 1) // cell == column and (y1 - 1) // cell == row, obj  # inside one cell
+            assert abs(obj.center[0] - (column + 0.5) * cell) <= 1 and abs(obj.center[1] - (row + 0.5) * cell) <= 1
+            cells.add((column, row))
+        assert len(cells) == len(items)
 
 
 def test_deterministic_for_a_seed(corpus, tmp_path):
-    out, _ = corpus
-    assert main(["synth", "--output", str(tmp_path / "a"), "--count", "10", "--seed", "3", "--size", str(SIZE)]) == 0
+    out, _, layout = corpus
+    assert main(["synth", "--output", str(tmp_path / "a"), "--count", "10", "--seed", "3", "--size", str(SIZE),
+                 "--layout", layout]) == 0
     first_ten = (out / "synth.jsonl").read_text().splitlines()[:10]
     assert (tmp_path / "a" / "synth.jsonl").read_text().splitlines() == first_ten
     assert files(tmp_path / "a" / "images") == {k: v for k, v in files(out / "images").items() if k < "000010"}
-    assert main(["synth", "--output", str(tmp_path / "b"), "--count", "10", "--seed", "4", "--size", str(SIZE)]) == 0
+    assert main(["synth", "--output", str(tmp_path / "b"), "--count", "10", "--seed", "4", "--size", str(SIZE),
+                 "--layout", layout]) == 0
     assert (tmp_path / "b" / "synth.jsonl").read_text() != (tmp_path / "a" / "synth.jsonl").read_text()
 
 
 def test_ground_truth_matches_pixels(corpus):
-    out, records = corpus
+    out, records, _ = corpus
     for record in records:
         img = Image.open(out / record["image"]).convert("RGB")
         scene = record["meta"]["scene"]
@@ -49,7 +71,7 @@ def _objects(record):
 
 
 def test_answers_and_prompts_follow_the_scene(corpus):
-    _, records = corpus
+    _, records, _ = corpus
     kinds, categories, qtypes = set(), set(), set()
     for record in records:
         meta, objs = record["meta"], _objects(record)
@@ -87,7 +109,7 @@ def test_answers_and_prompts_follow_the_scene(corpus):
 
 
 def test_shards_carry_ground_truth(corpus, tmp_path, capsys):
-    out, records = corpus
+    out, records, _ = corpus
     assert shard("--source", f"jsonl:{out / 'synth.jsonl'}", "--output", tmp_path / "shards") == 0
     got = samples(tmp_path / "shards")
     assert len(got) == COUNT

@@ -24,10 +24,11 @@ from pipeline.eval.synthetic import scene_group
 SCENES = 200
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+@pytest.fixture(scope="module", params=scenes.LAYOUTS)
+def corpus(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("synth")
-    assert data_prep(["synth", "--output", str(out), "--count", str(SCENES), "--seed", "3", "--size", "64"]) == 0
+    assert data_prep(["synth", "--output", str(out), "--count", str(SCENES), "--seed", "3", "--size", "64",
+                      "--layout", request.param]) == 0
     records = [json.loads(line) for line in (out / synth.JSONL_FILE).read_text().splitlines()]
     return [(r, Image.open(out / r["image"]).convert("RGB")) for r in records]
 

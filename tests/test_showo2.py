@@ -172,9 +172,11 @@ def _patch_rows(u, p):
     return torch.stack(rows).reshape(len(u), -1, p * p * u.shape[1])
 
 
-@pytest.mark.parametrize("layout, rows", [("official", _official_rows), ("patch", _patch_rows)])
-def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, layout, rows):
-    model = _tiny(tokenizer_dir, flow_layout=layout).train()
+@pytest.mark.parametrize("layout, rows, prediction", [("official", _official_rows, "velocity"),
+                                                      ("patch", _patch_rows, "velocity"),
+                                                      ("patch", _patch_rows, "data")])
+def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, layout, rows, prediction):
+    model = _tiny(tokenizer_dir, flow_layout=layout, flow_prediction=prediction).train()
     batch = collated_batch(model, "gg")
     store = {}
     handles = [_capture(model.diffusion_head_b, store, "v"),
@@ -194,6 +196,8 @@ def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, la
     u = rows(x1 - x0, p)
     offsets = batch["image_offset"]
     v = torch.stack([store["v"][i, o + 1: o + 1 + n] for i, o in enumerate(offsets.tolist())])
+    if prediction == "data":
+        v = (v - rows(xt, p)) / (1 - t).clamp(min=0.05).view(-1, 1, 1)
     torch.testing.assert_close(out.loss_t2i, ((v - u) ** 2).mean())
 
 
@@ -357,6 +361,21 @@ def test_generate_returns_images_of_the_configured_size(model):
     model.train()
     assert [im.size for im in images + plain] == [(64, 64)] * 3
     assert all(im.mode == "RGB" for im in images)
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0])
+def test_a_data_predicting_head_steers_the_sampler_onto_its_prediction(tokenizer_dir, monkeypatch, scale):
+    """x1 = (t_next − t)/(1 − t) blends toward the head's clean latent; the last step lands on it."""
+    model = _tiny(tokenizer_dir, flow_prediction="data").eval()
+    clean_row = torch.randn(model.config.latent_patch_dim, generator=torch.Generator().manual_seed(3))
+    model.diffusion_head_b.register_forward_hook(lambda _, args, out: clean_row.expand_as(out).clone())
+    decoded = []
+    monkeypatch.setattr(model, "decode_latents", lambda z: decoded.append(z) or torch.zeros(len(z), 3, 64, 64))
+    model.generate(["a cat", "two shapes"], num_steps=4, guidance_scale=scale,
+                   generator=torch.Generator().manual_seed(0))
+    p, size = model.config.patch_size, model.config.latent_size
+    expected = clean_row.reshape(p, p, -1).permute(2, 0, 1).repeat(1, size // p, size // p)
+    torch.testing.assert_close(decoded[0], expected.expand(2, -1, -1, -1))
 
 
 def test_answer_returns_one_string_per_image_and_matches_the_training_path(model):

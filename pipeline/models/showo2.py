@@ -38,7 +38,9 @@ from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, answer_to
 from pipeline.models.presets import deep_merge
 from pipeline.models.qwen import qwen2_config
 from pipeline.models.showo2_config import Showo2Config, options_from_official, showo2_config
-from pipeline.models.showo2_flow import patchify, sample_timesteps, sampling_grid, velocity_latents, velocity_rows
+from pipeline.models.showo2_flow import (
+    head_velocity, patchify, sample_timesteps, sampling_grid, velocity_latents, velocity_rows,
+)
 from pipeline.models.showo2_layers import (
     FinalLayer,
     ModulatedAttentionBlock,
@@ -251,8 +253,12 @@ class Showo2(MLLMAdapter):
         inside = (pos >= offsets[:, None]) & (pos < offsets[:, None] + self.config.num_image_tokens + 1)
         return inside[..., None].to(self._dtype)
 
-    def _velocity(self, hidden: Tensor, t_emb: Tensor, offsets: Tensor, mask: Tensor) -> Tensor:
-        """Flow head on the LLM's last hidden states → velocity rows [B, N, p·p·C] of the image tokens."""
+    def _velocity(self, hidden: Tensor, t_emb: Tensor, offsets: Tensor, mask: Tensor, noisy: Tensor,
+                  t: Tensor) -> Tensor:
+        """Flow head on the LLM's last hidden states → velocity rows [B, N, p·p·C] of the image tokens.
+
+        ``noisy`` [B, C, h, w] are the latents x_t the visual tokens were encoded from.
+        """
         h = self.diff_proj(hidden) if self.diff_proj is not None else hidden
         length = h.shape[1]
         span = self._image_span(length, offsets)
@@ -262,7 +268,9 @@ class Showo2(MLLMAdapter):
         out = self.diffusion_head_b(h, t_emb, span)
         n = self.config.num_image_tokens
         index = (offsets[:, None] + 1 + torch.arange(n, device=h.device)[None])[..., None]
-        return out.gather(1, index.expand(-1, -1, out.shape[-1]))
+        rows = out.gather(1, index.expand(-1, -1, out.shape[-1]))
+        noisy_rows = velocity_rows(noisy, self.config.patch_size, self.config.flow_layout)
+        return head_velocity(rows, noisy_rows.to(rows.dtype), t, self.config.flow_prediction)
 
     def _run_llm(
         self, input_ids: Tensor, offsets: Tensor, image_tokens: Tensor, t: Tensor
@@ -321,7 +329,8 @@ class Showo2(MLLMAdapter):
             out.text_u = masked_mean(hidden_u, batch["text_mask"][is_und])
             out.answer_ids, out.answer_mask = answer_tokens(labels, IGNORE)
         if n_gen:
-            velocity = self._velocity(hidden[is_gen], t_emb[is_gen], offsets[is_gen], mask[is_gen])
+            velocity = self._velocity(hidden[is_gen], t_emb[is_gen], offsets[is_gen], mask[is_gen], latents[is_gen],
+                                      t_gen)
             target = velocity_rows(x1[is_gen] - x0, self.config.patch_size, self.config.flow_layout)
             out.loss_t2i = F.mse_loss(velocity.float(), target.float())
             out.z_g = clean_gen_tokens
@@ -364,7 +373,7 @@ class Showo2(MLLMAdapter):
             x = torch.cat([z, z]) if scale > 0 else z
             t = torch.full((len(x),), t_now, device=self._device)
             hidden, t_emb, mask = self._run_llm(ids, offsets, self.encode_tokens(x.to(self._dtype)), t)
-            rows = self._velocity(hidden, t_emb, offsets, mask).float()
+            rows = self._velocity(hidden, t_emb, offsets, mask, x.to(self._dtype), t).float()
             velocity = velocity_latents(rows, channels, size, self.config.patch_size, self.config.flow_layout)
             if scale > 0:
                 v_cond, v_uncond = velocity.chunk(2)

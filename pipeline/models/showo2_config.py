@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pipeline.config import ConfigError, param
 from pipeline.models.presets import preset_config
-from pipeline.models.showo2_flow import FlowLayout
+from pipeline.models.showo2_flow import FlowLayout, FlowPrediction
 
 WAN_LATENTS_MEAN = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -121,6 +121,10 @@ class Showo2Config:
         "official", help="latent pixels of flow-head output row n: 'official' = the released raster runs of p·p "
                          "(released weights need it), 'patch' = the p×p patch under visual token n"
     )
+    flow_prediction: FlowPrediction = param(
+        "velocity", help="what the flow head outputs: 'velocity' u = x1 − x0 (released weights), or 'data' x1, "
+                         "turned into u = (x1 − x_t)/(1 − t) for the same velocity loss"
+    )
     cond_dropout_prob: float = param(0.1, ge=0, le=1, help="T2I prompts replaced by '' (for CFG)")
     sample_vae_posterior: bool = param(True, help="training latents = posterior sample, as in Show-o2")
     guidance_scale: float = param(5.0, ge=0)
@@ -195,6 +199,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # target's start noise from other tokens, which a 64-wide model does not learn (flow loss
         # stays at 1.0, the variance of the noise); under the token's own patch it falls to 0.5.
         "flow_layout": "patch",
+        # A 64-wide head predicting the 64-value velocity of its patch must also reproduce the start
+        # noise; predicting the clean patch (a point on the data manifold) does not, and the same
+        # velocity loss falls from 0.415 to 0.360 in a 3,000-step T2I proxy.
+        "flow_prediction": "data",
         "max_seq_len": 224,
         "num_inference_steps": 8,
     },

@@ -55,6 +55,26 @@ def unpatchify(rows: Tensor, channels: int, height: int, width: int, patch: int)
 
 
 FlowLayout = Literal["official", "patch"]
+FlowPrediction = Literal["velocity", "data"]
+
+MIN_NOISE_LEVEL = 0.05
+"""Floor of ``1 − t`` when a data prediction is turned into a velocity (JiT clips at 0.05)."""
+
+
+def head_velocity(output: Tensor, noisy: Tensor, t: Tensor, prediction: FlowPrediction) -> Tensor:
+    """The velocity a flow-head output stands for.
+
+    ``velocity``: the output is u itself (released Show-o2). ``data``: the output is the clean
+    x1, and ``u = (x1 − x_t) / (1 − t)`` (JiT, Li & He 2025). Both train on the same velocity
+    loss; the data form lets a head narrower than its patch skip carrying the start noise,
+    which ``x_t`` already holds. ``output`` and ``noisy`` share a layout; ``t`` has one entry per
+    sample.
+    """
+    if prediction == "velocity":
+        return output
+    noise_level = (1 - t).clamp_min(MIN_NOISE_LEVEL).view(-1, *([1] * (output.dim() - 1)))
+    return (output - noisy) / noise_level
+
 
 
 def velocity_rows(latents: Tensor, patch: int, layout: FlowLayout) -> Tensor:
