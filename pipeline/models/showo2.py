@@ -39,7 +39,7 @@ from pipeline.models.presets import deep_merge
 from pipeline.models.qwen import qwen2_config
 from pipeline.models.showo2_config import Showo2Config, options_from_official, showo2_config
 from pipeline.models.showo2_flow import (
-    head_velocity, patchify, sample_timesteps, sampling_grid, velocity_latents, velocity_rows,
+    patchify, sample_timesteps, sampling_grid, velocity_from_data, velocity_latents, velocity_rows,
 )
 from pipeline.models.showo2_layers import (
     FinalLayer,
@@ -269,8 +269,10 @@ class Showo2(MLLMAdapter):
         n = self.config.num_image_tokens
         index = (offsets[:, None] + 1 + torch.arange(n, device=h.device)[None])[..., None]
         rows = out.gather(1, index.expand(-1, -1, out.shape[-1]))
+        if self.config.flow_prediction == "velocity":
+            return rows
         noisy_rows = velocity_rows(noisy, self.config.patch_size, self.config.flow_layout)
-        return head_velocity(rows, noisy_rows.to(rows.dtype), t, self.config.flow_prediction)
+        return velocity_from_data(rows, noisy_rows.to(rows.dtype), t)
 
     def _run_llm(
         self, input_ids: Tensor, offsets: Tensor, image_tokens: Tensor, t: Tensor

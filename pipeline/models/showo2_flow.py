@@ -61,20 +61,15 @@ MIN_NOISE_LEVEL = 0.05
 """Floor of ``1 − t`` when a data prediction is turned into a velocity (JiT clips at 0.05)."""
 
 
-def head_velocity(output: Tensor, noisy: Tensor, t: Tensor, prediction: FlowPrediction) -> Tensor:
-    """The velocity a flow-head output stands for.
+def velocity_from_data(clean: Tensor, noisy: Tensor, t: Tensor) -> Tensor:
+    """The velocity ``u = (x1 − x_t) / (1 − t)`` that a predicted clean ``x1`` stands for (JiT, Li & He 2025).
 
-    ``velocity``: the output is u itself (released Show-o2). ``data``: the output is the clean
-    x1, and ``u = (x1 − x_t) / (1 − t)`` (JiT, Li & He 2025). Both train on the same velocity
-    loss; the data form lets a head narrower than its patch skip carrying the start noise,
-    which ``x_t`` already holds. ``output`` and ``noisy`` share a layout; ``t`` has one entry per
-    sample.
+    A data-predicting head (``flow_prediction: data``) trains on the same velocity loss; it need
+    not reproduce the start noise, which ``x_t`` already holds, so a head narrower than its patch
+    can learn it. ``clean`` and ``noisy`` share a layout; ``t`` has one entry per sample.
     """
-    if prediction == "velocity":
-        return output
-    noise_level = (1 - t).clamp_min(MIN_NOISE_LEVEL).view(-1, *([1] * (output.dim() - 1)))
-    return (output - noisy) / noise_level
-
+    noise_level = (1 - t).clamp_min(MIN_NOISE_LEVEL).view(-1, *([1] * (clean.dim() - 1)))
+    return (clean - noisy) / noise_level
 
 
 def velocity_rows(latents: Tensor, patch: int, layout: FlowLayout) -> Tensor:
