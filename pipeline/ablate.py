@@ -76,6 +76,7 @@ class Column:
     label: str
     get: Callable[[dict[str, Any]], float | None]
     higher_is_better: bool | None  # None: no preferred direction (the rate)
+    se: Callable[[dict[str, Any]], float | None] | None = None  # its standard error, where one is measured
 
 
 def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
@@ -95,8 +96,10 @@ COLUMNS = (
     Column("rate z_u (nats/token)", _path("rate", "u", "nats_per_token"), None),
     Column("rate z_g (nats/token)", _path("rate", "g", "nats_per_token"), None),
     Column("CKA (debiased)", _path("cka", "debiased", "value"), True),
-    Column("understanding acc.", _path("benchmark", "understanding", "overall", "accuracy"), True),
-    Column("generation acc.", _path("benchmark", "generation", "overall", "accuracy"), True),
+    Column("understanding acc.", _path("benchmark", "understanding", "overall", "accuracy"), True,
+           _path("benchmark", "understanding", "overall", "se")),
+    Column("generation acc.", _path("benchmark", "generation", "overall", "accuracy"), True,
+           _path("benchmark", "generation", "overall", "se")),
     Column("recon. PSNR (dB)", _path("reconstruction", "psnr"), True),
     Column("recon. SSIM", _path("reconstruction", "ssim"), True),
 )
@@ -287,7 +290,8 @@ def _fmt(value: float | None) -> str:
 
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
-    """Markdown: one row per model, every column with its delta against the original."""
+    """Markdown: one row per model, every column with its delta against the original (accuracies with
+    their standard error)."""
     columns = [c for c in COLUMNS if any(c.get(m) is not None for m in rows.values())]
     arrows = {True: " ↑", False: " ↓", None: ""}
     lines = ["| model | " + " | ".join(c.label + arrows[c.higher_is_better] for c in columns) + " |",
@@ -297,7 +301,8 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
         cells = []
         for c in columns:
             value, base = c.get(metrics), c.get(original)
-            cell = _fmt(value)
+            se = c.se(metrics) if c.se else None
+            cell = _fmt(value) + ("" if se is None else f" ± {se:.3f}")
             if name != "original" and value is not None and base is not None:
                 cell += f" ({value - base:+.4f})"
             cells.append(cell)

@@ -117,6 +117,9 @@ def test_table_deltas_and_modes_parsing():
             "cs": {"heldout": {"losses": {"loss_i2t": 1.5}}, "rate": {"u": {"nats_per_token": 0.5}}}}
     text = table(rows)
     assert "| C&S (cs) | 1.5000 (-0.5000) | 0.5000 |" in text and "| original | 2.0000 | n/a |" in text
+    accuracy = {"benchmark": {"generation": {"overall": {"accuracy": 0.25, "n": 8, "se": 0.0625}}}}
+    text = table({"original": accuracy, "off": {"benchmark": {"generation": {"overall": {"accuracy": 0.5}}}}})
+    assert "| original | 0.2500 ± 0.062 |" in text and "| Finetune (off) | 0.5000 (+0.2500) |" in text
     assert _modes("off, csa") == ["off", "csa"]
     for bad in ("off,xx", "off,off", ""):
         with pytest.raises(Exception, match="subset of off, cs, csa"):

@@ -84,12 +84,24 @@ def test_answers_are_compared_after_normalisation():
         score_answer({"question_type": "colour"}, "red", "red")
 
 
+def test_accuracy_carries_the_standard_error_of_each_group_and_of_their_mean():
+    results = [{"category": "colors", "correct": c} for c in (True, False, False, False)]
+    results += [{"category": "counting", "correct": c} for c in (1.0, 0.5)]
+    table = accuracy_by(results, "category", scenes.GENEVAL_CATEGORIES)
+    colors_se = (0.25 * 0.75 / 4) ** 0.5  # binomial
+    counting_se = (((1.0 - 0.75) ** 2 + (0.5 - 0.75) ** 2) / 2 / 2) ** 0.5
+    assert table["colors"]["se"] == pytest.approx(colors_se) and table["counting"]["se"] == pytest.approx(counting_se)
+    assert table["overall"]["se"] == pytest.approx((colors_se ** 2 + counting_se ** 2) ** 0.5 / 2)
+    assert accuracy_by([{"category": "colors", "correct": True}] * 3, "category", ["colors"])["colors"]["se"] == 0
+
+
 def test_majority_baseline_answers_the_most_common_answer_of_each_type():
     results = [{"question_type": "count", "expected": e} for e in ("1", "1", "2", "0")]
     results += [{"question_type": "exists", "expected": e} for e in ("Yes", "no")]  # a tie: "no" comes first
     results += [{"question_type": "color", "expected": "red"}]
     table = majority_baseline(results, scenes.QUESTION_TYPES)
-    assert table["count"] == {"accuracy": 0.5, "n": 4} and table["exists"] == {"accuracy": 0.5, "n": 2}
+    assert {k: table["count"][k] for k in ("accuracy", "n")} == {"accuracy": 0.5, "n": 4}
+    assert {k: table["exists"][k] for k in ("accuracy", "n")} == {"accuracy": 0.5, "n": 2}
     assert table["color"]["accuracy"] == 1.0 and "position" not in table
     assert table["overall"]["accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
 

@@ -74,7 +74,10 @@ def test_evaluate_a_run_writes_the_report_metrics_and_plots(trained, tmp_path):
     for group, v in by_scene.items():
         answers = [i["correct"] for i in items if i.get("scene") == group]
         assert v["n"] == len(answers) and v["accuracy"] == sum(answers) / len(answers)
-    assert "| scene | accuracy | n |" in report
+        p = v["accuracy"]
+        assert v["se"] == pytest.approx((p * (1 - p) / len(answers)) ** 0.5)
+        assert f"| {group} | {p:.3f} ± {v['se']:.3f} | {len(answers)} |" in report
+    assert "| scene | accuracy ± SE | n |" in report
     print(report)
 
 

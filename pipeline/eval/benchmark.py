@@ -6,6 +6,7 @@ place of an object detector; understanding is exact-match of the normalised answ
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -78,16 +79,28 @@ def prompt_agnostic_results(metas: Sequence[Mapping[str, Any]],
 
 
 def accuracy_by(results: Iterable[Mapping[str, Any]], key: str, order: Sequence[str]) -> dict[str, dict[str, float]]:
-    """``{group: {"accuracy", "n"}}`` in ``order`` (groups with no sample are left out), plus ``overall``
-    as the mean over groups (GenEval's convention)."""
+    """``{group: {"accuracy", "n", "se"}}`` in ``order`` (groups with no sample are left out), plus
+    ``overall`` as the mean over groups (GenEval's convention).
+
+    ``se`` is the standard error of the mean over the group's items (binomial ``sqrt(p(1 - p)/n)`` for
+    right/wrong items); overall's combines the groups' as independent: ``sqrt(sum se²)/groups``. A
+    benchmark of a few dozen items resolves only differences of a few of these.
+    """
     groups: dict[str, list[float]] = defaultdict(list)
     for r in results:
         groups[r[key]].append(float(r["correct"]))
-    table = {g: {"accuracy": sum(groups[g]) / len(groups[g]), "n": len(groups[g])} for g in order if groups[g]}
+    table = {g: _mean_and_se(groups[g]) for g in order if groups[g]}
     if table:
         table["overall"] = {"accuracy": sum(v["accuracy"] for v in table.values()) / len(table),
-                            "n": sum(v["n"] for v in table.values())}
+                            "n": sum(v["n"] for v in table.values()),
+                            "se": math.sqrt(sum(v["se"] ** 2 for v in table.values())) / len(table)}
     return table
+
+
+def _mean_and_se(values: Sequence[float]) -> dict[str, float]:
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / len(values)
+    return {"accuracy": mean, "n": len(values), "se": math.sqrt(variance / len(values))}
 
 
 def majority_baseline(results: Sequence[Mapping[str, Any]], order: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -40,11 +40,12 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> bool:
 def plot_accuracy_bars(table: dict[str, dict[str, float]], title: str, path: Path) -> None:
     names = list(table)
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 3.2))
-    bars = ax.bar(names, [table[n]["accuracy"] for n in names],
-                  color=["#4c72b0" if n != "overall" else "#dd8452" for n in names])
+    bars = ax.bar(names, [table[n]["accuracy"] for n in names], yerr=[table[n]["se"] for n in names],
+                  capsize=3, color=["#4c72b0" if n != "overall" else "#dd8452" for n in names])
     for bar, name in zip(bars, names):
         ax.annotate(f"{table[name]['accuracy']:.2f}\n(n={table[name]['n']})",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height() + table[name]["se"]), ha="center",
+                    va="bottom", fontsize=7)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("accuracy")
     ax.set_title(title)
@@ -110,19 +111,20 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
     benchmark = m.get("benchmark", {})
     if benchmark.get("understanding"):
         lines += ["", "## Understanding accuracy by question type", "",
-                  "The baseline answers every question with the most common answer of its type on these items.", "",
+                  "The baseline answers every question with the most common answer of its type on these items; ± is one "
+                  "standard error over the items.", "",
                   *_accuracy_table(benchmark["understanding"], benchmark.get("understanding_majority_baseline", {}),
                                    "majority-answer baseline")]
         if benchmark.get("understanding_by_scene"):
             lines += ["", "Questions about a lone object against those about scenes of several objects, where each "
                           "shape must be bound to its own colour and place:", "",
-                      "| scene | accuracy | n |", "|---|---:|---:|"]
-            lines += [f"| {g} | {v['accuracy']:.3f} | {v['n']} |"
+                      "| scene | accuracy ± SE | n |", "|---|---:|---:|"]
+            lines += [f"| {g} | {accuracy_cell(v)} | {v['n']} |"
                       for g, v in benchmark["understanding_by_scene"].items()]
     if benchmark.get("generation"):
         lines += ["", "## Generation accuracy by GenEval category (shape detector)", "",
                   "The baseline scores each prompt against the ground-truth images of the other held-out prompts: "
-                  "flawless shapes that ignore the prompt.", "",
+                  "flawless shapes that ignore the prompt; ± is one standard error over the items.", "",
                   *_accuracy_table(benchmark["generation"], benchmark.get("generation_prompt_agnostic_baseline", {}),
                                    "prompt-agnostic baseline")]
     if plots:
@@ -133,11 +135,16 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
 def _accuracy_table(accuracy: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]],
                     baseline_label: str) -> list[str]:
     """Markdown rows: accuracy per group beside its baseline."""
-    rows = [f"| group | accuracy | {baseline_label} | n |", "|---|---:|---:|---:|"]
+    rows = [f"| group | accuracy ± SE | {baseline_label} | n |", "|---|---:|---:|---:|"]
     for g, v in accuracy.items():
         base = f"{baseline[g]['accuracy']:.3f}" if g in baseline else "n/a"
-        rows.append(f"| {g} | {v['accuracy']:.3f} | {base} | {v['n']} |")
+        rows.append(f"| {g} | {accuracy_cell(v)} | {base} | {v['n']} |")
     return rows
+
+
+def accuracy_cell(entry: dict[str, float]) -> str:
+    """An ``accuracy_by`` entry as ``accuracy ± standard error``."""
+    return f"{entry['accuracy']:.3f} ± {entry['se']:.3f}"
 
 
 def _finite(value: Any) -> bool:
