@@ -111,8 +111,8 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
     benchmark = m.get("benchmark", {})
     if benchmark.get("understanding"):
         lines += ["", "## Understanding accuracy by question type", "",
-                  "The baseline answers every question with the most common answer of its type on these items; ± is one "
-                  "standard error over the items.", "",
+                  "The baseline answers every question with the most common answer of its type on these items; "
+                  "± is one standard error over the items.", "",
                   *_accuracy_table(benchmark["understanding"], benchmark.get("understanding_majority_baseline", {}),
                                    "majority-answer baseline")]
         if benchmark.get("understanding_by_scene"):
