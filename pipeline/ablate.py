@@ -117,8 +117,8 @@ def synth_corpus(directory: Path, count: int, seed: int, layout: str) -> Path:
     if (shards / "manifest.json").is_file() and recipe.is_file() and json.loads(recipe.read_text()) == arguments:
         return shards
     shutil.rmtree(directory, ignore_errors=True)
-    for argv in (["synth", "--output", str(source), "--count", str(count), "--seed", str(seed), "--size", "64",
-                  "--layout", layout],
+    synth_flags = [f"--{name}={value}" for name, value in arguments.items()]
+    for argv in (["synth", "--output", str(source), *synth_flags],
                  ["shard", "--source", f"jsonl:{source}/synth.jsonl", "--output", str(shards), "--shard-size", "256"]):
         if data_prep(argv) != 0:
             raise RuntimeError(f"data_prep {' '.join(argv)} failed")

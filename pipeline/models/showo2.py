@@ -372,10 +372,10 @@ class Showo2(MLLMAdapter):
         z = torch.randn(len(prompts), channels, size, size, generator=generator, device=self._device)
         grid = sampling_grid(steps, self.config.time_shifting_factor).tolist()
         for t_now, t_next in zip(grid[:-1], grid[1:]):
-            x = torch.cat([z, z]) if scale > 0 else z
+            x = (torch.cat([z, z]) if scale > 0 else z).to(self._dtype)
             t = torch.full((len(x),), t_now, device=self._device)
-            hidden, t_emb, mask = self._run_llm(ids, offsets, self.encode_tokens(x.to(self._dtype)), t)
-            rows = self._velocity(hidden, t_emb, offsets, mask, x.to(self._dtype), t).float()
+            hidden, t_emb, mask = self._run_llm(ids, offsets, self.encode_tokens(x), t)
+            rows = self._velocity(hidden, t_emb, offsets, mask, x, t).float()
             velocity = velocity_latents(rows, channels, size, self.config.patch_size, self.config.flow_layout)
             if scale > 0:
                 v_cond, v_uncond = velocity.chunk(2)
