@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import ablate
-from pipeline.ablate import _modes, cache_key, foreground, main, pretrain_vae, synth_corpus, table
+from pipeline.ablate import _modes, cache_key, foreground, main, pretrain_vae, random_crops, synth_corpus, table
 from pipeline.models import build_model
 from pipeline.train import load_train_config
 
@@ -85,6 +85,24 @@ def test_foreground_marks_the_pixels_off_the_scene_background():
     x[0, :, 1, 0] = 0.97  # within the tolerance of white
     assert foreground(x)[0, 0].tolist() == [[0.0, 1.0], [0.0, 0.0]]
     assert foreground(white[:, :, None]).shape == (1, 1, 1, 2, 2)
+
+
+def test_random_crops_are_half_side_windows_on_the_quarter_side_lattice():
+    side = 64
+    images = torch.arange(5 * 3 * side * side, dtype=torch.float32).reshape(5, 3, side, side)
+    crops = random_crops(images, torch.Generator().manual_seed(0))
+    assert crops.shape == (5, 3, 32, 32)
+    seen = set()
+    for image, crop in zip(images, crops):
+        # the value at the crop's corner tells where it was cut: image[c, y, x] = c·S² + y·S + x (+ offset)
+        first = int(crop[0, 0, 0] - image[0, 0, 0])
+        y, x = divmod(first, side)
+        assert y % 16 == 0 and x % 16 == 0 and y <= 32 and x <= 32
+        assert torch.equal(crop, image[:, y:y + 32, x:x + 32])
+        seen.add((y, x))
+    assert len(seen) > 1, "every image was cut at the same place"
+    again = random_crops(images, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
 
 
 def test_the_cache_key_changes_with_any_part_and_with_the_package_source(tmp_path, monkeypatch):
