@@ -57,6 +57,7 @@ from pipeline.models.showo2_processor import (
     to_pil,
     to_tensor,
 )
+from pipeline.models.showo2_vae import single_frame_fast_path
 from pipeline.models.weights import load_strict, read_state_dict, read_weight_file, save_state_dict
 
 ADAPTER_CONFIG_KEY = "_infotok_adapter"
@@ -126,7 +127,7 @@ class Showo2(MLLMAdapter):
         self.diffusion_head_a = nn.ModuleList(ModulatedAttentionBlock(head_config) for _ in range(flow.num_layers))
         self.diffusion_head_b = FinalLayer(flow.hidden_size, config.latent_patch_dim)
         self.flow_rotary = LlamaRotaryEmbedding(head_config)
-        self.vae = vae if vae is not None else AutoencoderKLWan(**to_dict(config.vae))
+        self.vae = single_frame_fast_path(vae if vae is not None else AutoencoderKLWan(**to_dict(config.vae)))
         self.vae.requires_grad_(False)
         self.processor = Showo2Processor(tokenizer, config) if tokenizer is not None else None
         self._init_show_o2_weights()
@@ -502,7 +503,7 @@ class Showo2(MLLMAdapter):
         # Non-persistent buffers are not in checkpoints: rebuild the RoPE tables.
         model.showo.model.rotary_emb = Qwen2RotaryEmbedding(model.showo.config)
         model.flow_rotary = LlamaRotaryEmbedding(flow_llama_config(config.flow_head))
-        model.vae = vae.requires_grad_(False).eval()
+        model.vae = single_frame_fast_path(vae.requires_grad_(False).eval())
         return model
 
     @classmethod
