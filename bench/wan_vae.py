@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKLWan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,15 +31,13 @@ SETTINGS = {"tiny": ("tiny", 32), "released": ("1.5b", 2)}
 
 
 def _measure(fast: bool, args: argparse.Namespace) -> dict[str, float]:
-    from diffusers import AutoencoderKLWan
-
     preset, default_batch = SETTINGS[args.preset]
     config = showo2_config(preset)
+    dev = torch.device(args.device)
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(**to_dict(config.vae)).to(args.device)
+    vae = AutoencoderKLWan(**to_dict(config.vae)).to(dev)
     if fast:
         single_frame_fast_path(vae)
-    dev = torch.device(args.device)
     size = config.image_size
     x = torch.rand(args.batch or default_batch, 3, 1, size, size, device=dev) * 2 - 1
     with torch.no_grad():
