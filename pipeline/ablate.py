@@ -270,9 +270,10 @@ def original_model(recipe: Path, base: list[str], args: argparse.Namespace, data
                    tokenizer: Path) -> tuple[Path, dict[str, Any]]:
     """The exported pretrained model directory and its description (cached by everything it depends on)."""
     key = cache_key(recipe=recipe.read_text(), overrides=base, pretrain_overrides=args.pretrain_overrides,
-                    steps=args.pretrain_steps, batch=args.pretrain_batch, lr=args.pretrain_lr,
-                    vae_steps=args.vae_steps, seed=args.seed, ranks=args.ranks, data=manifests(data),
-                    heldout=manifests(heldout), tokenizer=_digest([p for p in tokenizer.iterdir() if p.is_file()]))
+                    steps=args.pretrain_steps, batch=(args.pretrain_batch_i2t, args.pretrain_batch_t2i),
+                    lr=args.pretrain_lr, vae_steps=args.vae_steps, seed=args.seed, ranks=args.ranks,
+                    data=manifests(data), heldout=manifests(heldout),
+                    tokenizer=_digest([p for p in tokenizer.iterdir() if p.is_file()]))
     home, cached = cache_entry(args.workdir / "pretrain", key, "model")
     if cached is not None:
         return home / "model", cached
@@ -290,7 +291,8 @@ def original_model(recipe: Path, base: list[str], args: argparse.Namespace, data
           f"infotok.mode=off, {args.ranks} ranks)", flush=True)
     run_dir = home / "run"
     train(recipe, [*overrides, f"run_dir={run_dir}", f"steps={args.pretrain_steps}", "infotok.mode=off",
-                   f"data.micro_batch_i2t={args.pretrain_batch}", f"data.micro_batch_t2i={args.pretrain_batch}",
+                   f"data.micro_batch_i2t={args.pretrain_batch_i2t}",
+                   f"data.micro_batch_t2i={args.pretrain_batch_t2i}",
                    f"optim.lr={args.pretrain_lr}", f"optim.warmup_steps={max(1, args.pretrain_steps // 20)}",
                    "resume=none", f"checkpoint.every={args.pretrain_steps}", "checkpoint.keep_last=1"],
           home / "logs", args.ranks)
@@ -470,8 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each fine-tuning")
     parser.add_argument("--workdir", required=True, type=Path, help="everything goes here; the original is cached")
     parser.add_argument("--pretrain-steps", type=int, default=3000, help="steps that make the original model")
-    parser.add_argument("--pretrain-batch", type=int, default=16,
-                        help="pretraining micro-batch per rank of each stream (I2T and T2I)")
+    parser.add_argument("--pretrain-batch-i2t", type=int, default=16, help="pretraining I2T micro-batch per rank")
+    parser.add_argument("--pretrain-batch-t2i", type=int, default=16, help="pretraining T2I micro-batch per rank")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="pretraining peak learning rate")
     parser.add_argument("--pretrain-override", dest="pretrain_overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="recipe override for the pretraining only, after the ones for "
@@ -500,7 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.config = args.config if args.config.is_absolute() else (Path.cwd() / args.config)
     args.workdir = args.workdir.resolve()
-    for name in ("steps", "pretrain_steps", "pretrain_batch", "samples", "heldout_samples", "ranks"):
+    for name in ("steps", "pretrain_steps", "pretrain_batch_i2t", "pretrain_batch_t2i", "samples", "heldout_samples",
+                 "ranks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:

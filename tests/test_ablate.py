@@ -17,8 +17,8 @@ from pipeline.ablate import _modes, cache_key, foreground, main, pretrain_vae, r
 from pipeline.models import build_model
 from pipeline.train import load_train_config
 
-ARGS = ["--config", "configs/tiny_showo2.yaml", "--steps", "2", "--pretrain-steps", "2", "--pretrain-batch", "2",
-        "--vae-steps", "2",
+ARGS = ["--config", "configs/tiny_showo2.yaml", "--steps", "2", "--pretrain-steps", "2",
+        "--pretrain-batch-i2t", "2", "--pretrain-batch-t2i", "3", "--vae-steps", "2",
         "--samples", "48", "--heldout-samples", "24", "--eval-samples", "4", "--eval-batches", "2",
         "--bootstrap", "10", "--recon-steps", "3", "--recon-train", "8", "--recon-test", "4"]
 
@@ -168,4 +168,8 @@ def test_a_pretraining_override_reaches_the_pretraining_alone(ablation, capsys):
     pretrained = load_train_config(ablation / "pretrain" / data["pretrained"]["key"] / "run" / "config.yaml")
     options = pretrained.model.options
     assert options["trainable"] == ["flow_head"] and options["vae"]["latents_mean"]  # merged with the VAE's options
-    assert "trainable" not in load_train_config(ablation / "finetune" / "off" / "config.yaml").model.options
+    finetuned = load_train_config(ablation / "finetune" / "off" / "config.yaml")
+    assert "trainable" not in finetuned.model.options
+    # the pretraining batch flags set each stream; the fine-tunings keep the recipe's batch
+    assert (pretrained.data.micro_batch_i2t, pretrained.data.micro_batch_t2i) == (2, 3)
+    assert (finetuned.data.micro_batch_i2t, finetuned.data.micro_batch_t2i) == (2, 2)

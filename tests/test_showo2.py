@@ -172,11 +172,11 @@ def _patch_rows(u, p):
     return torch.stack(rows).reshape(len(u), -1, p * p * u.shape[1])
 
 
-@pytest.mark.parametrize("layout, rows, prediction", [("official", _official_rows, "velocity"),
-                                                      ("patch", _patch_rows, "velocity"),
-                                                      ("patch", _patch_rows, "data")])
-def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, layout, rows, prediction):
-    model = _tiny(tokenizer_dir, flow_layout=layout, flow_prediction=prediction).train()
+@pytest.mark.parametrize("layout, rows, prediction, shift", [("official", _official_rows, "velocity", None),
+                                                             ("patch", _patch_rows, "velocity", None),
+                                                             ("patch", _patch_rows, "data", 3.0)])
+def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, layout, rows, prediction, shift):
+    model = _tiny(tokenizer_dir, flow_layout=layout, flow_prediction=prediction, train_time_shift=shift).train()
     batch = collated_batch(model, "gg")
     store = {}
     handles = [_capture(model.diffusion_head_b, store, "v"),
@@ -188,9 +188,10 @@ def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, la
     x1 = model.encode_latents(batch["pixel_values"], sample=True, generator=g)
     x0 = torch.randn(x1.shape, generator=g)
     n, p = model.config.num_image_tokens, model.config.patch_size
-    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (n + 1 - 256)
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (n + 1 - 256)  # null: the official shift for n + 1 tokens
+    odds = math.exp(mu) if shift is None else shift
     t = torch.sigmoid(torch.randn(2, generator=g))
-    t = 1 - math.exp(mu) / (math.exp(mu) + (1 / (1 - t) - 1))
+    t = 1 - odds / (odds + (1 / (1 - t) - 1))
     xt = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
     torch.testing.assert_close(store["x"][0][:2], xt)
     u = rows(x1 - x0, p)
@@ -210,7 +211,8 @@ def test_velocity_layouts_round_trip(layout):
 
 
 def test_the_tiny_preset_predicts_the_patch_under_each_token_and_released_sizes_the_official_rows():
-    assert showo2_config("tiny").flow_layout == "patch"
+    assert showo2_config("tiny").flow_layout == "patch" and showo2_config("tiny").train_time_shift == 3.0
+    assert showo2_config("1.5b").train_time_shift is None
     assert showo2_config("1.5b").flow_layout == "official"
     assert showo2_config("7b").flow_layout == "official"
 

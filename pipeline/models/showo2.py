@@ -39,7 +39,7 @@ from pipeline.models.presets import deep_merge
 from pipeline.models.qwen import qwen2_config
 from pipeline.models.showo2_config import Showo2Config, options_from_official, showo2_config
 from pipeline.models.showo2_flow import (
-    patchify, sample_timesteps, sampling_grid, velocity_from_data, velocity_latents, velocity_rows,
+    patchify, resolution_shift, sample_timesteps, sampling_grid, velocity_from_data, velocity_latents, velocity_rows,
 )
 from pipeline.models.showo2_layers import (
     FinalLayer,
@@ -305,7 +305,8 @@ class Showo2(MLLMAdapter):
         latents, t = x1, torch.ones(len(x1), device=device)
         if n_gen:
             x0 = torch.randn(x1[is_gen].shape, generator=generator, device=device).to(x1.dtype)
-            t_gen = sample_timesteps(n_gen, self.config.num_image_tokens + 1, generator, device)
+            shift = self.config.train_time_shift or resolution_shift(self.config.num_image_tokens + 1)
+            t_gen = sample_timesteps(n_gen, shift, generator, device)
             t_view = t_gen.view(-1, 1, 1, 1).to(x1.dtype)
             latents = x1.clone()
             latents[is_gen] = t_view * x1[is_gen] + (1 - t_view) * x0

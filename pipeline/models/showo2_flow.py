@@ -13,25 +13,24 @@ import torch
 from torch import Tensor
 
 
-def shift_mu(seq_len: int) -> float:
-    """Resolution-dependent shift: linear in the image sequence length, 0.5 at 256 and 1.15 at 4096."""
+def resolution_shift(seq_len: int) -> float:
+    """The official training shift ``exp(mu)``, mu linear in the image sequence length ``seq_len`` (visual
+    tokens plus the time token, 730 at 432 px): 0.5 at 256, 1.15 at 4096."""
     slope = (1.15 - 0.5) / (4096 - 256)
-    return 0.5 + slope * (seq_len - 256)
+    return math.exp(0.5 + slope * (seq_len - 256))
 
 
-def shift_timesteps(t: Tensor, seq_len: int) -> Tensor:
-    """``transport.Transport.time_shift`` with sigma 1, written for t = 1 clean."""
+def shift_timesteps(t: Tensor, shift: float) -> Tensor:
+    """``transport.Transport.time_shift`` with sigma 1, written for t = 1 clean: the noise level's odds
+    ``(1 − t)/t`` are multiplied by ``shift``."""
     noise_level = 1 - t
-    return 1 - math.exp(shift_mu(seq_len)) / (math.exp(shift_mu(seq_len)) + (1 / noise_level - 1))
+    return 1 - shift / (shift + (1 / noise_level - 1))
 
 
-def sample_timesteps(n: int, seq_len: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Training timesteps: logit-normal (``snr_type: lognorm``) then shifted (``do_shift: True``).
-
-    ``seq_len`` is the image sequence length including the time token (730 at 432 px).
-    """
+def sample_timesteps(n: int, shift: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Training timesteps: logit-normal (``snr_type: lognorm``) then shifted towards noise (``do_shift: True``)."""
     u = torch.randn(n, generator=generator, device=device)
-    return shift_timesteps(torch.sigmoid(u), seq_len)
+    return shift_timesteps(torch.sigmoid(u), shift)
 
 
 def sampling_grid(num_steps: int, shifting_factor: float) -> Tensor:
