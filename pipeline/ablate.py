@@ -281,7 +281,8 @@ def original_model(recipe: Path, base: list[str], args: argparse.Namespace, data
     shared = [*base, f"model.tokenizer_path={tokenizer}"]
     overrides = [*shared, *args.pretrain_overrides]
     info: dict[str, Any] = {"key": key, "steps": args.pretrain_steps, "overrides": args.pretrain_overrides,
-                            "vae": None}
+                            "batch": {"i2t": args.pretrain_batch_i2t, "t2i": args.pretrain_batch_t2i},
+                            "lr": args.pretrain_lr, "vae": None}
     if args.vae_steps:
         vae_dir, vae = trained_autoencoder(recipe, shared, args, data, heldout)
         options = deep_merge(load_train_config(recipe, overrides).model.options, vae["options"])
@@ -395,9 +396,11 @@ def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], runs
                 f"the shape detector passes {vae['detector_accuracy']:.0%} of the held-out T2I scenes after a "
                 f"round trip through it, the ceiling of generation accuracy)")
     overrides = "".join(f", `{o}`" for o in pretrained["overrides"])
+    batch = pretrained["batch"]
     lines = [
         f"# Ablation: `{args.config}` (Table 5)", "",
-        f"Original: {pretrained['steps']} pretraining steps (`infotok.mode=off`, every trainable part{overrides}; "
+        f"Original: {pretrained['steps']} pretraining steps of {batch['i2t']} I2T + {batch['t2i']} T2I samples per "
+        f"rank at peak lr {pretrained['lr']:g} (`infotok.mode=off`, every trainable part{overrides}; "
         f"cache key `{pretrained['key']}`); {vae_line}. Each fine-tuning: {args.steps} steps from the exported "
         f"original, seed {args.seed}, the same data order, {args.ranks} ranks. Held-out: "
         f"{', '.join(f'`{d}`' for d in args.heldout)}. Deltas are against the original; the rate exists only "

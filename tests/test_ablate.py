@@ -47,6 +47,7 @@ def test_ablation_writes_the_table_with_deltas_and_the_plots(ablation):
     assert set(data["rows"]) == {"original", "off", "cs", "csa"} and data["modes"] == ["off", "cs", "csa"]
     assert data["rows"]["csa"]["model"]["infotok_mode"] == "csa"
     assert data["pretrained"]["vae"]["steps"] == 2
+    assert data["pretrained"]["batch"] == {"i2t": 2, "t2i": 3} and "2 I2T + 3 T2I samples per rank" in text
     # every fine-tuning started from the same exported original and saw the same first batch
     first = [json.loads((ablation / "finetune" / m / "metrics.jsonl").read_text().splitlines()[0])["loss_i2t"]
              for m in ("off", "cs", "csa")]
