@@ -305,7 +305,9 @@ class Showo2(MLLMAdapter):
         latents, t = x1, torch.ones(len(x1), device=device)
         if n_gen:
             x0 = torch.randn(x1[is_gen].shape, generator=generator, device=device).to(x1.dtype)
-            shift = self.config.train_time_shift or resolution_shift(self.config.num_image_tokens + 1)
+            shift = self.config.train_time_shift
+            if shift is None:
+                shift = resolution_shift(self.config.num_image_tokens + 1)
             t_gen = sample_timesteps(n_gen, shift, generator, device)
             t_view = t_gen.view(-1, 1, 1, 1).to(x1.dtype)
             latents = x1.clone()

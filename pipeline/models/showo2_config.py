@@ -208,9 +208,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # velocity loss falls from 0.415 to 0.360 in a 3,000-step T2I proxy.
         "flow_prediction": "data",
         # The official shift at 64 tokens (1.6) trains 18% of the steps below t = 0.2, where the layout
-        # is decided; the sampler's 3.0 trains 39% there. A model that completes held-out scenes noised
-        # to t = 0.5 (0.79 generation accuracy) drew from pure noise at chance (0.09); with 3.0 the
-        # same pretraining draws at 0.14 (8 steps, CFG 5).
+        # is decided; the sampler's 3.0 trains 39% there. With 1.6 a model that completes held-out
+        # scenes noised to t = 0.5 at 0.79 generation accuracy drew from pure noise at 0.11 (chance
+        # 0.07); the same pretraining with 3.0 draws at 0.14 (8 steps, CFG 5).
         "train_time_shift": 3.0,
         "max_seq_len": 224,
         # Chosen on training-corpus prompts (not the held-out ones): 8 steps score 0.12, 16-50 steps
