@@ -158,7 +158,7 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
                    help="where objects go: 'free' = anywhere, at 0.16-0.26 of the side; 'grid' = centred in the "
                         "cells of a 4x4 grid, at 0.8-0.9 of a cell, so that at 64 px each object covers a fixed "
                         "2x2 block of 8 px visual tokens (what tiny models learn to draw on a CPU budget; "
-                        "pipeline.ablate uses it) (default: %(default)s)")
+                        "experiments.ablate uses it) (default: %(default)s)")
     p.set_defaults(run=_run_synth)
 
 

@@ -1,4 +1,4 @@
-"""``python -m pipeline.ablate`` on a minimal budget: the table, the plots, and the cached original."""
+"""``python -m experiments.ablate`` on a minimal budget: the table, the plots, and the cached original."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline import ablate
-from pipeline.ablate import _modes, cache_key, foreground, main, pretrain_vae, random_crops, synth_corpus, table
+from experiments import ablate
+from experiments.ablate import _modes, cache_key, foreground, main, pretrain_vae, random_crops, synth_corpus, table
 from pipeline.models import build_model
 from pipeline.train import load_train_config
 
@@ -112,7 +112,7 @@ def test_the_cache_key_changes_with_any_part_and_with_the_package_source(tmp_pat
     (package / "models").mkdir(parents=True)
     preset = package / "models" / "presets.py"
     preset.write_text("WIDTH = 64\n")
-    monkeypatch.setattr(ablate, "PACKAGE", package)
+    monkeypatch.setattr(ablate, "SOURCE_DIRS", (package,))
     key = cache_key(steps=10, seed=0)
     assert cache_key(steps=10, seed=0) == key
     assert cache_key(steps=11, seed=0) != key

@@ -1,4 +1,4 @@
-"""The adapters' frozen autoencoder as an autoencoder (what ``pipeline.ablate`` trains to make a tiny
+"""The adapters' frozen autoencoder as an autoencoder (what ``experiments.ablate`` trains to make a tiny
 original model): reconstruction with gradient, determinism without a generator, and options that
 normalise the latents the model sees to unit scale."""
 

@@ -1,13 +1,13 @@
 """The bottleneck does what Eq. 10 says on a synthetic problem (task part + high-entropy nuisance).
 
-See pipeline/bottleneck_demo.py for the setup. One seeded comparison, ~10 s on two CPU cores.
+See experiments/bottleneck.py for the setup. One seeded comparison, ~10 s on two CPU cores.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.bottleneck_demo import BottleneckDemoConfig, compare
+from experiments.bottleneck import BottleneckDemoConfig, compare
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,7 @@ class MLLMAdapter(nn.Module, ABC):
     @abstractmethod
     def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """The frozen autoencoder as an autoencoder, for training it when a tiny original model is made
-        (``pipeline.ablate``): pixels [B, 3, H, W] in [-1, 1] → (reconstruction in the same layout,
+        (``experiments.ablate``): pixels [B, 3, H, W] in [-1, 1] → (reconstruction in the same layout,
         mean KL of the posterior to N(0, I), 0 for a deterministic autoencoder). The latents are a
         posterior sample drawn with ``generator``, or the posterior mean without one."""
 

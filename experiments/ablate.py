@@ -1,6 +1,6 @@
 """Table 5 of the paper: Finetune vs InfoTok C&S vs C&S&A from the same start on the same data.
 
-    python -m pipeline.ablate --config configs/tiny_showo2.yaml --modes off,cs,csa --steps 100 --workdir runs/ablation
+    python -m experiments.ablate --config configs/tiny_showo2.yaml --modes off,cs,csa --steps 100 --workdir runs/ablation
 
 1. Data (unless ``--data``/``--heldout`` are given): ``data_prep synth`` train and held-out corpora
    (different seeds, ``--scene-layout``) as shards, and the package's tiny tokenizer (unless the
@@ -21,7 +21,7 @@ The exported original keeps the model options it was pretrained with. OpenUni tr
 InternVL3 (the released one is already trained); the tiny one is random, so its LLM is pretrained here
 and frozen again for the fine-tunings:
 
-    python -m pipeline.ablate --config configs/tiny_openuni.yaml --workdir runs/ablation_openuni \\
+    python -m experiments.ablate --config configs/tiny_openuni.yaml --workdir runs/ablation_openuni \\
         --pretrain-override 'model.options={trainable: [llm, connector, transformer]}' \\
         'model.options={trainable: [connector, transformer]}'
 """
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from data_prep.cli import main as data_prep
 from data_prep.scenes import BACKGROUND_RGB, GENEVAL_CATEGORIES, LAYOUTS
+import pipeline
 from pipeline.config import ConfigError
 from pipeline.eval import report
 from pipeline.eval.benchmark import accuracy_by, generation_results
@@ -135,13 +136,14 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-PACKAGE = Path(__file__).resolve().parent
+SOURCE_DIRS = (Path(pipeline.__file__).resolve().parent, Path(__file__).resolve().parent)
+"""The library and these experiments: their presets and training code decide a cached result."""
 
 
 def cache_key(**parts: Any) -> str:
     """Hash of everything a cached artefact depends on: ``parts`` (data directories enter by their
-    manifests) and this package's source, whose presets and training code also decide the result."""
-    parts["code"] = _digest(list(PACKAGE.rglob("*.py")))
+    manifests) and the source in ``SOURCE_DIRS``."""
+    parts["code"] = _digest([p for d in SOURCE_DIRS for p in d.rglob("*.py")])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ On held-out data it reports how much nuisance a linear probe recovers from the s
 (what the LLM consumes; Eq. 12's argument is that regularising z~ constrains z), the task
 information kept in z~ (answer accuracy, generation-target R^2), the rate and the task loss.
 
-    python -m pipeline.bottleneck_demo [--config FILE.yaml] [key=value ...]
+    python -m experiments.bottleneck [--config FILE.yaml] [key=value ...]
 """
 
 from __future__ import annotations
