@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -34,7 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.cli import main as data_prep
+from data_prep import shard
 
 WIDTH, HEIGHT, QUALITY, MAX_SIDE = 1024, 768, 90, 512
 
@@ -106,11 +107,8 @@ def raw_copy(paths: list[Path], out: Path) -> None:
         os.fsync(f.fileno())
 
 
-def run_shard(source: Path, out: Path, workers: int, shard_size: int, *extra: str) -> None:
-    code = data_prep(["shard", "--source", f"jsonl:{source}", "--output", str(out), "--workers", str(workers),
-                      "--shard-size", str(shard_size), *extra])
-    if code:
-        raise SystemExit(f"data_prep shard failed with status {code}")
+def run_shard(source: Path, out: Path, workers: int, shard_size: int, **options: Any) -> None:
+    shard([f"jsonl:{source}"], out, workers=workers, shard_size=shard_size, **options)
 
 
 def main() -> None:
@@ -132,17 +130,17 @@ def main() -> None:
         for p in paths:  # every method below then reads from the page cache
             p.read_bytes()
 
-        def shard_with(workers: int, *extra: str) -> Callable[[Path], None]:
-            return lambda out: run_shard(source, out, workers, shard_size, *extra)
+        def shard_with(workers: int, **options: Any) -> Callable[[Path], None]:
+            return lambda out: run_shard(source, out, workers, shard_size, **options)
 
-        resize, keep = ("--max-side", str(MAX_SIDE)), ("--max-side", "0")
+        resize, keep = {"max_side": MAX_SIDE}, {"max_side": 0}
         rate = {
             "baseline": measure(n, r, root, lambda out: baseline_resize(paths, out, shard_size)),
-            "resize1": measure(n, r, root, shard_with(1, *resize)),
-            "resizeW": measure(n, r, root, shard_with(w, *resize)),
+            "resize1": measure(n, r, root, shard_with(1, **resize)),
+            "resizeW": measure(n, r, root, shard_with(w, **resize)),
             "raw": measure(n, r, root, lambda out: raw_copy(paths, out)),
-            "pass_structure": measure(n, r, root, shard_with(w, *keep, "--check", "structure")),
-            "pass_decode": measure(n, r, root, shard_with(w, *keep)),
+            "pass_structure": measure(n, r, root, shard_with(w, **keep, check="structure")),
+            "pass_decode": measure(n, r, root, shard_with(w, **keep)),
         }
 
     print(f"\n{n} photos, {mb / n * 1000:.0f} KB each on average; {w} workers; {os.cpu_count()} CPUs; best of {r} "

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.cli import main as data_prep  # noqa: E402
+import data_prep  # noqa: E402
 from pipeline.data import DataConfig, TwoStreamLoader  # noqa: E402
-from pipeline.models.tiny_tokenizer import make_tokenizer  # noqa: E402
+from pipeline.models.common.tiny_tokenizer import make_tokenizer  # noqa: E402
 
 BATCH = 16
 
@@ -82,9 +82,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data_prep(["synth", "--output", str(root / "synth"), "--count", str(args.samples), "--size", str(args.size)])
-        data_prep(["shard", "--source", f"jsonl:{root}/synth/synth.jsonl", "--output", str(root / "shards"),
-                   "--shard-size", "200"])
+        source = data_prep.synth(root / "synth", args.samples, size=args.size)
+        data_prep.shard([f"jsonl:{source}"], root / "shards", shard_size=200)
         preprocess = Preprocess(str(make_tokenizer(root / "tokenizer")))
         rows = []
         for workers in (1, 2):

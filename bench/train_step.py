@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import in_fresh_process, time_and_peak  # noqa: E402
 from pipeline.infotok import InfoTokConfig, InfoTokDims, InfoTokRegularizer  # noqa: E402
 from pipeline.models import ModelConfig, build_model  # noqa: E402
-from pipeline.models.tiny_tokenizer import make_tokenizer  # noqa: E402
-from pipeline.train import InfoTokModel  # noqa: E402
+from pipeline.models.common.tiny_tokenizer import make_tokenizer  # noqa: E402
+from pipeline.objective import InfoTokModel  # noqa: E402
 
 SMALL_SHOWO2 = {
     "llm": {"vocab_size": 151_669, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,

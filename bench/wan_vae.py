@@ -1,6 +1,6 @@
 """What does the single-frame fast path save on Show-o2's Wan VAE? Stock diffusers against it, one run.
 
-Show-o2 passes images through the Wan2.1 video VAE as one-frame videos (``pipeline/models/showo2_vae.py``).
+Show-o2 passes images through the Wan2.1 video VAE as one-frame videos (``pipeline/models/showo2/vae.py``).
 Two VAEs with the same random weights, diffusers' own classes and the fast path, each in its own
 process: median time of an encode (as every training step does), a decode (as generation does) and
 an autoencoder training step (encode, decode, backward; as ``ablate`` trains the tiny VAE).
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import in_fresh_process, time_and_peak  # noqa: E402
 from pipeline.config import to_dict  # noqa: E402
-from pipeline.models.showo2_config import showo2_config  # noqa: E402
-from pipeline.models.showo2_vae import single_frame_fast_path  # noqa: E402
+from pipeline.models.showo2.config import showo2_config  # noqa: E402
+from pipeline.models.showo2.vae import single_frame_fast_path  # noqa: E402
 
 SETTINGS = {"tiny": ("tiny", 32), "released": ("1.5b", 2)}
 

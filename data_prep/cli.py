@@ -1,17 +1,22 @@
 """Command line: ``python -m data_prep {shard,verify,stats,synth} ...``.
 
-Command modules are imported only when their command runs, so ``--help`` stays instant.
+A thin layer over :mod:`data_prep.commands`: each flag's destination is the keyword argument of
+the same name and its default is that of the function's signature.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from data_prep.commands import default_workers, out_of_range, shard, stats, synth, verify
 from data_prep.errors import CommandError
 from data_prep.scenes import LAYOUTS
+from data_prep.schema import TASKS
 
 PROG = "python -m data_prep"
 
@@ -21,27 +26,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(low: int):
+def _int(name: str) -> Callable[[str], int]:
+    """Parser of the integer argument ``name``, within its ``commands.LIMITS``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        problem = out_of_range(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
     return parse
 
 
-def _quality(text: str) -> int:
-    value = _int_at_least(1)(text)
-    if value > 100:
-        raise argparse.ArgumentTypeError(f"{value} is above the maximum 100")
-    return value
-
-
-def _default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    """The default of each argument of ``function`` that has one."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty}
 
 
 SHARD_HELP = """\
@@ -65,59 +67,50 @@ Interrupted runs (even kill -9) finish with --resume and give the same result.""
 def _add_shard(commands: argparse._SubParsersAction) -> None:
     from data_prep.images import CHECKS, IMAGE_FORMATS
 
+    default = _defaults(shard)
     p = commands.add_parser("shard", help="write shards, manifest and ledger from sources",
                             description=SHARD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", action="append", required=True, metavar="[NAME=]KIND:PATH", dest="sources",
                    help="an input; repeat for several (kinds above)")
     p.add_argument("--output", required=True, type=Path, metavar="DIR",
                    help="dataset directory to create (must not hold another run's output unless --resume)")
-    p.add_argument("--task", choices=("i2t", "t2i"), default="i2t",
+    p.add_argument("--task", choices=TASKS, default=default["task"],
                    help="task of plain-caption records (jsonl 'caption', folder .txt, hf text column); "
                         "records with messages/question/prompt fix their own task (default: %(default)s)")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=2000, metavar="N",
+    p.add_argument("--shard-size", type=_int("shard_size"), default=default["shard_size"],
+                   metavar="N",
                    help="records per shard; skipped records leave a shard slightly smaller (default: %(default)s)")
-    p.add_argument("--max-side", type=_int_at_least(0), default=1024, metavar="PX",
+    p.add_argument("--max-side", type=_int("max_side"), default=default["max_side"], metavar="PX",
                    help="downscale images whose longer side exceeds PX, keeping aspect; 0: never "
                         "(default: %(default)s)")
-    p.add_argument("--min-side", type=_int_at_least(1), default=64, metavar="PX",
+    p.add_argument("--min-side", type=_int("min_side"), default=default["min_side"], metavar="PX",
                    help="skip images whose shorter side is below PX, reason too_small (default: %(default)s)")
-    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="keep",
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default=default["image_format"],
                    help="stored format: keep (JPEG/PNG/WebP stay, others become PNG), or convert all to "
                         "jpg or webp; images that need no change keep their original bytes (default: %(default)s)")
-    p.add_argument("--quality", type=_quality, default=90, metavar="Q",
+    p.add_argument("--quality", type=_int("quality"), default=default["quality"], metavar="Q",
                    help="JPEG/WebP quality, 1-100, for re-encoded images (default: %(default)s)")
-    p.add_argument("--check", choices=CHECKS, default="decode",
+    p.add_argument("--check", choices=CHECKS, default=default["check"],
                    help="how images kept byte-for-byte are verified: 'decode' decodes them (any corrupt "
                         "data is caught); 'structure' only checks markers, chunk CRCs and sizes, which catches "
                         "truncation and runs at I/O speed. Re-encoded images are always decoded "
                         "(default: %(default)s)")
-    p.add_argument("--workers", type=_int_at_least(1), default=_default_workers(), metavar="N",
+    p.add_argument("--workers", type=_int("workers"), default=default_workers(), metavar="N",
                    help="parallel processes, each writing whole shards (default: the CPUs available, %(default)s)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the global shuffle (default: %(default)s)")
-    p.add_argument("--resume", action="store_true",
+    p.add_argument("--seed", type=int, default=default["seed"], metavar="S",
+                   help="seed of the global shuffle (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", default=default["resume"],
                    help="finish an interrupted run in --output (same sources and flags); a no-op on a finished one")
-    p.add_argument("--image-root", type=Path, metavar="DIR",
+    p.add_argument("--image-root", type=Path, default=default["image_root"], metavar="DIR",
                    help="base folder for relative image paths of jsonl, llava and hf path columns "
                         "(default: the source file's folder)")
-    p.add_argument("--image-column", default="image", metavar="NAME",
+    p.add_argument("--image-column", default=default["image_column"], metavar="NAME",
                    help="hf sources: the column with the image: datasets Image, bytes, or a file path "
                         "(default: %(default)s)")
-    p.add_argument("--text-column", metavar="NAME",
+    p.add_argument("--text-column", default=default["text_column"], metavar="NAME",
                    help="hf sources: a column holding a caption string (task from --task) or a list of "
                         "turns; default: read the columns like jsonl fields")
-    p.set_defaults(run=_run_shard)
-
-
-def _run_shard(a: argparse.Namespace) -> int:
-    from data_prep import shard
-
-    args = shard.ShardArgs(
-        sources=a.sources, output=a.output, task=a.task, shard_size=a.shard_size, max_side=a.max_side,
-        min_side=a.min_side, image_format=a.image_format, quality=a.quality, check=a.check, workers=a.workers,
-        seed=a.seed, resume=a.resume, image_root=a.image_root, image_column=a.image_column,
-        text_column=a.text_column,
-    )
-    return shard.run(args)
+    p.set_defaults(run=shard)
 
 
 def _add_verify(commands: argparse._SubParsersAction) -> None:
@@ -127,10 +120,10 @@ def _add_verify(commands: argparse._SubParsersAction) -> None:
                     "sizes, sha256, sample counts per task, keys, every json parses as a sample and every "
                     "image decodes at the size its json states. Prints each problem on its own line and "
                     "exits 1 if there is any, 0 if none.")
-    p.add_argument("dir", type=Path, metavar="DIR", help="a directory written by 'shard'")
-    p.add_argument("--workers", type=_int_at_least(1), default=_default_workers(), metavar="N",
+    p.add_argument("path", type=Path, metavar="DIR", help="a directory written by 'shard'")
+    p.add_argument("--workers", type=_int("workers"), default=default_workers(), metavar="N",
                    help="shards checked in parallel (default: the CPUs available, %(default)s)")
-    p.set_defaults(run=_run_verify)
+    p.set_defaults(run=verify)
 
 
 def _add_stats(commands: argparse._SubParsersAction) -> None:
@@ -138,11 +131,12 @@ def _add_stats(commands: argparse._SubParsersAction) -> None:
         "stats", help="print totals, skip reasons and histograms of a dataset directory",
         description="Print the samples per task and per source, the skip reasons, and histograms of "
                     "image size and text length of DIR (reads the json members only, not the images).")
-    p.add_argument("dir", type=Path, metavar="DIR", help="a directory written by 'shard'")
-    p.set_defaults(run=_run_stats)
+    p.add_argument("path", type=Path, metavar="DIR", help="a directory written by 'shard'")
+    p.set_defaults(run=stats)
 
 
 def _add_synth(commands: argparse._SubParsersAction) -> None:
+    default = _defaults(synth)
     p = commands.add_parser(
         "synth", help="generate the synthetic scenes corpus (a jsonl source)",
         description="Draw N scenes of coloured shapes and write DIR/synth.jsonl + DIR/images/: I2T "
@@ -150,34 +144,18 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
                     "with its ground truth (shapes, colors, counts, boxes) under 'meta'. Shard it with "
                     "--source jsonl:DIR/synth.jsonl. The same seed gives the same files.")
     p.add_argument("--output", required=True, type=Path, metavar="DIR", help="directory to write (created)")
-    p.add_argument("--count", required=True, type=_int_at_least(1), metavar="N", help="number of records")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: %(default)s)")
-    p.add_argument("--size", type=_int_at_least(64), default=256, metavar="PX",
+    p.add_argument("--count", required=True, type=_int("count"), metavar="N",
+                   help="number of records")
+    p.add_argument("--seed", type=int, default=default["seed"], metavar="S",
+                   help="random seed (default: %(default)s)")
+    p.add_argument("--size", type=_int("size"), default=default["size"], metavar="PX",
                    help="image side in pixels (default: %(default)s)")
-    p.add_argument("--layout", choices=LAYOUTS, default="free",
+    p.add_argument("--layout", choices=LAYOUTS, default=default["layout"],
                    help="where objects go: 'free' = anywhere, at 0.16-0.26 of the side; 'grid' = centred in the "
                         "cells of a 4x4 grid, at 0.8-0.9 of a cell, so that at 64 px each object covers a fixed "
                         "2x2 block of 8 px visual tokens (what tiny models learn to draw on a CPU budget; "
                         "experiments.ablate uses it) (default: %(default)s)")
-    p.set_defaults(run=_run_synth)
-
-
-def _run_verify(a: argparse.Namespace) -> int:
-    from data_prep import verify
-
-    return verify.run(a.dir, a.workers)
-
-
-def _run_stats(a: argparse.Namespace) -> int:
-    from data_prep import stats
-
-    return stats.run(a.dir)
-
-
-def _run_synth(a: argparse.Namespace) -> int:
-    from data_prep import synth
-
-    return synth.run(a.output, a.count, a.seed, a.size, a.layout)
+    p.set_defaults(run=synth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,10 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (0: done; 1: verify found problems)."""
     args = build_parser().parse_args(argv)
     prefix = f"{PROG} {args.command}: error:"
     try:
-        return args.run(args)
+        parameters = inspect.signature(args.run).parameters
+        result = args.run(**{name: getattr(args, name) for name in parameters})
     except CommandError as e:
         print(f"{prefix} {e}", file=sys.stderr)
         return 2
@@ -207,3 +187,4 @@ def main(argv: list[str] | None = None) -> int:
         hint = "; rerun with --resume to finish" if args.command == "shard" else ""
         print(f"{PROG} {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    return 1 if args.run is verify and result else 0

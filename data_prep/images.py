@@ -38,7 +38,7 @@ class ImageOptions:
 @dataclass(frozen=True)
 class PreparedImage:
     data: bytes
-    ext: str  # one of pipeline.schema.IMAGE_EXTENSIONS
+    ext: str  # one of schema.IMAGE_EXTENSIONS
     width: int
     height: int
 

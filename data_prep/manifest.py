@@ -12,7 +12,7 @@ from typing import Any
 from data_prep import __version__
 from data_prep.errors import CommandError
 from data_prep.records import compact_json
-from pipeline.schema import (
+from data_prep.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LEDGER_FILE,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from pipeline.schema import (
+from data_prep.schema import (
     IMAGE_TOKEN,
     ROLE_ASSISTANT,
     ROLE_SYSTEM,

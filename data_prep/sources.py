@@ -29,7 +29,7 @@ from data_prep.records import (
     parse_text,
     skipped,
 )
-from pipeline.schema import LedgerEntry
+from data_prep.schema import LedgerEntry
 
 KINDS = ("jsonl", "llava", "folder", "hf")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

@@ -1,1 +1,2 @@
-"""Research drivers built on the pipeline library: the Tab.-5 ablation and the bottleneck experiment."""
+"""Research drivers built on the pipeline library: the Tab.-5 ablation and the bottleneck
+experiment."""

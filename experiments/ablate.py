@@ -44,7 +44,7 @@ import matplotlib
 import torch
 from tqdm import tqdm
 
-from data_prep.cli import main as data_prep
+import data_prep
 from data_prep.scenes import BACKGROUND_RGB, GENEVAL_CATEGORIES, LAYOUTS
 import pipeline
 from pipeline.config import ConfigError
@@ -59,10 +59,10 @@ from pipeline.launch import LocalRun
 from pipeline.metrics import read_metrics
 from pipeline.models import build_model
 from pipeline.models.base import in_chunks
-from pipeline.models.presets import deep_merge
-from pipeline.models.processing import to_pil
-from pipeline.models.tiny_tokenizer import make_tokenizer
-from pipeline.train import load_train_config
+from pipeline.models.common.presets import deep_merge
+from pipeline.models.common.processing import to_pil
+from pipeline.models.common.tiny_tokenizer import make_tokenizer
+from pipeline.recipe import load_train_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
@@ -118,11 +118,8 @@ def synth_corpus(directory: Path, count: int, seed: int, layout: str) -> Path:
     if (shards / "manifest.json").is_file() and recipe.is_file() and json.loads(recipe.read_text()) == arguments:
         return shards
     shutil.rmtree(directory, ignore_errors=True)
-    synth_flags = [f"--{name}={value}" for name, value in arguments.items()]
-    for argv in (["synth", "--output", str(source), *synth_flags],
-                 ["shard", "--source", f"jsonl:{source}/synth.jsonl", "--output", str(shards), "--shard-size", "256"]):
-        if data_prep(argv) != 0:
-            raise RuntimeError(f"data_prep {' '.join(argv)} failed")
+    jsonl = data_prep.synth(source, **arguments)
+    data_prep.shard([f"jsonl:{jsonl}"], shards, shard_size=256)
     shutil.rmtree(source)
     recipe.write_text(json.dumps(arguments))
     return shards

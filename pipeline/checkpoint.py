@@ -27,6 +27,7 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 TAG_PREFIX = "step_"
 FAULT_ENV = "INFOTOK_FAULT"  # fault injection for tests: "crash_in_save:STEP"
+NOT_A_CHECKPOINT = "not a run directory, checkpoints directory or step_* checkpoint"
 
 
 def tag_for(step: int) -> str:
@@ -62,24 +63,45 @@ def latest_tag(root: Path) -> str | None:
     return tag
 
 
-def resolve_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
-    """``none`` -> None; ``auto`` -> the run's latest checkpoint or None; else a checkpoint path.
+def find_checkpoint(path: Path) -> tuple[Path, str] | None:
+    """(checkpoints root, tag) of a run directory, its ``checkpoints`` directory (their latest
+    checkpoint) or one ``step_*`` directory; None if ``path`` is none of these."""
+    for root in (path / CHECKPOINT_DIR, path):
+        if (root / LATEST).is_file():
+            return root, latest_tag(root)
+    if path.is_dir() and path.name.startswith(TAG_PREFIX):
+        return path.parent, path.name
+    return None
 
-    A path may be a run directory, its ``checkpoints`` directory, or one ``step_*`` directory.
-    """
+
+def resolve_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
+    """``none`` -> None; ``auto`` -> the run's latest checkpoint or None; else a checkpoint path
+    (see :func:`find_checkpoint`)."""
     if resume == "none":
         return None
     if resume == "auto":
         root = run_dir / CHECKPOINT_DIR
         tag = latest_tag(root)
         return (root, tag) if tag else None
-    path = Path(resume)
-    for root in (path / CHECKPOINT_DIR, path):
-        if (root / LATEST).is_file():
-            return root, latest_tag(root)
-    if path.is_dir() and path.name.startswith(TAG_PREFIX):
-        return path.parent, path.name
-    raise FileNotFoundError(f"resume={resume}: not a run directory, checkpoints directory or step_* checkpoint")
+    found = find_checkpoint(Path(resume))
+    if found is None:
+        raise FileNotFoundError(f"resume={resume}: {NOT_A_CHECKPOINT}")
+    return found
+
+
+def locate(path: Path, step: int | None = None) -> tuple[Path, str]:
+    """(checkpoints root, tag) under ``path``: its latest checkpoint, or the one of ``step``."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: {NOT_A_CHECKPOINT}")
+    root, tag = found
+    if step is not None:
+        tag = tag_for(step)
+        if not (root / tag).is_dir():
+            available = sorted(p.name for p in root.iterdir() if p.name.startswith(TAG_PREFIX))
+            raise FileNotFoundError(f"{root / tag} does not exist "
+                                    f"(available: {', '.join(available)})")
+    return root, tag
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

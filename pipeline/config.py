@@ -102,6 +102,9 @@ def from_dict(cls: type[T], raw: dict[str, Any], *, source: str = "<dict>", pref
             raise
         where = prefix.rstrip(".") or cls.__name__
         raise ConfigError(f"{source}: {where}: {e}") from None
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check(source=source, prefix=prefix)
     return obj
 
 
@@ -114,13 +117,13 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def apply_overrides(cfg: T, overrides: Sequence[str], *, source: str = "command line") -> T:
-    """Return a copy of ``cfg`` with each ``a.b.c=value`` applied and validated."""
-    return from_dict(type(cfg), _merge_overrides(type(cfg), to_dict(cfg), overrides, source), source=source)
-
-
 def _merge_overrides(cls: type, tree: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
-    """Set each dotted key in a copy of the raw ``tree``, checking every key against ``cls``."""
+    """Set each dotted key in a copy of the raw ``tree``, checking every key against ``cls``.
+
+    A mapping value merges into the mapping already there, as a recipe's own keys would. Below a
+    free-form ``dict`` field (``model.options``) keys are not checked here: the field's owner
+    validates the merged mapping (:func:`from_dict` calls a config's ``check``).
+    """
     tree = copy.deepcopy(tree)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -129,19 +132,39 @@ def _merge_overrides(cls: type, tree: dict[str, Any], overrides: Sequence[str], 
         node, node_cls = tree, cls
         parts = key.split(".")
         for depth, part in enumerate(parts):
-            fields = {f.name: f for f in dataclasses.fields(node_cls) if f.init}
-            if part not in fields:
-                raise ConfigError(_unknown_key_message(source, key, part, list(fields), parts[:depth]))
+            if node_cls is not None:
+                fields = {f.name: f for f in dataclasses.fields(node_cls) if f.init}
+                if part not in fields:
+                    raise ConfigError(_unknown_key_message(source, key, part, list(fields),
+                                                           parts[:depth]))
             if depth == len(parts) - 1:
-                node[part] = _parse_cli_value(value)
+                node[part] = _merged(node.get(part), _parse_cli_value(value))
                 break
-            sub = _dataclass_in(typing.get_type_hints(node_cls)[part])
-            if sub is None:
-                raise ConfigError(f"{source}: {key}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            if node_cls is not None:
+                hint = typing.get_type_hints(node_cls)[part]
+                sub = _dataclass_in(hint)
+                if sub is None and not _is_mapping(hint):
+                    raise ConfigError(f"{source}: {key}: {'.'.join(parts[:depth + 1])} is a value, "
+                                      "not a section")
+                node_cls = sub
             if not isinstance(node.get(part), dict):
                 node[part] = {}
-            node, node_cls = node[part], sub
+            node = node[part]
     return tree
+
+
+def _merged(current: Any, value: Any) -> Any:
+    """``value`` merged into ``current`` when both are mappings (recursively), else ``value``."""
+    if not (isinstance(current, dict) and isinstance(value, dict)):
+        return value
+    out = dict(current)
+    for key, item in value.items():
+        out[key] = _merged(out.get(key), item)
+    return out
+
+
+def _is_mapping(hint: Any) -> bool:
+    return any(h is dict or get_origin(h) is dict for h in (hint, *get_args(hint)))
 
 
 def _parse_cli_value(text: str) -> Any:

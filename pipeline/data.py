@@ -18,7 +18,7 @@ The order is a pure function of the step, computed from the manifests' sample co
 * Steps are dealt round-robin to the workers (step t to worker t mod W), which is the order the
   DataLoader returns them in; so the result does not depend on the number of workers either.
 
-Each sample is read with one seek through the shard's index (``pipeline.shard_index``); resuming
+Each sample is read with one seek through the shard's index (``data_prep.shard_index``); resuming
 at step t reads nothing that came before. A sample that cannot be used (bad image bytes, bad
 json, truncated tar, a processor error, too many text tokens) is skipped, counted by reason and
 replaced by the next readable position of the same dataset, so batch shapes never change.
@@ -40,9 +40,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from data_prep.schema import IMAGE_EXTENSIONS, JSON_EXTENSION, MANIFEST_FILE, TASKS
+from data_prep.shard_index import IndexedSample, read_index
 from pipeline.config import param
-from pipeline.schema import IMAGE_EXTENSIONS, JSON_EXTENSION, MANIFEST_FILE, TASKS
-from pipeline.shard_index import IndexedSample, read_index
 
 STREAMS = TASKS  # ("i2t", "t2i"); a stream is named after the task it carries
 MAX_CONSECUTIVE_BAD = 256  # unreadable positions in a row before a dataset is declared broken

@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.cli import main as data_prep
+import data_prep
 from pipeline.export import export
 from pipeline.launch import LocalRun, steps_logged
 from pipeline.metrics import read_metrics
-from pipeline.models.tiny_tokenizer import make_tokenizer
+from pipeline.models.common.tiny_tokenizer import make_tokenizer
 from pipeline.train import EXIT_STOPPED
 
 RECIPE = "configs/tiny_showo2.yaml"
@@ -54,10 +54,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"[1/6] data: {args.samples} synthetic scenes -> WebDataset shards (+ held-out scenes)", flush=True)
     for name, count, seed in (("shards", args.samples, 0), ("heldout", 48, 1)):
-        data_prep(["synth", "--output", str(work / f"{name}-src"), "--count", str(count), "--seed", str(seed),
-                   "--size", "64"])
-        data_prep(["shard", "--source", f"jsonl:{work / f'{name}-src'}/synth.jsonl", "--output", str(work / name),
-                   "--shard-size", "64"])
+        source = data_prep.synth(work / f"{name}-src", count, seed=seed, size=64)
+        data_prep.shard([f"jsonl:{source}"], work / name, shard_size=64)
     tokenizer = make_tokenizer(work / "tokenizer")
     common = [f"data.i2t=[{work / 'shards'}]", f"data.t2i=[{work / 'shards'}]", f"model.tokenizer_path={tokenizer}",
               f"steps={args.steps}", f"checkpoint.every={max(1, args.steps // 4)}"]

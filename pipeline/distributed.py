@@ -40,7 +40,8 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -57,15 +58,16 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
         addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                        addr, int(port))
-    return DistEnv(0, 0, 1, "127.0.0.1", _free_port())
+    return DistEnv(0, 0, 1, "127.0.0.1", free_port())
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
-    """Export the five variables, pick the device, and initialise DeepSpeed's process group."""
+def init_distributed(layout: DistEnv | None = None, timeout_minutes: float = 30.0) -> DistEnv:
+    """Export the five variables of ``layout`` (default: :func:`resolve_env`), pick the device,
+    and initialise DeepSpeed's process group."""
     import deepspeed
     from datetime import timedelta
 
-    layout = resolve_env()
+    layout = resolve_env() if layout is None else layout
     os.environ.update(RANK=str(layout.rank), LOCAL_RANK=str(layout.local_rank), WORLD_SIZE=str(layout.world_size),
                       MASTER_ADDR=layout.master_addr, MASTER_PORT=str(layout.master_port))
     if torch.cuda.is_available():

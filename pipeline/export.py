@@ -13,46 +13,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.checkpoint import CHECKPOINT_DIR, resolve_resume, tag_for
+from pipeline.checkpoint import CHECKPOINT_DIR, locate
 from pipeline.config import ConfigError
+from pipeline.consolidate import consolidate, load_exactly
 from pipeline.models import build_model
-from pipeline.train import load_train_config
-
-ADAPTER_PREFIX, REGULARIZER_PREFIX = "adapter.", "regularizer."
-
-
-def locate(checkpoint: Path, step: int | None) -> tuple[Path, str]:
-    """(checkpoints root, tag): the latest one, or the one of ``step``."""
-    found = resolve_resume(checkpoint, str(checkpoint))
-    if found is None:
-        raise FileNotFoundError(f"{checkpoint}: no checkpoint")
-    root, tag = found
-    if step is not None:
-        tag = tag_for(step)
-        if not (root / tag).is_dir():
-            available = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
-            raise FileNotFoundError(f"{root / tag} does not exist (available: {', '.join(available)})")
-    return root, tag
 
 
 def export(checkpoint: Path, output: Path, step: int | None = None) -> dict[str, int]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    root, tag = locate(checkpoint, step)
-    cfg = load_train_config(root / tag / "config.yaml")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    adapter_state = {k.removeprefix(ADAPTER_PREFIX): v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
-    dropped = [k for k in state if k.startswith(REGULARIZER_PREFIX)]
-    unknown = [k for k in state if not k.startswith((ADAPTER_PREFIX, REGULARIZER_PREFIX))]
-    if unknown:
-        raise ValueError(f"{root / tag}: unexpected keys outside adapter/regularizer: {unknown[:5]}")
-    adapter = build_model(cfg.model)
-    missing, unexpected = adapter.load_state_dict(adapter_state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{root / tag}: checkpoint does not match the {cfg.model.family} adapter: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """Write the adapter of ``checkpoint`` (latest, or ``step``) to ``output``; returns counts."""
+    ckpt = consolidate(*locate(checkpoint, step))
+    adapter = build_model(ckpt.config.model)
+    load_exactly(adapter, ckpt.adapter_state, f"{ckpt.source} ({ckpt.config.model.family} adapter)")
     adapter.save_pretrained(output)
-    return {"kept": len(adapter_state), "dropped": len(dropped), "step": int(tag.removeprefix("step_"))}
+    return {"kept": len(ckpt.adapter_state), "dropped": len(ckpt.regularizer_state),
+            "step": ckpt.step}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,15 +118,6 @@ def info_nce(image_emb: Tensor, text_emb: Tensor, tau: float, positives: Tensor 
     return logits.log_softmax(dim=-1).gather(1, positives[:, None]).mean()
 
 
-def patchify_latents(latents: Tensor, patch: int) -> Tensor:
-    """[B, C, H, W] latents -> [B, (H/p)*(W/p), C*p*p], rows in raster order of the token grid."""
-    b, c, h, w = latents.shape
-    if h % patch or w % patch:
-        raise ValueError(f"latent grid {h}x{w} is not divisible by patch size {patch}")
-    x = latents.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
 def soft_clamp(x: Tensor, limit: float) -> Tensor:
     """Smooth clamp to (-limit, limit): identity near 0, keeps a gradient everywhere."""
     return limit * torch.tanh(x / limit)

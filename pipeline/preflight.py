@@ -10,13 +10,13 @@ checkpoint; the run dir can be created and written. Loads no weights and touches
 
 Prints one line and exits 0 (``preflight: ok: ...``) or 78 (``preflight: FAILED: <reason>``), the
 line a SLURM job log shows when a job ends without training. ``--env-out FILE`` also writes
-``run_dir=<absolute path>`` for the job script.
+``run_dir=<absolute path>`` for the job script. ``python -m pipeline.train`` runs the same checks
+(:func:`run_checks`) before it builds anything and prints the same line, with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import uuid
@@ -24,13 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the checks import torch-heavy modules lazily, after the arguments parse
-    from pipeline.models.base import ModelConfig
-    from pipeline.train import TrainConfig
+    from pipeline.models.base import ModelConfig, Requirement
+    from pipeline.recipe import TrainConfig
 
 EXIT_FAILED = 78  # EX_CONFIG: fix the configuration and resubmit; never requeued
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
 
 class PreflightError(Exception):
     """A job would fail; the message is the one line shown to the user."""
@@ -74,70 +71,78 @@ def check_data(cfg: TrainConfig, world: int) -> str:
     return ", ".join(parts)
 
 
-def _tokenizer_dir(*candidates: str | Path | None) -> Path | None:
-    for candidate in candidates:
-        if candidate is not None and any((Path(candidate) / f).is_file() for f in TOKENIZER_FILES):
-            return Path(candidate)
-    return None
+def _satisfied(requirement: Requirement, path: Path) -> bool:
+    from pipeline.models.common.tokenizer import holds_tokenizer
+    from pipeline.models.common.weights import find_weight_files
+
+    if requirement.kind == "tokenizer":
+        return path.is_dir() and holds_tokenizer(path)
+    if requirement.kind == "weights" and path.is_dir():
+        try:
+            return bool(find_weight_files(path))
+        except (OSError, ValueError):
+            return False
+    return {"weights": path.is_file(), "file": path.is_file(), "directory": path.is_dir(),
+            "any": path.exists()}[requirement.kind]
 
 
-def _require_tokenizer(model: ModelConfig, *fallbacks: str | Path | None) -> None:
-    """A tokenizer directory: ``model.tokenizer_path`` when set, else the first fallback holding one."""
-    if model.tokenizer_path is not None and _tokenizer_dir(model.tokenizer_path) is None:
-        raise PreflightError(f"model.tokenizer_path {model.tokenizer_path}: no {' or '.join(TOKENIZER_FILES)} there")
-    if _tokenizer_dir(model.tokenizer_path, *fallbacks) is None:
-        where = ", ".join(str(f) for f in fallbacks if f is not None) or "model.path"
-        raise PreflightError(f"model: no tokenizer: set model.tokenizer_path (none found in {where})")
+def check_requirement(requirement: Requirement) -> None:
+    """The key's path (or, unset or lacking it, a fallback) holds what the family reads."""
+    candidates = [requirement.path] if requirement.path is not None else []
+    if any(_satisfied(requirement, c) for c in [*candidates, *requirement.fallbacks]):
+        return
+    if requirement.path is None:
+        fallbacks = ", ".join(map(str, requirement.fallbacks))
+        where = f" in {fallbacks}" if fallbacks else ""
+        noun = {"any": "file", "directory": "directory"}.get(requirement.kind, requirement.kind)
+        raise PreflightError(f"{requirement.key}: not set, and no {noun} found{where} "
+                             f"(expected {requirement.what})")
+    path = requirement.path
+    if requirement.kind == "tokenizer":
+        from pipeline.models.common.tokenizer import TOKENIZER_FILES
+
+        problem = f"no {' or '.join(TOKENIZER_FILES)} in {path}"
+    elif requirement.kind == "weights" and path.is_dir():
+        from pipeline.models.common.weights import find_weight_files
+
+        try:
+            find_weight_files(path)
+        except (OSError, ValueError) as e:
+            problem = str(e)
+    elif not path.exists():
+        problem = f"{path} does not exist"
+    else:
+        wanted = "file" if requirement.kind in ("weights", "file") else "directory"
+        problem = f"{path} is not a {wanted}"
+    raise PreflightError(f"{requirement.key}: {problem} (expected {requirement.what})")
 
 
 def check_model(model: ModelConfig) -> str:
-    """The files the family's adapter reads to build the model (nothing is loaded)."""
-    from pipeline.models import FAMILIES
+    """Every path the recipe sets exists, and the family's required files are there (nothing is
+    loaded)."""
+    from pipeline.config import ConfigError
+    from pipeline.models import family_spec
 
-    if model.family not in FAMILIES:
-        raise PreflightError(f"model.family: unknown family {model.family!r} (available: {', '.join(sorted(FAMILIES))})")
-    for key in ("path", "tokenizer_path", "vae_path"):
-        value = getattr(model, key)
+    set_paths = {f"model.{key}": getattr(model, key)
+                 for key in ("path", "tokenizer_path", "vae_path")}
+    set_paths.update({f"model.options.{key}": value for key, value in model.options.items()
+                      if key.endswith("_path")})
+    for key, value in set_paths.items():
         if value is not None and not Path(value).exists():
-            raise PreflightError(f"model.{key}: {value} does not exist")
-    for key, value in model.options.items():
-        if key.endswith("_path") and value is not None and not Path(value).exists():
-            raise PreflightError(f"model.options.{key}: {value} does not exist")
-    options_paths = {k: v for k, v in model.options.items() if k.endswith("_path") and v}
-
-    if model.path is None and (model.family != "openuni" or not options_paths):
-        # Random init: the preset and options must validate, and training needs a tokenizer.
-        module = importlib.import_module(f"pipeline.models.{model.family}_config")
-        getattr(module, f"{model.family}_config")(model.preset, model.options, source="model")
-        _require_tokenizer(model)
-        return f"{model.family}/{model.preset} random init"
-
-    from pipeline.models.weights import find_weight_files
-
-    path = Path(model.path) if model.path is not None else None
+            raise PreflightError(f"{key}: {value} does not exist")
     try:
-        if model.family == "showo2":
-            if not (path / "config.json").is_file():
-                raise PreflightError(f"model.path: {path / 'config.json'} does not exist (a Show-o2 checkpoint directory)")
-            find_weight_files(path)
-            _require_tokenizer(model, path)
-            if model.vae_path is None and not (path / "vae").exists():
-                raise PreflightError(f"model.vae_path: not set and {path / 'vae'} does not exist (Wan2.1_VAE.pth)")
-        elif model.family == "harmon":
-            if path.is_dir():
-                find_weight_files(path)
-            _require_tokenizer(model, path if path.is_dir() else None)
-        elif model.family == "openuni":
-            from pipeline.models.openuni_config import PRESETS
-            from pipeline.models.openuni_files import locate
-
-            preset = model.preset if model.preset in PRESETS else None
-            parts = locate(path, internvl_path=None, sana_path=None, vae_path=model.vae_path, preset=preset,
-                           options=model.options)
-            _require_tokenizer(model, parts.internvl)
-    except (OSError, ValueError, KeyError) as e:  # missing files, unreadable or malformed JSON
+        requirements = family_spec(model.family).required_files(model)
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
+    except (OSError, ValueError, KeyError) as e:  # missing parts, unreadable or malformed JSON
         raise PreflightError(f"model: {e}") from None
-    return f"{model.family} from {path if path is not None else ', '.join(options_paths.values())}"
+    for requirement in requirements:
+        check_requirement(requirement)
+    sources = [str(v) for k, v in set_paths.items()
+               if v is not None and k != "model.tokenizer_path"]
+    if not sources:
+        return f"{model.family}/{model.preset} random init"
+    return f"{model.family} from {', '.join(sources)}"
 
 
 def check_resume(cfg: TrainConfig) -> str:
@@ -166,10 +171,32 @@ def check_run_dir(run_dir: Path) -> str:
     return str(run_dir.resolve())
 
 
+def run_checks(cfg: TrainConfig, world: int) -> str:
+    """Every check of a loaded recipe for a job of ``world`` ranks; returns the summary or raises
+    PreflightError. The trainer runs it on every rank before it builds anything."""
+    from pipeline.config import ConfigError
+    from pipeline.recipe import deepspeed_config
+
+    try:
+        deepspeed_config(cfg, world)
+        data = check_data(cfg, world)
+        model = check_model(cfg.model)
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
+    run_dir = check_run_dir(Path(cfg.run_dir))
+    resume = check_resume(cfg)
+    return f"{model}; {data}; {world} rank(s); run_dir {run_dir} ({resume})"
+
+
+def failure_line(reason: str) -> str:
+    """The one line a failed check prints, whether in the SLURM preflight or in the trainer."""
+    return f"preflight: FAILED: {' '.join(reason.split())}"
+
+
 def preflight(config: str, overrides: list[str], family: str | None = None) -> tuple[str, Path]:
     """All checks; returns (summary, absolute run dir) or raises PreflightError."""
     from pipeline.config import ConfigError
-    from pipeline.train import deepspeed_config, load_train_config
+    from pipeline.recipe import load_train_config
 
     try:
         cfg = load_train_config(config, overrides)
@@ -178,16 +205,8 @@ def preflight(config: str, overrides: list[str], family: str | None = None) -> t
     if family is not None and cfg.model.family != family:
         raise PreflightError(f"{config}: model.family is {cfg.model.family!r}, but this job runs {family!r} "
                              f"(use jobs/infotok_{cfg.model.family}.sh or a {family} recipe)")
-    world = _world_size()
-    try:
-        deepspeed_config(cfg, world)
-        data = check_data(cfg, world)
-        model = check_model(cfg.model)
-    except ConfigError as e:
-        raise PreflightError(str(e)) from None
-    run_dir = Path(check_run_dir(Path(cfg.run_dir)))
-    resume = check_resume(cfg)
-    return f"{config}: {model}; {data}; {world} rank(s); run_dir {run_dir} ({resume})", run_dir
+    summary = run_checks(cfg, _world_size())
+    return f"{config}: {summary}", Path(cfg.run_dir).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug and not isinstance(e, PreflightError):
             raise
         reason = str(e) if isinstance(e, PreflightError) else f"unexpected {type(e).__name__}: {e} (rerun with --debug)"
-        print(f"preflight: FAILED: {' '.join(reason.split())}", file=sys.stderr, flush=True)
+        print(failure_line(reason), file=sys.stderr, flush=True)
         return EXIT_FAILED
     print(f"preflight: ok: {summary}", flush=True)
     return 0

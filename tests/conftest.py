@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.models.tiny_tokenizer import make_tokenizer
+from pipeline.models.common.tiny_tokenizer import make_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+import data_prep
 from data_prep.cli import main
+from data_prep.schema import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +62,13 @@ def caption_corpus(root: Path, n: int, prefix: str = "img", seed: int = 0) -> Pa
     return write_jsonl(root / f"{prefix}.jsonl", records)
 
 
-def shard(*args: str | Path) -> int:
-    """Run ``data_prep shard`` in this process (small images allowed)."""
+def shard(sources: str | list[str], output: Path, **options: Any) -> Manifest:
+    """``data_prep.shard`` with small images allowed (``min_side=16``)."""
+    return data_prep.shard(sources, output, **{"min_side": 16, **options})
+
+
+def shard_cli(*args: str | Path) -> int:
+    """Run ``python -m data_prep shard`` in this process (small images allowed); its exit status."""
     return main(["shard", "--min-side", "16", *map(str, args)])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.models.harmon_vae import ldm_to_diffusers
+from pipeline.models.harmon.vae import ldm_to_diffusers
 
 
 def ldm_vae_keys(ch_mult=(1, 1, 2, 2, 4), ch=128, res_blocks=2) -> list[str]:

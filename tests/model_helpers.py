@@ -1,7 +1,7 @@
 """Test fixtures for the model adapters: a tiny Qwen-style tokenizer and synthetic samples.
 
 Nothing is downloaded: the tokenizer is the package's tiny byte-level BPE
-(``pipeline.models.tiny_tokenizer``); images are drawn with PIL.
+(``pipeline.models.common.tiny_tokenizer``); images are drawn with PIL.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from torch.nn import Module
 
-from pipeline.models.tiny_tokenizer import make_tokenizer  # noqa: F401 (re-exported)
+from pipeline.models.common.tiny_tokenizer import make_tokenizer  # noqa: F401 (re-exported)
 from pipeline.models.base import MLLMAdapter
-from pipeline.models.weights import CheckpointMismatchError
+from pipeline.models.common.weights import CheckpointMismatchError
 
 
 def draw_image(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
@@ -123,3 +123,8 @@ def fill_zeroed(model: Module, prefix: str, std: float) -> Module:
             if name.startswith(prefix) and not parameter.any():
                 parameter.normal_(std=std)
     return model
+
+
+def trained_parameters(model: Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Named parameters the optimizer updates (``requires_grad``)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.models.openuni import OpenUni
-from pipeline.models.openuni_config import openuni_config
-from pipeline.models.openuni_processor import load_tokenizer
+from pipeline.models.openuni.model import OpenUni
+from pipeline.models.openuni.config import openuni_config
+from pipeline.models.openuni.processor import load_tokenizer
 
 
 def tiny_openuni(tokenizer_dir: Path, **options) -> OpenUni:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from experiments import ablate
 from experiments.ablate import _modes, cache_key, foreground, main, pretrain_vae, random_crops, synth_corpus, table
 from pipeline.models import build_model
-from pipeline.train import load_train_config
+from pipeline.recipe import load_train_config
 
 ARGS = ["--config", "configs/tiny_showo2.yaml", "--steps", "2", "--pretrain-steps", "2",
         "--pretrain-batch-i2t", "2", "--pretrain-batch-t2i", "3", "--vae-steps", "2",

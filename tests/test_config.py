@@ -106,3 +106,41 @@ def test_malformed_inputs_are_clear_errors(tmp_path):
 def test_yaml_boolean_words_still_select_a_choice(tmp_path):
     assert load_config(RunConfig, None, ["infotok.mode=off"]).infotok.mode == "off"
     assert load_config(RunConfig, write(tmp_path, "infotok: {mode: off}\n")).infotok.mode == "off"
+
+
+# -- model.options: the family's typed options, overridden like every other key -----------------
+
+TRAIN_KEYS = ["data.i2t=[d]", "data.t2i=[d]"]
+
+
+def _train_config(recipe: str, *overrides: str):
+    from pipeline.recipe import load_train_config
+
+    return load_train_config(recipe, [*TRAIN_KEYS, *overrides])
+
+
+def test_dotted_model_options_merge_into_the_recipe():
+    cfg = _train_config("configs/openuni_b_512.yaml", "model.options.trainable=[llm]",
+                        "model.options.gradient_checkpointing=true")
+    recipe = _train_config("configs/openuni_b_512.yaml").model.options
+    assert cfg.model.options == {**recipe, "trainable": ["llm"], "gradient_checkpointing": True}
+    assert {"internvl_path", "sana_path"} <= set(recipe)
+    mapping = _train_config("configs/openuni_b_512.yaml", "model.options={trainable: [llm]}")
+    assert mapping.model.options == {**recipe, "trainable": ["llm"]}
+    nested = _train_config("configs/tiny_showo2.yaml", "model.options.llm.num_hidden_layers=3")
+    assert nested.model.options["llm"] == {"num_hidden_layers": 3}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.options.trainabel=[llm]",
+     r"model\.options\.trainabel: unknown key .*did you mean 'trainable'\?"),
+    ("model.options.trainable=[lm]", r"model\.options\.trainable\[0\]: expected one of 'llm', 'flow_head'"),
+    ("model.options.llm.hidden_size=wide", r"model\.options\.llm\.hidden_size: expected an integer"),
+    ("model.options.llm.hidden_size=-4", r"model\.options\.llm\.hidden_size: expected an integer > 0"),
+    ("model.preset=huge", r"model\.preset: unknown Show-o2 preset 'huge'"),
+    ("model.family=showo3", r"model\.family: unknown family 'showo3' \(available: harmon, openuni, showo2\)"),
+])
+def test_model_options_are_validated_by_the_family_with_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=r"configs/tiny_showo2\.yaml \+ command line: " + message) as info:
+        _train_config("configs/tiny_showo2.yaml", override)
+    assert "\n" not in str(info.value)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.cli import main as data_prep
+from data_prep import shard, synth
+from data_prep.shard_index import read_index
 from pipeline.data import DataConfig, TwoStreamLoader, parse_dataset_spec
-from pipeline.shard_index import read_index
 
 SIZE = 8  # pixels of the test processor's output
 
@@ -36,9 +36,8 @@ def collate(samples):
 
 def make_dataset(root: Path, name: str, count: int, shard_size: int, seed: int) -> Path:
     src, out = root / f"{name}-src", root / name
-    assert data_prep(["synth", "--output", str(src), "--count", str(count), "--seed", str(seed), "--size", "64"]) == 0
-    assert data_prep(["shard", "--source", f"jsonl:{src}/synth.jsonl", "--output", str(out),
-                      "--shard-size", str(shard_size), "--seed", str(seed)]) == 0
+    source = synth(src, count, seed=seed, size=64)
+    shard([f"jsonl:{source}"], out, shard_size=shard_size, seed=seed)
     return out
 
 

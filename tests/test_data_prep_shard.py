@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +14,18 @@ import time
 
 import pytest
 
+from data_prep import CommandError, stats, synth, verify
 from data_prep.cli import main
-from data_prep_helpers import REPO, caption_corpus, files, manifest, run_cli, samples, shard
+from data_prep_helpers import (
+    REPO,
+    caption_corpus,
+    files,
+    manifest,
+    run_cli,
+    samples,
+    shard,
+    shard_cli,
+)
 
 N_A, N_B, SHARD_SIZE = 14, 10, 5
 
@@ -23,25 +34,30 @@ N_A, N_B, SHARD_SIZE = 14, 10, 5
 def corpus(tmp_path_factory):
     """Two jsonl sources and a reference output written with one worker."""
     root = tmp_path_factory.mktemp("corpus")
-    sources = [caption_corpus(root, N_A, "alpha", seed=1), caption_corpus(root, N_B, "beta", seed=2)]
-    args = [arg for s in sources for arg in ("--source", f"jsonl:{s}")] + ["--shard-size", str(SHARD_SIZE)]
+    sources = [f"jsonl:{caption_corpus(root, N_A, 'alpha', seed=1)}",
+               f"jsonl:{caption_corpus(root, N_B, 'beta', seed=2)}"]
     out = root / "reference"
-    assert shard(*args, "--output", out, "--workers", "1") == 0
-    return root, args, out
+    shard(sources, out, shard_size=SHARD_SIZE, workers=1)
+    return root, sources, out
+
+
+def cli_args(sources: list[str]) -> list[str]:
+    """The corpus' sources and shard size as ``shard`` command-line flags."""
+    return [arg for s in sources for arg in ("--source", s)] + ["--shard-size", str(SHARD_SIZE)]
 
 
 def test_byte_identical_whatever_the_worker_count(corpus, tmp_path):
-    _, args, reference = corpus
+    _, sources, reference = corpus
     for workers in (2, 3):
         out = tmp_path / f"w{workers}"
-        assert shard(*args, "--output", out, "--workers", str(workers)) == 0
+        shard(sources, out, shard_size=SHARD_SIZE, workers=workers)
         assert files(out) == files(reference)
     assert not (reference / ".data_prep").exists()
 
 
 def test_seed_changes_order_and_shards_mix_sources(corpus, tmp_path):
-    _, args, reference = corpus
-    assert shard(*args, "--output", tmp_path / "s1", "--seed", "1") == 0
+    _, sources, reference = corpus
+    shard(sources, tmp_path / "s1", shard_size=SHARD_SIZE, seed=1)
     assert set(samples(tmp_path / "s1")) == set(samples(reference))
     assert files(tmp_path / "s1")["shard-000000.tar"] != files(reference)["shard-000000.tar"]
     for name in ("shard-000000.tar", "shard-000001.tar"):
@@ -85,10 +101,10 @@ SLOW_WRITER = textwrap.dedent("""
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_resume_after_kill_9_mid_shard(corpus, tmp_path, workers):
-    _, args, reference = corpus
+    _, sources, reference = corpus
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", SLOW_WRITER, "shard", "--min-side", "16", *args, "--output", str(out),
-           "--workers", str(workers)]
+    cmd = [sys.executable, "-c", SLOW_WRITER, "shard", "--min-side", "16", *cli_args(sources),
+           "--output", str(out), "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -99,26 +115,26 @@ def test_resume_after_kill_9_mid_shard(corpus, tmp_path, workers):
         os.killpg(proc.pid, signal.SIGKILL)  # the job and its workers, as SLURM would
         proc.wait()
     assert not (out / "manifest.json").exists()
-    assert shard(*args, "--output", out, "--workers", "2", "--resume") == 0
+    shard(sources, out, shard_size=SHARD_SIZE, workers=2, resume=True)
     assert files(out) == files(reference)
-    assert main(["verify", str(out), "--workers", "1"]) == 0
+    assert verify(out, workers=1) == []
 
 
 def test_resume_of_finished_run_is_a_no_op_and_checks_arguments(corpus, capsys):
-    _, args, reference = corpus
+    _, sources, reference = corpus
     before = files(reference)
-    assert shard(*args, "--output", reference, "--resume") == 0
+    shard(sources, reference, shard_size=SHARD_SIZE, resume=True)
     assert files(reference) == before
-    assert shard(*args, "--output", reference, "--resume", "--seed", "7") == 2
+    assert shard_cli(*cli_args(sources), "--output", reference, "--resume", "--seed", "7") == 2
     err = capsys.readouterr().err
     assert "different arguments" in err and "seed" in err
 
 
 def test_verify_passes_then_detects_tampering(corpus, tmp_path, capsys):
-    _, args, _ = corpus
+    _, sources, _ = corpus
     out = tmp_path / "out"
-    assert shard(*args, "--output", out) == 0
-    assert main(["verify", str(out), "--workers", "2"]) == 0
+    shard(sources, out, shard_size=SHARD_SIZE)
+    assert verify(out, workers=2) == []
 
     shard0 = out / "shard-000000.tar"
     data = bytearray(shard0.read_bytes())
@@ -139,16 +155,16 @@ def test_verify_passes_then_detects_tampering(corpus, tmp_path, capsys):
     assert "shard-000099.tar: in the directory but not in manifest.json" in report
 
 
-def test_stats(corpus, capsys):
+def test_stats(corpus):
     _, _, out = corpus
-    assert main(["stats", str(out)]) == 0
-    text = capsys.readouterr().out
+    text = stats(out)
     for expected in ("samples per task", "alpha", "beta", "image size (longer side, px)", "text length"):
         assert expected in text
 
 
 def test_command_errors_are_one_line(tmp_path, corpus, capsys):
-    _, args, reference = corpus
+    _, sources, reference = corpus
+    args = cli_args(sources)
     (tmp_path / "file").write_text("")
     cases = [
         (["--source", "csv:x.csv"], "unknown source kind 'csv'"),
@@ -168,6 +184,22 @@ def test_command_errors_are_one_line(tmp_path, corpus, capsys):
     assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
+def test_functions_return_their_result_and_check_their_arguments(corpus, tmp_path):
+    _, sources, reference = corpus
+    assert shard(sources, reference, shard_size=SHARD_SIZE, resume=True) == manifest(reference)
+    cases = [
+        (lambda: shard([], tmp_path / "o"), "sources: at least one [NAME=]KIND:PATH"),
+        (lambda: shard(sources, tmp_path / "o", quality=101), "quality: 101 is above the maximum 100"),
+        (lambda: shard(sources, tmp_path / "o", task="vqa"), "task: 'vqa' is not one of i2t, t2i"),
+        (lambda: synth(tmp_path / "s", 1, size=10), "size: 10 is below the minimum 64"),
+        (lambda: verify(reference, workers=0), "workers: 0 is below the minimum 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(CommandError, match=re.escape(message)):
+            call()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
     result = run_cli("shard", "--source", "folder:/no/such/dir", "--output", tmp_path / "o")
     assert result.returncode == 2
@@ -179,14 +211,15 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
 def test_one_run_per_output_directory(corpus, tmp_path, monkeypatch, capsys):
     import fcntl
 
-    from data_prep import shard as shard_module
+    from data_prep import sharding as shard_module
 
-    _, args, _ = corpus
+    _, sources, _ = corpus
+    args = cli_args(sources)
     out = tmp_path / "busy"
     (out / ".data_prep").mkdir(parents=True)
     monkeypatch.setattr(shard_module, "LOCK_WAIT_S", 0)
     with open(out / ".data_prep" / "lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        assert shard(*args, "--output", out, "--resume") == 2
+        assert shard_cli(*args, "--output", out, "--resume") == 2
     assert "another data_prep shard run is writing there" in capsys.readouterr().err
-    assert shard(*args, "--output", out, "--resume") == 0
+    assert shard_cli(*args, "--output", out, "--resume") == 0

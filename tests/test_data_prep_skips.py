@@ -45,8 +45,7 @@ def test_each_bad_input_has_its_reason(tmp_path):
     (folder / "x.txt").write_bytes("légende".encode("latin-1"))
 
     out = tmp_path / "out"
-    assert shard("--source", f"jsonl:{tmp_path / 'bad.jsonl'}", "--source", f"folder:{folder}",
-                 "--output", out, "--workers", "1") == 0
+    shard([f"jsonl:{tmp_path / 'bad.jsonl'}", f"folder:{folder}"], out, workers=1)
     skips = skips_by_at(out)
     expected = {
         "line 2": "missing_image", "line 3": "empty_image", "line 4": "truncated_image",

@@ -7,7 +7,17 @@ import json
 import pytest
 
 from data_prep.records import CAPTION_PROMPTS
-from data_prep_helpers import encode, ledger, manifest, photo, samples, shard, skips_by_at, write_jsonl
+from data_prep_helpers import (
+    encode,
+    ledger,
+    manifest,
+    photo,
+    samples,
+    shard,
+    shard_cli,
+    skips_by_at,
+    write_jsonl,
+)
 
 USER, ASSISTANT = "user", "assistant"
 
@@ -44,7 +54,7 @@ def test_jsonl_field_kinds(tmp_path):
         {"image": "4.jpg", "caption": "  a plain caption  ", "meta": {"k": [1, 2]}},
         {"image": ["5.jpg"], "messages": [system, user("<image>"), assistant("Noise.")]},
     ])
-    assert shard("--source", f"src=jsonl:{src}", "--output", tmp_path / "out", "--workers", "1") == 0
+    shard(f"src=jsonl:{src}", tmp_path / "out", workers=1)
     got = by_text(tmp_path / "out")
     assert got["A gradient."]["messages"] == [user("<image>\nWhat?"), assistant("A gradient.")]
     assert got["Green."]["messages"] == [
@@ -63,7 +73,7 @@ def test_jsonl_field_kinds(tmp_path):
 def test_caption_task_flag(tmp_path):
     photo(64, 64).save(tmp_path / "a.jpg")
     src = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.jpg", "caption": "a caption"}])
-    assert shard("--source", f"jsonl:{src}", "--output", tmp_path / "out", "--task", "t2i") == 0
+    shard(f"jsonl:{src}", tmp_path / "out", task="t2i")
     (sample,) = by_text(tmp_path / "out").values()
     assert sample["task"] == "t2i" and sample["prompt"] == "a caption"
 
@@ -79,7 +89,7 @@ def test_llava(tmp_path):
         "not an object",
     ]))
     out = tmp_path / "out"
-    assert shard("--source", f"llava:{data}", "--output", out, "--image-root", tmp_path / "images") == 0
+    shard(f"llava:{data}", out, image_root=tmp_path / "images")
     (sample,) = by_text(out).values()
     assert sample["messages"] == [user("<image>\nWhat is shown?"), assistant("A picture.")]
     assert sample["source"] == "llava_mix" and (sample["width"], sample["height"]) == (80, 64)
@@ -100,7 +110,7 @@ def test_folder(tmp_path):
     (root / "orphan.txt").write_text("no image")
     (root / "notes.csv").write_text("not a record")
     out = tmp_path / "out"
-    assert shard("--source", f"folder:{root}", "--output", out) == 0
+    shard(f"folder:{root}", out)
     got = by_text(out)
     assert set(got) == {"caption a", "prompt b"}
     assert got["prompt b"]["task"] == "t2i" and got["caption a"]["task"] == "i2t"
@@ -126,7 +136,7 @@ def _hf_dataset(tmp_path, n=3, split_names=None):
 def test_hf_save_to_disk(tmp_path):
     _hf_dataset(tmp_path).save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "out"
-    assert shard("--source", f"web=hf:{tmp_path / 'ds'}", "--output", out) == 0
+    shard(f"web=hf:{tmp_path / 'ds'}", out)
     got = by_text(out)
     assert set(got) == {"hf caption 0", "hf caption 1", "hf caption 2"}
     assert {s["source"] for s in got.values()} == {"web"}
@@ -137,8 +147,7 @@ def test_hf_save_to_disk(tmp_path):
 def test_hf_dataset_dict_and_text_column(tmp_path):
     _hf_dataset(tmp_path, n=2, split_names=["train", "val"]).save_to_disk(str(tmp_path / "dd"))
     out = tmp_path / "out"
-    assert shard("--source", f"hf:{tmp_path / 'dd'}", "--output", out, "--text-column", "caption",
-                 "--task", "t2i") == 0
+    shard(f"hf:{tmp_path / 'dd'}", out, text_column="caption", task="t2i")
     assert sorted(e["at"] for e in ledger(out)) == ["train/row 0", "train/row 1", "val/row 0", "val/row 1"]
     assert manifest(out)["totals"]["tasks"] == {"i2t": 0, "t2i": 4}
 
@@ -151,17 +160,17 @@ def test_hf_parquet_embedded_and_path_columns(tmp_path):
     paths = datasets.Dataset.from_dict({"file": ["x.jpg"], "text": ["path caption"]})
     paths.to_parquet(str(tmp_path / "paths.parquet"))
     out = tmp_path / "out"
-    assert shard("--source", f"hf:{tmp_path / 'pq'}", "--output", out) == 0
+    shard(f"hf:{tmp_path / 'pq'}", out)
     assert len(samples(out)) == 3
     out2 = tmp_path / "out2"
-    assert shard("--source", f"hf:{tmp_path / 'paths.parquet'}", "--output", out2, "--image-column", "file",
-                 "--image-root", tmp_path) == 0
+    shard(f"hf:{tmp_path / 'paths.parquet'}", out2, image_column="file", image_root=tmp_path)
     assert set(by_text(out2)) == {"path caption"}
 
 
 @pytest.mark.parametrize("flag,message", [("--image-column", "is not a column"), ("--text-column", "no such column")])
 def test_hf_bad_columns_are_command_errors(tmp_path, capsys, flag, message):
     _hf_dataset(tmp_path, n=1).save_to_disk(str(tmp_path / "ds"))
-    assert shard("--source", f"hf:{tmp_path / 'ds'}", "--output", tmp_path / "out", flag, "nope") == 2
+    out = tmp_path / "out"
+    assert shard_cli("--source", f"hf:{tmp_path / 'ds'}", "--output", out, flag, "nope") == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err

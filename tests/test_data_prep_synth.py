@@ -8,7 +8,7 @@ import random
 import pytest
 from PIL import Image
 
-from data_prep import scenes
+from data_prep import scenes, synth
 from data_prep.cli import main
 from data_prep_helpers import files, samples, shard
 
@@ -18,8 +18,7 @@ COUNT, SIZE = 80, 64
 @pytest.fixture(scope="module", params=scenes.LAYOUTS)
 def corpus(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("synth")
-    assert main(["synth", "--output", str(out), "--count", str(COUNT), "--seed", "3", "--size", str(SIZE),
-                 "--layout", request.param]) == 0
+    synth(out, COUNT, seed=3, size=SIZE, layout=request.param)
     records = [json.loads(line) for line in (out / "synth.jsonl").read_text().splitlines()]
     return out, records, request.param
 
@@ -44,13 +43,11 @@ def test_the_grid_layout_centres_each_object_in_its_own_cell(size):
 
 def test_deterministic_for_a_seed(corpus, tmp_path):
     out, _, layout = corpus
-    assert main(["synth", "--output", str(tmp_path / "a"), "--count", "10", "--seed", "3", "--size", str(SIZE),
-                 "--layout", layout]) == 0
+    synth(tmp_path / "a", 10, seed=3, size=SIZE, layout=layout)
     first_ten = (out / "synth.jsonl").read_text().splitlines()[:10]
     assert (tmp_path / "a" / "synth.jsonl").read_text().splitlines() == first_ten
     assert files(tmp_path / "a" / "images") == {k: v for k, v in files(out / "images").items() if k < "000010"}
-    assert main(["synth", "--output", str(tmp_path / "b"), "--count", "10", "--seed", "4", "--size", str(SIZE),
-                 "--layout", layout]) == 0
+    synth(tmp_path / "b", 10, seed=4, size=SIZE, layout=layout)
     assert (tmp_path / "b" / "synth.jsonl").read_text() != (tmp_path / "a" / "synth.jsonl").read_text()
 
 
@@ -110,7 +107,7 @@ def test_answers_and_prompts_follow_the_scene(corpus):
 
 def test_shards_carry_ground_truth(corpus, tmp_path, capsys):
     out, records, _ = corpus
-    assert shard("--source", f"jsonl:{out / 'synth.jsonl'}", "--output", tmp_path / "shards") == 0
+    shard(f"jsonl:{out / 'synth.jsonl'}", tmp_path / "shards")
     got = samples(tmp_path / "shards")
     assert len(got) == COUNT
     metas = sorted(json.dumps(s["json"]["meta"], sort_keys=True) for s in got.values())

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import scenes, synth
-from data_prep.cli import main as data_prep
+from data_prep import scenes, synth, synthetic
 from pipeline.eval.benchmark import (
     accuracy_by,
     generation_results,
@@ -27,9 +26,8 @@ SCENES = 200
 @pytest.fixture(scope="module", params=scenes.LAYOUTS)
 def corpus(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("synth")
-    assert data_prep(["synth", "--output", str(out), "--count", str(SCENES), "--seed", "3", "--size", "64",
-                      "--layout", request.param]) == 0
-    records = [json.loads(line) for line in (out / synth.JSONL_FILE).read_text().splitlines()]
+    synth(out, SCENES, seed=3, size=64, layout=request.param)
+    records = [json.loads(line) for line in (out / synthetic.JSONL_FILE).read_text().splitlines()]
     return [(r, Image.open(out / r["image"]).convert("RGB")) for r in records]
 
 
@@ -43,7 +41,7 @@ def test_detector_finds_every_object_of_ground_truth_renders(corpus):
 def test_detector_at_other_resolutions(size):
     hits = 0
     for i in range(20):
-        _, scene = synth.make_record(random.Random(f"size/{i}"), size)
+        _, scene = synthetic.make_record(random.Random(f"size/{i}"), size)
         hits += matches_scene(detect(scenes.draw(scene)), scene.to_json())
     assert hits >= 19
 

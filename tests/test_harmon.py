@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from harmon_helpers import ldm_state
 from model_helpers import (
+    trained_parameters,
     assert_mismatch_named,
     assert_same_outputs,
     break_checkpoint,
@@ -24,16 +25,16 @@ from model_helpers import (
     i2t_sample,
     t2i_sample,
 )
-from pipeline import models
 from pipeline.config import ConfigError
 from pipeline.models import ModelConfig, build_model
 from pipeline.models.base import INFOTOK_INPUT_KEYS
-from pipeline.models.harmon import Harmon, causal_mask
-from pipeline.models.harmon_config import harmon_config
-from pipeline.models.harmon_diffloss import DiffLoss, cosine_betas
-from pipeline.models.harmon_mar import sample_mask_ratio
-from pipeline.models.harmon_processor import IGNORE, load_tokenizer
-from pipeline.models.weights import CheckpointMismatchError
+from pipeline.models.harmon.model import Harmon, causal_mask
+from pipeline.models.harmon.config import harmon_config
+from pipeline.models.harmon.diffloss import DiffLoss, cosine_betas
+from pipeline.models.harmon.mar import sample_mask_ratio
+from pipeline.models.common.text import IGNORE
+from pipeline.models.harmon.processor import load_tokenizer
+from pipeline.models.common.weights import CheckpointMismatchError
 
 NO_DROPOUT = {"mar": {"attn_dropout": 0.0, "proj_dropout": 0.0}}
 
@@ -150,7 +151,7 @@ def test_forward_backward_both_branches(model):
     assert out.num_image_tokens >= 2 * slots and out.num_text_tokens > 0
     model.zero_grad()
     (out.loss_i2t + out.loss_t2i).backward()
-    missing = [name for name, p in model.trainable_parameters() if p.grad is None]
+    missing = [name for name, p in trained_parameters(model) if p.grad is None]
     assert missing == []
     assert not model.mar.class_emb.weight.requires_grad
 
@@ -267,7 +268,7 @@ def test_loss_t2i_is_the_masked_diffusion_formula_on_a_fixed_seed(model):
     torch.testing.assert_close(out.loss_t2i, (losses * weights).sum() / weights.sum(), rtol=2e-5, atol=2e-5)
     # The LLM read the prompt, then the encoder tokens of the kept image tokens and the buffers.
     with torch.no_grad():
-        _, z = model.encode_visual(model.encode_latents(batch["g_pixel_values"]), mask, (8, 8))
+        _, z = model.encode_shared_tokens(model.encode_latents(batch["g_pixel_values"]), mask, (8, 8))
     embeds = llm_inputs[0]["inputs_embeds"]
     prompt_len = batch["g_input_ids"].shape[1]
     assert embeds.shape[1] == prompt_len + z.shape[1] == prompt_len + 4 + int((~mask[0]).sum())
@@ -278,7 +279,7 @@ def test_visual_tokens_put_the_buffers_last(model):
     tokens = torch.randn(2, 16, 16)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     with torch.no_grad():
-        features, z = model.encode_visual(tokens, mask, (4, 4))
+        features, z = model.encode_shared_tokens(tokens, mask, (4, 4))
         torch.testing.assert_close(z[:, -4:], model.proj_in(features[:, :4]))
         torch.testing.assert_close(z[:, :-4], model.proj_in(features[:, 4:]))
 
@@ -294,7 +295,7 @@ def test_z_u_is_the_tensor_the_llm_consumed_and_z_g_the_clean_encoding(model):
     torch.testing.assert_close(llm_inputs[0]["inputs_embeds"][0, start: start + slots], out.z_u[0])
     with torch.no_grad():
         tokens = model.encode_latents(batch["g_pixel_values"])
-        _, clean = model.encode_visual(tokens, torch.zeros(1, 64, dtype=torch.bool), (8, 8))
+        _, clean = model.encode_shared_tokens(tokens, torch.zeros(1, 64, dtype=torch.bool), (8, 8))
     torch.testing.assert_close(out.z_g, clean)
     # Row n of the targets is the latent under token n (raster order; patch size 1).
     latents = model.vae.encode(batch["g_pixel_values"]).latent_dist.mode() * 0.2325
@@ -308,7 +309,7 @@ def test_gradients_reach_the_shared_encoder_from_both_losses(model):
         model.zero_grad()
         out = model(collated_batch(model), generator=torch.Generator().manual_seed(1))
         getattr(out, loss_name).backward()
-        for prefix in model.shared_encoder_prefixes():
+        for prefix in model.ENCODER_PREFIXES:
             grads = [p.grad for name, p in model.named_parameters() if name.startswith(prefix)]
             assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads), (loss_name, prefix)
 
@@ -330,11 +331,11 @@ def test_i2t_gradient_into_the_visual_features_is_scaled(model, tokenizer_dir):
 
 def test_trainable_groups(tokenizer_dir):
     frozen = Harmon(harmon_config("tiny", {"trainable": []}), load_tokenizer(tokenizer_dir))
-    names = {name for name, _ in frozen.trainable_parameters()}
-    assert names and all(name.startswith(frozen.shared_encoder_prefixes()) for name in names)
+    names = {name for name, _ in trained_parameters(frozen)}
+    assert names and all(name.startswith(frozen.ENCODER_PREFIXES) for name in names)
     assert not any(p.requires_grad for p in frozen.vae.parameters())
     decoder = Harmon(harmon_config("tiny", {"trainable": ["decoder"]}), load_tokenizer(tokenizer_dir))
-    names = {name for name, _ in decoder.trainable_parameters()}
+    names = {name for name, _ in trained_parameters(decoder)}
     assert "proj_out.0.weight" in names and "mar.diffloss.net.input_proj.weight" in names
     assert not any(name.startswith("llm.") for name in names)
     with pytest.raises(ConfigError, match="trainable"):
@@ -453,7 +454,6 @@ def test_loads_a_transformers_format_directory_with_the_vae_inside(model, saved_
 
 
 def test_build_model_registry(tokenizer_dir, saved_dir, monkeypatch):
-    monkeypatch.setitem(models.FAMILIES, "harmon", "pipeline.models.harmon:Harmon")
     built = build_model(ModelConfig(family="harmon", preset="tiny", tokenizer_path=str(tokenizer_dir)))
     assert isinstance(built, Harmon) and built.processor is not None
     from_path = build_model(ModelConfig(family="harmon", path=str(saved_dir), options={"trainable": []}))

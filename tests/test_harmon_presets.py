@@ -35,9 +35,9 @@ import torch
 from harmon_helpers import ldm_vae_keys
 from model_helpers import assert_keys_match, parameter_counts
 from pipeline.config import ConfigError
-from pipeline.models.harmon import Harmon
-from pipeline.models.harmon_config import VAEConfig, harmon_config
-from pipeline.models.harmon_vae import kl16_vae, ldm_to_diffusers
+from pipeline.models.harmon.model import Harmon
+from pipeline.models.harmon.config import VAEConfig, harmon_config
+from pipeline.models.harmon.vae import kl16_vae, ldm_to_diffusers
 
 VOCAB, LATENT, BUFFER, SEQ = 151936, 16, 64, (256 // 16) ** 2
 LLM = {"0.5b": dict(width=896, mlp=4864, layers=24, heads=14, kv=2),

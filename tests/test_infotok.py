@@ -13,7 +13,6 @@ from pipeline.infotok import (
     InfoTokRegularizer,
     gaussian_kl,
     info_nce,
-    patchify_latents,
 )
 
 DIMS = InfoTokDims(token_dim=32, text_dim=24, vocab_size=500, latent_patch_dim=16)
@@ -82,16 +81,6 @@ def test_info_nce_with_extra_negatives_uses_the_given_positive_rows():
     logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t() / 0.1
     expected = logits.log_softmax(-1)[torch.arange(3), positives].mean()
     torch.testing.assert_close(info_nce(img, txt, 0.1, positives), expected)
-
-
-def test_patchify_latents_maps_token_n_to_its_patch():
-    latents = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
-    patches = patchify_latents(latents, 2)
-    assert patches.shape == (2, 2 * 3, 3 * 2 * 2)
-    # token 4 = grid row 1, column 1 -> latent rows 2..3, columns 2..3, all channels
-    torch.testing.assert_close(patches[1, 4], latents[1, :, 2:4, 2:4].reshape(-1))
-    with pytest.raises(ValueError, match="not divisible"):
-        patchify_latents(torch.zeros(1, 3, 5, 4), 2)
 
 
 # -- the regularizer ----------------------------------------------------------------------------

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.models import FAMILIES, MLLMAdapter, MLLMOutput, ModelConfig, adapter_class
-from pipeline.models.base import answer_tokens, masked_mean
-from pipeline.models.weights import (
+from model_helpers import trained_parameters
+from pipeline.models import MLLMAdapter, MLLMOutput, ModelConfig, adapter_class, build_model, family_specs
+from pipeline.models.common.latents import patchify
+from pipeline.models.common.text import answer_tokens, masked_mean
+from pipeline.models.common.weights import (
     CheckpointMismatchError,
     find_weight_files,
     load_strict,
@@ -66,10 +68,10 @@ class _Adapter(MLLMAdapter):
 
 def test_shared_adapter_code_follows_the_class_attributes():
     model = _Adapter(["head"])
-    assert [name for name, _ in model.trainable_parameters()] == ["enc.weight", "enc.bias", "head.weight",
+    assert [name for name, _ in trained_parameters(model)] == ["enc.weight", "enc.bias", "head.weight",
                                                                   "head.bias"]
     assert not any(p.requires_grad for p in _Adapter([]).head.parameters())
-    assert model.shared_encoder_prefixes() == ("enc.",)
+    assert model.ENCODER_PREFIXES == ("enc.",)
     assert model.infotok_dims() == {"token_dim": 4, "text_dim": 4, "vocab_size": 3, "latent_patch_dim": 6}
     assert model.train() is model and model.training and model.enc.training and not model.vae.training
     model.vae.register_buffer("scale", torch.ones(1))
@@ -82,7 +84,7 @@ def test_shared_adapter_code_follows_the_class_attributes():
 
 def test_answer_tokens_and_masked_mean():
     labels = torch.tensor([[-100, 5, -100, 6], [-100, -100, 7, -100]])
-    ids, mask = answer_tokens(labels, -100)
+    ids, mask = answer_tokens(labels)
     assert ids.tolist() == [[5, 6], [7, 0]] and mask.tolist() == [[True, True], [True, False]]
     x = torch.tensor([[[1.0], [3.0], [9.0]]])
     assert masked_mean(x, torch.tensor([[True, True, False]])).tolist() == [[2.0]]
@@ -91,7 +93,7 @@ def test_answer_tokens_and_masked_mean():
 def test_registry_dispatches_on_family_name():
     for family in ("showo2", "harmon", "openuni"):
         assert adapter_class(family).family == family
-    assert set(FAMILIES) == {"showo2", "harmon", "openuni"}
+    assert set(family_specs()) == {"showo2", "harmon", "openuni"}
     with pytest.raises(ConfigError, match="unknown family 'show02'.*available: harmon, openuni, showo2"):
         adapter_class("show02")
     assert ModelConfig().family == "showo2"
@@ -145,3 +147,24 @@ def test_load_strict_optional_and_ignored_keys():
     state = {"a.weight": source.a.weight.detach()}
     load_strict(module, state, source="x", optional={"a.bias"}, ignore_prefixes=("b.",))
     assert torch.equal(module.a.weight, source.a.weight)
+
+
+def test_patchify_maps_token_n_to_its_patch():
+    latents = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    patches = patchify(latents, 2, "cpq")
+    assert patches.shape == (2, 2 * 3, 3 * 2 * 2)
+    # token 4 = grid row 1, column 1 -> latent rows 2..3, columns 2..3, all channels
+    torch.testing.assert_close(patches[1, 4], latents[1, :, 2:4, 2:4].reshape(-1))
+    with pytest.raises(ValueError, match="not divisible"):
+        patchify(torch.zeros(1, 3, 5, 4), 2, "cpq")
+
+
+@pytest.mark.parametrize("family", ["showo2", "harmon", "openuni"])
+def test_a_spec_names_the_repeated_blocks_of_its_tiny_model(family, tokenizer_dir):
+    spec = family_specs()[family]
+    model = build_model(ModelConfig(family=family, preset="tiny", tokenizer_path=str(tokenizer_dir)))
+    for path in spec.repeated_blocks:
+        blocks = model.get_submodule(path)
+        assert isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0, path
+        assert len({type(block) for block in blocks}) == 1, path
+    assert spec.adapter() is type(model) and spec.presets["tiny"]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model_helpers import (
+    trained_parameters,
     assert_mismatch_named,
     assert_same_outputs,
     collated_batch,
@@ -20,12 +21,13 @@ from model_helpers import (
 )
 from openuni_helpers import Capture, tiny_openuni
 from pipeline.config import ConfigError
-from pipeline.models import FAMILIES, ModelConfig, build_model
+from pipeline.models import ModelConfig, build_model
 from pipeline.models.base import INFOTOK_INPUT_KEYS
-from pipeline.models.openuni import OpenUni
-from pipeline.models.openuni_config import openuni_config
-from pipeline.models.openuni_internvl import pixel_shuffle
-from pipeline.models.openuni_processor import IGNORE, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.models.openuni.model import OpenUni
+from pipeline.models.openuni.config import openuni_config
+from pipeline.models.openuni.internvl import pixel_shuffle
+from pipeline.models.common.text import IGNORE
+from pipeline.models.openuni.processor import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +206,7 @@ def test_gradients_reach_v_enc_from_understanding_and_from_z_g(model):
     OpenUni's own ``loss_t2i`` never reads an image through ``V_enc`` (its conditions are the
     meta queries), so it trains the generation modules and leaves ``V_enc`` untouched.
     """
-    encoder = model.shared_encoder_prefixes()
+    encoder = model.ENCODER_PREFIXES
     for name in ("loss_i2t", "z_g"):
         model.zero_grad()
         out = model(collated_batch(model), generator=torch.Generator().manual_seed(0))
@@ -221,7 +223,7 @@ def test_gradients_reach_v_enc_from_understanding_and_from_z_g(model):
 
 def test_trainable_groups(tokenizer_dir):
     frozen = tiny_openuni(tokenizer_dir, trainable=[])
-    names = {name for name, _ in frozen.trainable_parameters()}
+    names = {name for name, _ in trained_parameters(frozen)}
     assert names and all(name.startswith(("lmm.vision_model.", "lmm.mlp1.")) for name in names)
     with_llm = tiny_openuni(tokenizer_dir, trainable=["llm"])
     assert all(p.requires_grad for p in with_llm.lmm.language_model.parameters())
@@ -322,7 +324,6 @@ def test_checkpoint_mismatch_fails_naming_the_key(saved_dir, tmp_path, change):
 
 
 def test_build_model_registry(tokenizer_dir, saved_dir, monkeypatch):
-    monkeypatch.setitem(FAMILIES, "openuni", "pipeline.models.openuni:OpenUni")
     built = build_model(ModelConfig(family="openuni", preset="tiny", tokenizer_path=str(tokenizer_dir)))
     assert isinstance(built, OpenUni) and built.processor is not None
     from_path = build_model(ModelConfig(family="openuni", path=str(saved_dir), options={"trainable": []}))

@@ -31,9 +31,9 @@ import pytest
 import torch
 
 from model_helpers import assert_keys_match, parameter_counts
-from pipeline.models.openuni import OpenUni
-from pipeline.models.openuni_config import openuni_config
-from pipeline.models.openuni_files import locate
+from pipeline.models.openuni.model import OpenUni
+from pipeline.models.openuni.config import openuni_config
+from pipeline.models.openuni.files import locate
 
 VIT = dict(width=1024, mlp=4096, layers=24, patch=14, size=448)
 LLM = {"1b": dict(width=896, mlp=4864, layers=24, heads=14, kv=2),

@@ -112,7 +112,8 @@ def test_openuni_assembly_paths(workspace, tmp_path):
     internvl.mkdir()
     vae.mkdir()
     message = failure(workspace, tmp_path, f"model.path={pth}", f"model.vae_path={vae}",
-                      f"model.options={{internvl_path: {internvl}}}", recipe="configs/openuni_l_512.yaml")
+                      f"model.options={{internvl_path: {internvl}, sana_path: null}}",
+                      recipe="configs/openuni_l_512.yaml")
     assert message.startswith("model: ") and "sana_path" in message
     message = failure(workspace, tmp_path, f"model.path={pth}", f"model.vae_path={vae}",
                       f"model.options={{internvl_path: {internvl}, sana_path: {tmp_path / 'nope'}}}",

@@ -21,9 +21,9 @@ from pipeline.eval.recon_probe import (
     ssim,
     train_decoder,
 )
-from pipeline.models.showo2 import Showo2
-from pipeline.models.showo2_config import showo2_config
-from pipeline.models.showo2_processor import load_tokenizer
+from pipeline.models.showo2.model import Showo2
+from pipeline.models.showo2.config import showo2_config
+from pipeline.models.showo2.processor import load_tokenizer
 
 
 def test_psnr_of_a_known_error():

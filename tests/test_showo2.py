@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model_helpers import (
+    trained_parameters,
     assert_mismatch_named,
     assert_same_outputs,
     break_checkpoint,
@@ -23,10 +24,11 @@ from model_helpers import (
 from pipeline.config import ConfigError
 from pipeline.models import ModelConfig, build_model
 from pipeline.models.base import INFOTOK_INPUT_KEYS
-from pipeline.models.showo2 import Showo2, omni_attention_mask
-from pipeline.models.showo2_config import showo2_config
-from pipeline.models.showo2_flow import velocity_latents, velocity_rows
-from pipeline.models.showo2_processor import IGNORE, load_tokenizer
+from pipeline.models.showo2.model import Showo2, omni_attention_mask
+from pipeline.models.showo2.config import showo2_config
+from pipeline.models.showo2.flow import velocity_latents, velocity_rows
+from pipeline.models.common.text import IGNORE
+from pipeline.models.showo2.processor import load_tokenizer
 
 
 def _tiny(tokenizer_dir, **options) -> Showo2:
@@ -133,7 +135,7 @@ def test_forward_backward_both_branches(model):
     assert out.num_image_tokens == 4 * n and out.num_text_tokens > 0
     model.zero_grad()
     (out.loss_i2t + out.loss_t2i).backward()
-    assert all(p.grad is not None for name, p in model.trainable_parameters() if not name.startswith("showo.lm_head"))
+    assert all(p.grad is not None for name, p in trained_parameters(model) if not name.startswith("showo.lm_head"))
 
 
 def test_single_branch_batches_leave_the_other_branch_empty(model):
@@ -247,12 +249,12 @@ def test_z_u_is_the_tensor_the_llm_consumed(model):
 
 
 def test_gradients_reach_the_shared_tokenizer_from_both_losses(model):
-    encoder = [p for name, p in model.named_parameters() if name.startswith(model.shared_encoder_prefixes())]
+    encoder = [p for name, p in model.named_parameters() if name.startswith(model.ENCODER_PREFIXES)]
     for loss_name in ("loss_i2t", "loss_t2i"):
         model.zero_grad()
         out = model(collated_batch(model), generator=torch.Generator().manual_seed(0))
         getattr(out, loss_name).backward()
-        for prefix in model.shared_encoder_prefixes():
+        for prefix in model.ENCODER_PREFIXES:
             grads = [p.grad for name, p in model.named_parameters() if name.startswith(prefix)]
             assert all(gr is not None and gr.abs().sum() > 0 for gr in grads), (loss_name, prefix)
     assert all(p.requires_grad for p in encoder)
@@ -260,8 +262,8 @@ def test_gradients_reach_the_shared_tokenizer_from_both_losses(model):
 
 def test_trainable_groups(tokenizer_dir):
     frozen = Showo2(showo2_config("tiny", {"trainable": []}), load_tokenizer(tokenizer_dir))
-    names = {name for name, _ in frozen.trainable_parameters()}
-    assert names and all(name.startswith(frozen.shared_encoder_prefixes()) for name in names)
+    names = {name for name, _ in trained_parameters(frozen)}
+    assert names and all(name.startswith(frozen.ENCODER_PREFIXES) for name in names)
     assert not any(p.requires_grad for p in frozen.vae.parameters())
     with pytest.raises(ConfigError, match="trainable"):
         showo2_config("tiny", {"trainable": ["vae"]})
@@ -399,7 +401,7 @@ def test_answer_returns_one_string_per_image_and_matches_the_training_path(model
     pixels = model.processor({"task": "i2t", "image": images[1], "messages": [
         {"role": "user", "content": f"<image>\n{questions[1]}"}]})["pixel_values"][None]
     with torch.no_grad():
-        tokens = model.encode_tokens(model.encode_latents(pixels, sample=False))
+        tokens = model.encode_shared_tokens(model.encode_latents(pixels, sample=False))
         offsets = torch.tensor([sample["image_offset"]])
         hidden = model._run_llm(sample["input_ids"][None], offsets, tokens, torch.ones(1))[0]
     model.train()

@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from model_helpers import assert_keys_match, parameter_counts
-from pipeline.models.showo2 import Showo2
-from pipeline.models.showo2_config import showo2_config
+from pipeline.models.showo2.model import Showo2
+from pipeline.models.showo2.config import showo2_config
 
 VOCAB = 151665 + 4
 LLM = {"1.5b": dict(width=1536, mlp=8960, layers=28, heads=12, kv=2, tied=True),

@@ -10,10 +10,10 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
 from pipeline.config import to_dict
-from pipeline.models.showo2 import Showo2
-from pipeline.models.showo2_config import showo2_config
-from pipeline.models.showo2_processor import load_tokenizer
-from pipeline.models.showo2_vae import SingleFrameCausalConv3d, SumOfSquaresRMSNorm, single_frame_fast_path
+from pipeline.models.showo2.model import Showo2
+from pipeline.models.showo2.config import showo2_config
+from pipeline.models.showo2.processor import load_tokenizer
+from pipeline.models.showo2.vae import SingleFrameCausalConv3d, SumOfSquaresRMSNorm, single_frame_fast_path
 
 
 def _stock_and_fast() -> tuple[AutoencoderKLWan, AutoencoderKLWan]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from data_prep import shard, synth
 from slurm_helpers import ROOT, LocalSlurm, log_lines, slurm_installed
 
 RECIPE = "configs/tiny_showo2.yaml"
@@ -43,11 +44,10 @@ def workspace(tmp_path_factory):
     """Tiny shards from ``data_prep synth`` + ``data_prep shard``, and the tiny tokenizer."""
     root = tmp_path_factory.mktemp("slurm")
     src, shards = root / "synth", root / "shards"
-    for cmd in (["synth", "--output", str(src), "--count", "48", "--seed", "0", "--size", "64"],
-                ["shard", "--source", f"jsonl:{src}/synth.jsonl", "--output", str(shards), "--shard-size", "16"]):
-        subprocess.run([sys.executable, "-m", "data_prep", *cmd], cwd=ROOT, check=True, capture_output=True)
+    source = synth(src, 48, seed=0, size=64)
+    shard([f"jsonl:{source}"], shards, shard_size=16)
     tokenizer = root / "tokenizer"
-    subprocess.run([sys.executable, "-m", "pipeline.models.tiny_tokenizer", str(tokenizer)], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "pipeline.models.common.tiny_tokenizer", str(tokenizer)], cwd=ROOT, check=True,
                    capture_output=True)
     return {"root": root, "shards": shards, "tokenizer": tokenizer}
 

@@ -6,7 +6,7 @@ import re
 
 from transformers import AutoTokenizer
 
-from pipeline.models.tiny_tokenizer import QWEN_SPECIAL_TOKENS, corpus_text, make_tokenizer
+from pipeline.models.common.tiny_tokenizer import QWEN_SPECIAL_TOKENS, corpus_text, make_tokenizer
 
 
 def test_every_word_and_mark_of_unseen_corpus_text_is_one_token(tokenizer_dir):

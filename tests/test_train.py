@@ -16,7 +16,8 @@ from pipeline.config import ConfigError
 from pipeline.metrics import read_metrics
 from pipeline.data import TwoStreamLoader
 from pipeline.models import adapter_class, build_model
-from pipeline.train import EXIT_STOPPED, deepspeed_config, load_train_config
+from pipeline.recipe import deepspeed_config, load_train_config
+from pipeline.train import EXIT_STOPPED
 from train_helpers import ROOT, Run, loss_table, make_workspace, steps_logged, wait_for
 
 RECIPE = "configs/tiny_showo2.yaml"

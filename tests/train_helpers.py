@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.cli import main as data_prep
+from data_prep import shard, synth
 from pipeline.launch import ROOT, LocalRun as Run, steps_logged  # noqa: F401 (used by the tests)
 from pipeline.metrics import read_metrics
-from pipeline.models.tiny_tokenizer import make_tokenizer
+from pipeline.models.common.tiny_tokenizer import make_tokenizer
 
 
 def make_data(root: Path, count: int = 48, seed: int = 0) -> Path:
     src, out = root / "synth", root / "shards"
-    assert data_prep(["synth", "--output", str(src), "--count", str(count), "--seed", str(seed), "--size", "64"]) == 0
-    assert data_prep(["shard", "--source", f"jsonl:{src}/synth.jsonl", "--output", str(out), "--shard-size", "16"]) == 0
+    source = synth(src, count, seed=seed, size=64)
+    shard([f"jsonl:{source}"], out, shard_size=16)
     return out
 
 

@@ -54,15 +54,13 @@ def evaluate_heldout(model: EvalModel, datasets: Sequence[str], *, batch_size: i
     pooled, text = [], []
     for _, item in zip(range(batches), loader):
         out = adapter(item["inputs"], generator=generator)
-        terms = {k: getattr(out, k) for k in ("loss_i2t", "loss_t2i") if getattr(out, k) is not None}
-        if model.regularizer is not None:
-            terms.update(model.regularizer(**out.infotok_inputs()).terms)
+        _, terms = model.objective.loss_terms(out)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if out.z_u is not None and out.text_u is not None:
             pooled.append(out.z_u.float().mean(dim=1).numpy())
             text.append(out.text_u.float().numpy())
-    notes = [] if model.regularizer is not None else [
+    notes = [] if model.objective.has_heads else [
         "no trained InfoTok heads (exported model or mode off): InfoTok terms and the rate are not reported"]
     width = adapter.infotok_dims()["token_dim"]
     return HeldOut(losses={k: v / batches for k, v in sorted(sums.items())}, batches=batches,

@@ -11,15 +11,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Literal, Protocol, Self
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from pipeline.config import ConfigError, param
+from pipeline.config import ConfigError, param, to_dict
+from pipeline.models.common.presets import preset_config
+from pipeline.models.common.qwen import QwenConfig
+from pipeline.models.common.weights import save_state_dict
 
-INFOTOK_INPUT_KEYS = ("z_u", "z_g", "text_u", "text_g", "answer_ids", "answer_mask", "target_patches", "target_mask")
+INFOTOK_INPUT_KEYS = ("z_u", "z_g", "text_u", "text_g", "answer_ids", "answer_mask", "target_patches",
+                      "target_mask")
 
 
 @dataclass
@@ -31,7 +35,68 @@ class ModelConfig:
     path: str | None = param(None, help="local checkpoint directory (released or exported); null = random init")
     vae_path: str | None = param(None, help="local VAE weights (file or diffusers directory) when not in path")
     tokenizer_path: str | None = param(None, help="local tokenizer directory when not in path")
-    options: dict[str, Any] = param(default_factory=dict, help="family config overrides, validated by the family")
+    options: dict[str, Any] = param(default_factory=dict,
+                                    help="the family's options on top of the preset, validated "
+                                         "against the family's typed options (its config.py)")
+
+    def check(self, source: str, prefix: str) -> None:
+        """The family exists and ``options`` are valid for it (called by ``from_dict``)."""
+        from pipeline.models import family_spec
+
+        spec = family_spec(self.family, source=source, key=f"{prefix}family")
+        spec.resolve_options(self.preset, self.options, source=source, prefix=prefix,
+                             pretrained=self.path is not None)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A file or directory a family needs to build a model, for the checks before a job starts."""
+
+    key: str
+    """The recipe key that names it, e.g. ``model.vae_path``."""
+    path: Path | None
+    """Where the key points; None when it is not set."""
+    kind: Literal["weights", "tokenizer", "file", "directory", "any"]
+    """``weights``: a weight file or a directory of (sharded) weight files; ``tokenizer``: a
+    directory with tokenizer files; ``any``: a file or a directory."""
+    what: str
+    """What belongs there, for the message (e.g. "Wan2.1_VAE.pth or a diffusers directory")."""
+    fallbacks: tuple[Path, ...] = ()
+    """Also searched, in order, when ``path`` is None or does not hold it."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything the registry, preflight and trainer know about one family (its ``spec.py``)."""
+
+    name: str
+    """``model.family`` of its recipes."""
+    title: str
+    """The model's own name, for messages (e.g. "Show-o2")."""
+    adapter: Callable[[], type[MLLMAdapter]]
+    """Imports and returns the adapter class (so a family's heavy imports load on first use)."""
+    options: type
+    """The typed options dataclass ``model.options`` is validated into."""
+    presets: Mapping[str, Mapping[str, Any]]
+    """Named sizes: nested overrides of the options' defaults."""
+    required_files: Callable[[ModelConfig], list[Requirement]]
+    """The files a job with this model config reads; may raise ``OSError``/``ValueError`` naming
+    what is wrong when finding them needs reading a file."""
+    repeated_blocks: tuple[str, ...]
+    """Dotted paths of the ``nn.ModuleList``s of repeated blocks (for activation checkpointing
+    and an FSDP2 wrap)."""
+
+    def resolve_options(self, preset: str, options: Mapping[str, Any], *, source: str = "model",
+                        prefix: str = "model.", pretrained: bool = False) -> Any:
+        """The typed options: ``preset`` with ``options`` on top, validated.
+
+        A pretrained model takes its size from its own files, so an unknown ``preset`` then only
+        checks ``options`` against the first preset.
+        """
+        if preset not in self.presets and pretrained:
+            preset = next(iter(self.presets))
+        return preset_config(self.options, self.presets, self.title, preset, dict(options), source,
+                             prefix=prefix)
 
 
 @dataclass
@@ -70,26 +135,11 @@ class MLLMOutput:
         return {key: getattr(self, key) for key in INFOTOK_INPUT_KEYS}
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` [B, L, D] over positions where ``mask`` [B, L] is True (the pooled ``text_*``)."""
-    weights = mask.to(x.dtype)[..., None]
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
-
-
 @torch.no_grad()
 def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int = 64) -> Tensor:
-    """``fn`` over ``x`` in slices of ``size`` rows, without gradient, concatenated (bounds encoder memory)."""
+    """``fn`` over ``x`` in slices of ``size`` rows, without gradient, concatenated (bounds the
+    encoder's memory)."""
     return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)])
-
-
-def answer_tokens(labels: Tensor, ignore: int) -> tuple[Tensor, Tensor]:
-    """``answer_ids`` / ``answer_mask``: the tokens of each row whose label is not ``ignore``,
-    left-aligned and right-padded with 0."""
-    valid = labels != ignore
-    length = max(int(valid.sum(1).max()), 1)
-    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :length]
-    mask = valid.gather(1, order)
-    return labels.gather(1, order).clamp_min(0).masked_fill(~mask, 0), mask
 
 
 class Processor(Protocol):
@@ -100,16 +150,11 @@ class Processor(Protocol):
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]: ...
 
 
-class _LLMWidth(Protocol):
-    @property
-    def hidden_size(self) -> int: ...
-
-
 class FamilyConfig(Protocol):
     """What the shared adapter code reads from a family's config."""
 
     @property
-    def llm(self) -> _LLMWidth: ...
+    def llm(self) -> QwenConfig: ...
 
     @property
     def trainable(self) -> Sequence[str]: ...
@@ -124,7 +169,9 @@ class MLLMAdapter(nn.Module, ABC):
     Subclasses set ``family`` and the parameter-name prefixes below, build the released
     architecture in ``__init__`` (setting ``config``, ``vocab_size`` and the frozen ``vae``) and call
     :meth:`_set_trainable`: the shared visual encoder always trains, the other groups per
-    ``config.trainable``, the frozen module never.
+    ``config.trainable``, the frozen module never. Every family names its shared visual tokenizer
+    ``V_enc`` ``encode_shared_tokens``; its inputs are the family's own (latents, masked latent
+    tokens or ViT pixels), so it is not part of this signature.
     """
 
     family: ClassVar[str]
@@ -195,16 +242,30 @@ class MLLMAdapter(nn.Module, ABC):
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(name.startswith(trained))
 
-    def shared_encoder_prefixes(self) -> tuple[str, ...]:
-        """Parameter name prefixes of the shared visual tokenizer ``V_enc``."""
-        return self.ENCODER_PREFIXES
-
     def infotok_dims(self) -> dict[str, int]:
         """``{"token_dim": D, "text_dim": T, "vocab_size": V, "latent_patch_dim": P}``; tokens and
         pooled text both live in the LLM width."""
         width = self.config.llm.hidden_size
         return {"token_dim": width, "text_dim": width, "vocab_size": self.vocab_size,
                 "latent_patch_dim": self.config.latent_patch_dim}
+
+    def saved_config(self) -> dict[str, Any]:
+        """The config as ``save_pretrained`` records it: ``llm.vocab_size`` resolved."""
+        config = to_dict(self.config)
+        config["llm"]["vocab_size"] = self.vocab_size
+        return config
+
+    def _save_weights(self, path: Path, *, tied_lm_head: str | None = None,
+                      prefix: str = "") -> None:
+        """The tensors under ``prefix`` (stripped) as safetensors in ``path``, without the tied
+        ``lm_head`` weight when the config ties it, and the tokenizer beside them."""
+        state = {k.removeprefix(prefix): v for k, v in self.checkpoint_state_dict().items()
+                 if k.startswith(prefix)}
+        if tied_lm_head is not None and self.config.llm.tie_word_embeddings:
+            state.pop(tied_lm_head)
+        save_state_dict(state, path)
+        if self.processor is not None:
+            self.processor.tokenizer.save_pretrained(str(path))
 
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
         """Every tensor except the separately stored frozen autoencoder's."""
@@ -216,7 +277,3 @@ class MLLMAdapter(nn.Module, ABC):
         super().train(mode)
         self.get_submodule(self.FROZEN_MODULE).eval()
         return self
-
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Named parameters the optimizer should update."""
-        return [(name, p) for name, p in self.named_parameters() if p.requires_grad]

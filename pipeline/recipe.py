@@ -1,0 +1,110 @@
+"""The training recipe: ``TrainConfig`` and its sections, loaded from YAML with dotted overrides,
+and the DeepSpeed JSON it fills (the recipe owns batch sizes, clipping, precision and AdamW)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.config import ConfigError, load_config, param
+from pipeline.data import DataConfig
+from pipeline.infotok import InfoTokConfig
+from pipeline.models.base import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = param(1e-5, gt=0, help="peak learning rate")
+    betas: list[float] = param(default_factory=lambda: [0.9, 0.95], help="AdamW betas")
+    eps: float = param(1e-8, gt=0, help="AdamW epsilon")
+    weight_decay: float = param(0.0, ge=0, help="AdamW decoupled weight decay (matrices only)")
+    warmup_steps: int = param(0, ge=0, help="linear warm-up steps")
+    min_lr_ratio: float = param(0.0, ge=0, le=1, help="cosine decay floor, as a fraction of lr")
+    grad_clip: float = param(1.0, ge=0, help="global gradient-norm clip (0: off)")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = param(100, ge=1, help="save every N optimizer steps")
+    keep_last: int = param(3, ge=1, help="checkpoints kept (oldest removed after a newer one is complete)")
+    stop_signals: list[str] = param(default_factory=lambda: ["SIGUSR1", "SIGTERM"],
+                                    help="signals that make every rank save and exit with code 75")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = param(True, help="also write TensorBoard scalars to RUN_DIR/tensorboard")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = param("runs/default", help="metrics, checkpoints and the resolved config go here")
+    resume: str = param("auto", help="auto (latest checkpoint in run_dir, if any) | none | a checkpoint path")
+    seed: int = param(0, help="seeds initialisation and every rank's noise")
+    steps: int = param(100, ge=1, help="optimizer steps of the whole run")
+    grad_accum: int = param(1, ge=1, help="micro-steps per optimizer step")
+    precision: Literal["fp32", "bf16"] = param("bf16", help="bf16 on GPU; fp32 or bf16 on CPU")
+    deepspeed: str = param("ds_configs/zero2.json", help="DeepSpeed JSON; batch, clip, precision, optimizer come "
+                                                         "from this recipe")
+    loss_weight_i2t: float = param(1.0, ge=0, help="w_i2t of Eq. 11")
+    loss_weight_t2i: float = param(1.0, ge=0, help="w_t2i of Eq. 11")
+    max_nonfinite_steps: int = param(5, ge=1, help="consecutive non-finite losses before the run stops")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    infotok: InfoTokConfig = field(default_factory=InfoTokConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
+
+
+RECIPE_OWNED = "set it in the recipe, or use \"auto\""
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The JSON of ``cfg.deepspeed`` with everything the recipe owns filled in; disagreements fail."""
+    path = Path(cfg.deepspeed)
+    where = f"deepspeed: {path}"
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: cannot read DeepSpeed config ({e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(ds).__name__}")
+    micro = cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i
+    owned = {
+        ("train_micro_batch_size_per_gpu",): (micro, "data.micro_batch_i2t + data.micro_batch_t2i"),
+        ("gradient_accumulation_steps",): (cfg.grad_accum, "grad_accum"),
+        ("train_batch_size",): (micro * cfg.grad_accum * world_size, "micro batch x grad_accum x world size"),
+        ("gradient_clipping",): (cfg.optim.grad_clip, "optim.grad_clip"),
+        ("bf16", "enabled"): (cfg.precision == "bf16", "precision"),
+        ("optimizer", "type"): ("AdamW", "the trainer (AdamW)"),
+        ("optimizer", "params", "lr"): (cfg.optim.lr, "optim.lr"),
+        ("optimizer", "params", "betas"): (list(cfg.optim.betas), "optim.betas"),
+        ("optimizer", "params", "eps"): (cfg.optim.eps, "optim.eps"),
+        ("optimizer", "params", "weight_decay"): (cfg.optim.weight_decay, "optim.weight_decay"),
+    }
+    for keys, (value, owner) in owned.items():
+        node = ds
+        for depth, key in enumerate(keys[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: {'.'.join(keys[:depth + 1])} must be a JSON object")
+        current = node.get(keys[-1], "auto")
+        if current != "auto" and current != value:
+            raise ConfigError(f"{where}: {'.'.join(keys)} is {current!r} but the recipe gives "
+                              f"{value!r} (from {owner}); {RECIPE_OWNED}")
+        node[keys[-1]] = value
+    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        raise ConfigError(f"{where}: fp16 is enabled; precision comes from the recipe "
+                          f"(fp32 or bf16)")
+    ds.pop("fp16", None)
+    if "scheduler" in ds:
+        raise ConfigError(f"{where}: has a scheduler; the LR schedule comes from the recipe "
+                          f"(optim.*)")
+    return ds
