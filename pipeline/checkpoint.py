@@ -8,7 +8,8 @@ Layout under ``RUN_DIR/checkpoints/``::
 
 A save writes everything, waits for every rank, and only then replaces ``latest`` (write to a
 temporary file, fsync, rename); so a crash at any point of a save leaves ``latest`` naming the
-previous complete checkpoint. Retention then removes the oldest tags beyond ``keep_last``.
+previous complete checkpoint. Retention then removes the oldest tags beyond ``keep_last`` in a
+background thread of rank 0, off the ranks' critical path (:class:`Retention`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +123,29 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class Retention:
+    """Keeps the newest ``keep_last`` complete checkpoints of ``root``: after each save, rank 0
+    deletes the older ones in a background thread while training goes on."""
+
+    def __init__(self, root: Path, keep_last: int) -> None:
+        self.root, self.keep_last = root, keep_last
+        self._thread: threading.Thread | None = None
+
+    def prune_in_background(self) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=prune, args=(self.root, self.keep_last),
+                                        name="checkpoint-retention", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the last pruning has finished (before the process exits)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-         keep_last: int) -> str:
+         retention: Retention) -> str:
     """Save a complete checkpoint for ``step`` on every rank; returns its tag."""
     tag = tag_for(step)
     rank = dist.get_rank()
@@ -136,8 +159,9 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], rank_state
     dist.barrier()
     if rank == 0:
         _atomic_write(root / LATEST, tag.encode())
-        prune(root, keep_last)
     dist.barrier()
+    if rank == 0:
+        retention.prune_in_background()
     return tag
 
 

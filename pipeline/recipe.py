@@ -28,6 +28,8 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every: int = param(100, ge=1, help="save every N optimizer steps")
+    every_minutes: float = param(0.0, ge=0, help="also save when this many minutes have passed since "
+                                                 "the last save (0: off); whichever comes first")
     keep_last: int = param(3, ge=1, help="checkpoints kept (oldest removed after a newer one is complete)")
     stop_signals: list[str] = param(default_factory=lambda: ["SIGUSR1", "SIGTERM"],
                                     help="signals that make every rank save and exit with code 75")

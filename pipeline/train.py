@@ -69,10 +69,12 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def agreed(self, dev: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def any_rank(dev: torch.device, *flags: bool) -> list[bool]:
+    """Each flag, True on every rank when it is True on any rank (one all-reduce for all)."""
+    values = torch.tensor([float(f) for f in flags], device=dev)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def to_device(obj: Any, dev: torch.device) -> Any:
@@ -126,13 +128,22 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     metrics = MetricsLog(run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard, truncate_after=start)
     stop = StopFlag(cfg.checkpoint.stop_signals)
+    retention = checkpoint.Retention(ckpt_root, cfg.checkpoint.keep_last)
+    save_interval_s = cfg.checkpoint.every_minutes * 60
+    last_save_time = time.monotonic()
 
     def save(step: int) -> None:
+        nonlocal last_saved, last_save_time
         client = {"step": step, "loader": loader.state_dict(), "config": to_dict(cfg)}
         tag = checkpoint.save(engine, ckpt_root, step, client, {"rng": checkpoint.rng_state(generator)},
-                              cfg.checkpoint.keep_last)
+                              retention)
         if rank == 0:
             (ckpt_root / tag / "config.yaml").write_text(dump_yaml(cfg))
+        last_saved, last_save_time = step, time.monotonic()
+
+    def close() -> None:
+        metrics.close()
+        retention.wait()  # old checkpoints are gone before the process ends
 
     batches = iter(loader)
     bad_in_a_row = 0
@@ -170,22 +181,26 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
         metrics.write(record)
         bad_in_a_row = bad_in_a_row + 1 if bad else 0
         if bad_in_a_row >= cfg.max_nonfinite_steps:
-            metrics.close()
+            close()
             raise RuntimeError(f"{bad_in_a_row} consecutive steps with a non-finite loss (last: step {step + 1}); "
                                f"stopping without saving. Lower optim.lr or check the data.")
         done = step + 1
         healthy = bad_in_a_row == 0  # never checkpoint weights a non-finite step may have touched
-        if healthy and (done % cfg.checkpoint.every == 0 or done == cfg.steps):
+        stopping, clock_due = False, False
+        if done < cfg.steps:  # every rank agrees on both, whatever its own clock and signals say
+            overdue = 0 < save_interval_s <= time.monotonic() - last_save_time
+            stopping, clock_due = any_rank(dev, stop.requested, overdue)
+        if healthy and (done % cfg.checkpoint.every == 0 or done == cfg.steps or clock_due):
             save(done)
-            last_saved = done
-        if done < cfg.steps and stop.agreed(dev):
+        if stopping:
             if healthy and last_saved != done:
                 save(done)
-            metrics.close()
             if rank == 0:
-                print(f"[train] stop signal: saved step {done} to {ckpt_root}; exiting {EXIT_STOPPED}", flush=True)
+                print(f"[train] stop signal: saved step {done} to {ckpt_root}; exiting {EXIT_STOPPED}",
+                      flush=True)
+            close()
             return EXIT_STOPPED
-    metrics.close()
+    close()
     return 0
 
 

@@ -73,6 +73,21 @@ def test_signal_then_resume_is_bit_identical(workspace, reference, tmp_path, fam
     assert loss_table(run_dir) == expected
 
 
+def test_checkpoints_by_time_agree_across_ranks_and_old_ones_are_pruned(workspace, reference, tmp_path):
+    """every_minutes far below a step's time: every step is saved (``every`` alone would save only
+    the last); retention, running in the background, leaves the newest two; nothing changes the
+    numbers, and resuming from a time-taken checkpoint reproduces the run."""
+    run_dir = tmp_path / "run"
+    run_to_end(workspace, run_dir, **{"checkpoint.every": 1000, "checkpoint.every_minutes": 1e-5})
+    root = run_dir / CHECKPOINT_DIR
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000007", "step_00000008"]
+    assert sorted(p.name for p in (root / "step_00000007").glob("rank_*.pt")) == ["rank_00000.pt",
+                                                                               "rank_00001.pt"]
+    assert loss_table(run_dir) == reference
+    run_to_end(workspace, run_dir, **{"resume": str(root / "step_00000007"), "checkpoint.every": 1000})
+    assert loss_table(run_dir) == reference
+
+
 def test_kill_9_after_a_checkpoint_resumes_exactly(workspace, reference, tmp_path):
     run_dir = tmp_path / "run"
     run = Run(RECIPE, overrides(workspace, run_dir), tmp_path / "logs")
