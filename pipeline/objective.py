@@ -36,7 +36,7 @@ class InfoTokModel(nn.Module):
     def forward(self, batch: dict[str, Any], generator: torch.Generator
                 ) -> tuple[Tensor, dict[str, Tensor], int]:
         """(total loss, every term and the total as ``loss``, tokens processed)."""
-        out = self.adapter(batch, generator=generator)
+        out = self.adapter(batch, generator=generator, infotok_inputs=self.has_heads)
         loss, terms = self.loss_terms(out)
         return loss, {**terms, "loss": loss}, out.num_text_tokens + out.num_image_tokens
 

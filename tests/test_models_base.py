@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
-from model_helpers import trained_parameters
+from model_helpers import i2t_sample, t2i_sample, trained_parameters
 from pipeline.models import MLLMAdapter, MLLMOutput, ModelConfig, adapter_class, build_model, family_specs
 from pipeline.models.common.latents import patchify
 from pipeline.models.common.text import answer_tokens, masked_mean
@@ -168,3 +168,32 @@ def test_a_spec_names_the_repeated_blocks_of_its_tiny_model(family, tokenizer_di
         assert isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0, path
         assert len({type(block) for block in blocks}) == 1, path
     assert spec.adapter() is type(model) and spec.presets["tiny"]
+
+
+@pytest.mark.parametrize("family", ["showo2", "harmon", "openuni"])
+def test_without_infotok_inputs_the_clean_generation_pass_is_left_out(family, tokenizer_dir):
+    """``infotok.mode=off`` trains without the ``V_enc`` pass over the clean T2I targets (only
+    ``z_g`` needs it); the task losses and ``z_u`` are those of the full forward."""
+    model = build_model(ModelConfig(family=family, preset="tiny", tokenizer_path=str(tokenizer_dir)))
+    model.eval()
+    samples = [i2t_sample(1), i2t_sample(2), t2i_sample(3), t2i_sample(4), t2i_sample(5)]
+    batch = model.collate([model.processor(s) for s in samples])
+    encoded: list[int] = []
+    encode = model.encode_shared_tokens
+
+    def counting(*args, **kwargs):
+        encoded.append(len(args[0]))
+        return encode(*args, **kwargs)
+
+    model.encode_shared_tokens = counting
+    outputs = {}
+    with torch.no_grad():
+        for with_inputs in (True, False):
+            encoded.clear()
+            outputs[with_inputs] = (model(batch, torch.Generator().manual_seed(0),
+                                          infotok_inputs=with_inputs), sum(encoded))
+    (full, full_rows), (lean, lean_rows) = outputs[True], outputs[False]
+    assert full_rows - lean_rows == 3, "the three T2I targets are encoded clean only for InfoTok"
+    assert full.z_g is not None and lean.z_g is None
+    for name in ("loss_i2t", "loss_t2i", "z_u", "text_u", "text_g", "target_patches"):
+        torch.testing.assert_close(getattr(lean, name), getattr(full, name), msg=name)

@@ -186,8 +186,14 @@ class MLLMAdapter(nn.Module, ABC):
     processor: Processor
 
     @abstractmethod
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> MLLMOutput:
-        """Task losses and InfoTok inputs for a collated batch; ``generator`` drives all noise."""
+    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
+                infotok_inputs: bool = True) -> MLLMOutput:
+        """Task losses and InfoTok inputs for a collated batch; ``generator`` drives all noise.
+
+        ``infotok_inputs=False`` skips the work only InfoTok needs (the clean ``V_enc`` pass over
+        the generation targets): ``z_g`` is then None. The task losses, ``z_u`` and the other
+        fields are computed as with it.
+        """
 
     @classmethod
     @abstractmethod

@@ -195,22 +195,27 @@ class Harmon(MLLMAdapter):
 
     # ----------------------------------------------------------------- training step
 
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> MLLMOutput:
+    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
+                infotok_inputs: bool = True) -> MLLMOutput:
         """Both branches of a collated batch (one LLM pass each, as the official per-task batches).
 
         Random draws from ``generator``, in order: the T2I mask ratio, the token orders, the diffusion
         timesteps, the diffusion noise. MAR's dropout (0.1) draws from the global RNG, as officially.
         ``z_u`` and ``z_g`` come from one batched ``V_enc`` pass over all clean (unmasked) images: for
         I2T it is the tensor the LLM consumes (the LLM path applies the gradient scale; ``z_u`` itself
-        is unscaled); for T2I, whose task pass encodes masked images, it is an extra clean pass.
+        is unscaled); for T2I, whose task pass encodes masked images, it is an extra clean pass,
+        left out without ``infotok_inputs``.
         """
         has_u, has_g = "u_input_ids" in batch, "g_input_ids" in batch
         pixels = [batch[k] for k in ("u_pixel_values", "g_pixel_values") if k in batch]
         grid = self._grid(pixels[0])
         tokens = self.encode_latents(torch.cat(pixels))
         n_u = len(batch["u_input_ids"]) if has_u else 0
-        unmasked = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        _, clean = self.encode_shared_tokens(tokens, unmasked, grid)
+        clean_images = tokens if infotok_inputs else tokens[:n_u]
+        clean = None
+        if len(clean_images):
+            unmasked = torch.zeros(clean_images.shape[:2], dtype=torch.bool, device=tokens.device)
+            _, clean = self.encode_shared_tokens(clean_images, unmasked, grid)
         out = MLLMOutput(
             loss_i2t=None, loss_t2i=None, z_u=None, z_g=None, text_u=None, text_g=None,
             answer_ids=None, answer_mask=None, target_patches=None, target_mask=None,
@@ -219,7 +224,8 @@ class Harmon(MLLMAdapter):
         if has_u:
             self._i2t_step(batch, clean[:n_u], out)
         if has_g:
-            self._t2i_step(batch, tokens[n_u:], clean[n_u:], grid, generator, out)
+            z_g = clean[n_u:] if infotok_inputs else None
+            self._t2i_step(batch, tokens[n_u:], z_g, grid, generator, out)
         return out
 
     def _i2t_step(self, batch: Mapping[str, Any], z_u: Tensor, out: MLLMOutput) -> None:
@@ -233,7 +239,7 @@ class Harmon(MLLMAdapter):
         out.num_text_tokens += int(valid.sum()) - z_u.shape[0] * z_u.shape[1]
         out.num_image_tokens += z_u.shape[0] * z_u.shape[1]
 
-    def _t2i_step(self, batch: Mapping[str, Any], tokens: Tensor, z_g: Tensor, grid: tuple[int, int],
+    def _t2i_step(self, batch: Mapping[str, Any], tokens: Tensor, z_g: Tensor | None, grid: tuple[int, int],
                   generator: torch.Generator | None, out: MLLMOutput) -> None:
         ids, valid = batch["g_input_ids"], batch["g_attention_mask"]
         b, n, p = tokens.shape

@@ -223,7 +223,8 @@ class OpenUni(MLLMAdapter):
 
     # ----------------------------------------------------------------- training step
 
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> MLLMOutput:
+    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
+                infotok_inputs: bool = True) -> MLLMOutput:
         """Both task losses and the InfoTok inputs.
 
         Random draws, in order, from ``generator`` (T2I only): the flow noise ε of the target
@@ -235,7 +236,7 @@ class OpenUni(MLLMAdapter):
         if "i2t_input_ids" in batch:
             self._understanding(batch, out)
         if "t2i_input_ids" in batch:
-            self._generation(batch, out, generator)
+            self._generation(batch, out, generator, infotok_inputs)
         return out
 
     def _understanding(self, batch: Mapping[str, Any], out: MLLMOutput) -> None:
@@ -250,7 +251,8 @@ class OpenUni(MLLMAdapter):
         out.num_text_tokens += int(mask.sum()) - z_u.shape[0] * z_u.shape[1]
         out.num_image_tokens += z_u.shape[0] * z_u.shape[1]
 
-    def _generation(self, batch: Mapping[str, Any], out: MLLMOutput, generator: torch.Generator | None) -> None:
+    def _generation(self, batch: Mapping[str, Any], out: MLLMOutput, generator: torch.Generator | None,
+                    infotok_inputs: bool) -> None:
         ids, mask, pixels = batch["t2i_input_ids"], batch["t2i_attention_mask"], batch["t2i_pixel_values"]
         x = self.encode_latents(pixels)
         noise = torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
@@ -261,7 +263,8 @@ class OpenUni(MLLMAdapter):
         prediction = self.transformer(noisy, encoder_hidden_states=conditions, timestep=timesteps,
                                       return_dict=False)[0]
         out.loss_t2i = flow_matching_loss(prediction, noise - x)
-        out.z_g = self.encode_shared_tokens(self.vit_input(pixels))
+        if infotok_inputs:
+            out.z_g = self.encode_shared_tokens(self.vit_input(pixels))
         out.text_g = masked_mean(prompt_hidden, mask)
         # Token n of V_enc covers the same region as latent block n: the ViT sees the target resized
         # to its input, and a token after the 2×2 pixel shuffle spans one cell of the token grid.

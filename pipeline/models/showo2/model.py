@@ -292,7 +292,8 @@ class Showo2(MLLMAdapter):
 
     # ----------------------------------------------------------------- training step
 
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> MLLMOutput:
+    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
+                infotok_inputs: bool = True) -> MLLMOutput:
         """One training step of both branches in one LLM pass (as the official mixed batches).
 
         Random draws, in order, from ``generator``: the VAE posterior noise of every image (train
@@ -319,7 +320,8 @@ class Showo2(MLLMAdapter):
             latents[is_gen] = t_view * x1[is_gen] + (1 - t_view) * x0
             t = t.clone()
             t[is_gen] = t_gen
-        tokens = self.encode_shared_tokens(torch.cat([latents, x1[is_gen]]))
+        clean_gen = x1[is_gen] if infotok_inputs else x1[:0]
+        tokens = self.encode_shared_tokens(torch.cat([latents, clean_gen]))
         task_tokens, clean_gen_tokens = tokens[: len(x1)], tokens[len(x1):]
         hidden, t_emb, mask = self._run_llm(input_ids, offsets, task_tokens, t)
         slots = self.config.num_image_tokens + 1
@@ -341,7 +343,7 @@ class Showo2(MLLMAdapter):
                                       t_gen)
             target = velocity_rows(x1[is_gen] - x0, self.config.patch_size, self.config.flow_layout)
             out.loss_t2i = F.mse_loss(velocity.float(), target.float())
-            out.z_g = clean_gen_tokens
+            out.z_g = clean_gen_tokens if infotok_inputs else None
             out.text_g = masked_mean(hidden[is_gen], batch["text_mask"][is_gen])
             out.target_patches = patchify(x1[is_gen], self.config.patch_size, "pqc")
             out.target_mask = torch.ones(out.target_patches.shape[:2], dtype=torch.bool, device=device)
