@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -49,3 +51,13 @@ class MetricsLog:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory since the last call, in GiB (allocated and reserved); empty on CPU."""
+    if device.type != "cuda":
+        return {}
+    stats = {"gpu_mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+             "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    torch.cuda.reset_peak_memory_stats(device)
+    return stats

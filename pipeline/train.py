@@ -27,7 +27,7 @@ from pipeline import checkpoint
 from pipeline.config import ConfigError, dump_yaml, to_dict
 from pipeline.data import TwoStreamLoader
 from pipeline.distributed import DistEnv, device, init_distributed, resolve_env
-from pipeline.metrics import MetricsLog
+from pipeline.metrics import MetricsLog, gpu_memory
 from pipeline.objective import build_objective
 from pipeline.preflight import PreflightError, failure_line, run_checks
 from pipeline.recipe import OptimConfig, TrainConfig, deepspeed_config, load_train_config
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
         record.update(step=step + 1, lr=engine.get_lr()[0], nonfinite=bad,
                       grad_norm=None if bad or grad_norm is None else float(grad_norm),
                       samples_per_s=samples_per_step / seconds, tokens_per_s=counts[0].item() / seconds,
-                      skipped_samples=int(counts[1].item()), seconds=seconds)
+                      skipped_samples=int(counts[1].item()), seconds=seconds, **gpu_memory(dev))
         metrics.write(record)
         bad_in_a_row = bad_in_a_row + 1 if bad else 0
         if bad_in_a_row >= cfg.max_nonfinite_steps:
