@@ -1,6 +1,6 @@
 """Throughput of ``data_prep shard`` against the obvious alternatives, on real-size photos.
 
-    python bench/data_prep.py [--count 1500] [--workers N] [--repeat 3]
+    python bench/data_prep.py [--count 1500] [--workers N] [--repeat 3] [--smoke]
 
 Builds COUNT 1024x768 JPEGs (gradients + noise, ~200 KB each) in a temporary directory, warms
 the page cache, then times (best of --repeat runs each):
@@ -11,6 +11,9 @@ the page cache, then times (best of --repeat runs each):
   limit; with ``--check decode`` (the default) and ``--check structure``.
 
 Targets: >= 1.5x the baseline per worker when resizing; >= 0.8x the raw copy in pass-through.
+
+``--smoke`` (seconds: 8 photos, 1 run each, so the figures mean nothing) is what the test suite
+runs so that the bench cannot rot.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep import shard
+from bench.measure import parse_args  # noqa: E402
+from data_prep import shard  # noqa: E402
 
 WIDTH, HEIGHT, QUALITY, MAX_SIDE = 1024, 768, 90, 512
 
@@ -118,7 +122,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="data_prep --workers for the parallel runs (default: CPUs available, %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per method, the best counts (default: %(default)s)")
-    args = parser.parse_args()
+    args = parse_args(parser, {"count": 8, "repeat": 1})
     n, w, r = args.count, args.workers, args.repeat
     shard_size = max(1, n // (2 * w))  # two shards per worker
     load_before = os.getloadavg()[0]

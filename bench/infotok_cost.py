@@ -8,6 +8,10 @@ same run. Each measurement runs in its own process so peak memory is its own.
 
     python bench/infotok_cost.py                       # CPU, float32, the real sizes
     python bench/infotok_cost.py --device cuda --dtype bf16
+    python bench/infotok_cost.py --smoke               # seconds: tiny sizes, 1 rep (a run check)
+
+``--smoke`` shrinks the defaults (batch 2, 16 tokens x 48 wide, vocabulary 1,000, 8 answer
+tokens, 1 rep); the test suite runs it so the bench cannot rot. Its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import in_fresh_process, time_and_peak  # noqa: E402
+from bench.measure import in_fresh_process, parse_args, time_and_peak  # noqa: E402
 from pipeline.infotok import InfoTokConfig, InfoTokDims, InfoTokRegularizer  # noqa: E402
 
+SMOKE = {"batch": 2, "tokens": 16, "width": 48, "vocab": 1000, "answer_len": 8, "reps": 1}
 QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
                   rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=32768)
 
@@ -85,7 +90,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
     results = {}
     for kind in ("qwen2_layer", "regularizer"):

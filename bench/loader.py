@@ -4,7 +4,10 @@ Both read the same data_prep shards of synthetic scenes and run the same per-sam
 (decode, resize to 224 px, tokenize the text) in 1 or 2 DataLoader workers, 16 samples per batch.
 The plain pipeline is ``WebDataset(shards) -> shuffle -> decode("pil") -> map -> batched``.
 
-    python bench/loader.py [--samples 1200] [--size 256]
+    python bench/loader.py [--samples 1200] [--size 256] [--batches 60]
+    python bench/loader.py --smoke    # seconds: 32 scenes of 64 px, 2 batches (a run check)
+
+``--smoke``: the test suite runs it so the bench cannot rot; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data_prep  # noqa: E402
+from bench.measure import parse_args  # noqa: E402
 from pipeline.data import DataConfig, TwoStreamLoader  # noqa: E402
 from pipeline.models.common.tiny_tokenizer import make_tokenizer  # noqa: E402
 
@@ -79,7 +83,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1200, help="synthetic scenes in the corpus")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--batches", type=int, default=60, help="batches timed per measurement")
-    args = parser.parse_args()
+    args = parse_args(parser, {"samples": 32, "size": 64, "batches": 2})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         source = data_prep.synth(root / "synth", args.samples, size=args.size)

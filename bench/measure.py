@@ -1,7 +1,9 @@
-"""Shared by the benches: time a callable and take its peak memory, each case in its own process."""
+"""Shared by the benches: time a callable and take its peak memory, each case in its own process;
+the ``--smoke`` flag every bench takes."""
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 import resource
@@ -65,3 +67,18 @@ def in_fresh_process(target: Callable[..., Any], *args: Any) -> Any:
 
 def _call(queue, target: Callable[..., Any], args: tuple) -> None:
     queue.put(target(*args))
+
+
+def parse_args(parser: argparse.ArgumentParser, smoke: dict[str, Any]) -> argparse.Namespace:
+    """``parser``'s arguments plus ``--smoke``, which makes ``smoke`` the defaults (flags win).
+
+    The smoke sizes are the smallest that run the same code and print the same lines, in seconds:
+    the test suite runs every bench that way (``tests/test_bench.py``) so none can rot unnoticed.
+    """
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long run at tiny sizes: checks that the bench works")
+    args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args()
+    return args

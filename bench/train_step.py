@@ -5,7 +5,10 @@ realistic token counts: 432 px images -> 729 visual tokens, Qwen2.5's 151,669-ro
 2 I2T + 2 T2I samples per step. Each mode runs in its own process (forward, backward, AdamW
 step), reporting the median step time and the peak memory of the training steps.
 
-    python bench/train_step.py [--steps 6] [--device cpu|cuda] [--dtype fp32|bf16]
+    python bench/train_step.py [--steps 6] [--device cpu|cuda] [--dtype fp32|bf16] [--smoke]
+
+``--smoke``: seconds-long, the same model at 64 px (16 visual tokens) with the tiny tokenizer's
+vocabulary, 1 timed step per mode; checks the bench runs (the test suite does), not the figures.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import in_fresh_process, time_and_peak  # noqa: E402
-from pipeline.infotok import InfoTokConfig, InfoTokDims, InfoTokRegularizer  # noqa: E402
+from bench.measure import in_fresh_process, parse_args, time_and_peak  # noqa: E402
+from pipeline.infotok import InfoTokConfig  # noqa: E402
 from pipeline.models import ModelConfig, build_model  # noqa: E402
+from pipeline.models.common.presets import deep_merge  # noqa: E402
 from pipeline.models.common.tiny_tokenizer import make_tokenizer  # noqa: E402
-from pipeline.objective import InfoTokModel  # noqa: E402
+from pipeline.objective import wrap_adapter  # noqa: E402
 
 SMALL_SHOWO2 = {
     "llm": {"vocab_size": 151_669, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
@@ -34,9 +38,14 @@ SMALL_SHOWO2 = {
                  "num_positions": 729},
     "flow_head": {"hidden_size": 128, "intermediate_size": 256, "num_layers": 2, "num_attention_heads": 4,
                   "num_key_value_heads": 2},
+    # The tiny preset's VAE at the released 8x spatial factor: 432 px -> 54x54 latents, 729 tokens.
+    "vae": {"base_dim": 8, "num_res_blocks": 1, "dim_mult": [1, 2, 4, 4],
+            "temperal_downsample": [False, True, True]},
     "image_size": 432,
     "max_seq_len": 1024,
 }
+SMOKE_SHOWO2 = deep_merge(SMALL_SHOWO2, {
+    "llm": {"vocab_size": None}, "semantic": {"num_positions": 16}, "image_size": 64})
 
 
 def _samples(n: int, task: str) -> list[dict]:
@@ -55,14 +64,16 @@ def _samples(n: int, task: str) -> list[dict]:
     return out
 
 
-def _measure(mode: str, args, tokenizer: str) -> tuple[str, float, int, int, int]:
+def _measure(mode: str, args: argparse.Namespace, tokenizer: str
+             ) -> tuple[str, float, int, int, int, dict[str, int]]:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    adapter = build_model(ModelConfig(family="showo2", preset="tiny", tokenizer_path=tokenizer, options=SMALL_SHOWO2))
-    regularizer = InfoTokRegularizer(InfoTokConfig(mode=mode, gather_negatives=False),
-                                     InfoTokDims(**adapter.infotok_dims()))
-    model = InfoTokModel(adapter, regularizer, 1.0, 1.0).to(dev, dtype)
+    options = SMOKE_SHOWO2 if args.smoke else SMALL_SHOWO2
+    adapter = build_model(ModelConfig(family="showo2", preset="tiny", tokenizer_path=tokenizer,
+                                      options=options))
+    sizes = {"tokens": adapter.config.num_image_tokens, "vocab": adapter.vocab_size}
+    model = wrap_adapter(adapter, InfoTokConfig(mode=mode, gather_negatives=False)).to(dev, dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batch = adapter.collate([adapter.processor(s) for s in _samples(2, "i2t") + _samples(2, "t2i")])
     batch = {k: v.to(dev, dtype if v.is_floating_point() else None) if isinstance(v, torch.Tensor) else v
@@ -78,7 +89,7 @@ def _measure(mode: str, args, tokenizer: str) -> tuple[str, float, int, int, int
 
     seconds, peak, tokens = time_and_peak(step, args.steps, dev)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return mode, seconds, peak, tokens, params
+    return mode, seconds, peak, tokens, params, sizes
 
 
 def main() -> None:
@@ -86,15 +97,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per mode (median)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    args = parser.parse_args()
+    args = parse_args(parser, {"steps": 1})
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = str(make_tokenizer(Path(tmp) / "tokenizer"))
         results = {}
         for mode in ("off", "cs", "csa"):
-            name, seconds, peak, tokens, params = in_fresh_process(_measure, mode, args, tokenizer)
-            results[name] = (seconds, peak, tokens, params)
-    print(f"small Show-o2, 729 visual tokens/image, vocab 151,669, 2 I2T + 2 T2I per step, "
-          f"device={args.device} dtype={args.dtype}")
+            name, *result, sizes = in_fresh_process(_measure, mode, args, tokenizer)
+            results[name] = tuple(result)
+    print(f"small Show-o2, {sizes['tokens']} visual tokens/image, vocab {sizes['vocab']:,}, "
+          f"2 I2T + 2 T2I per step, device={args.device} dtype={args.dtype}")
     print(f"{'mode':<6}{'step (s)':>10}{'tokens/s':>11}{'peak mem (MiB)':>16}{'trained params (M)':>20}"
           f"{'time vs off':>13}{'memory vs off':>15}")
     off_time, off_peak = results["off"][0], results["off"][1]

@@ -6,9 +6,11 @@ process: median time of an encode (as every training step does), a decode (as ge
 an autoencoder training step (encode, decode, backward; as ``ablate`` trains the tiny VAE).
 
     python bench/wan_vae.py [--preset tiny|released] [--batch N] [--reps 5] [--device cpu|cuda]
+    python bench/wan_vae.py --smoke    # seconds: preset tiny, batch 1, 1 rep (a run check)
 
 ``tiny``: the tiny recipe's VAE on 64 px scenes (batch 32, a pretraining step's images).
 ``released``: Wan2.1's dimensions at Show-o2's 432 px (batch 2).
+``--smoke``: the test suite runs it so the bench cannot rot; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from diffusers import AutoencoderKLWan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import in_fresh_process, time_and_peak  # noqa: E402
+from bench.measure import in_fresh_process, parse_args, time_and_peak  # noqa: E402
 from pipeline.config import to_dict  # noqa: E402
 from pipeline.models.showo2.config import showo2_config  # noqa: E402
 from pipeline.models.showo2.vae import single_frame_fast_path  # noqa: E402
@@ -66,7 +68,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="images per call (default: see above)")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per case (median)")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parse_args(parser, {"preset": "tiny", "batch": 1, "reps": 1})
     stock = in_fresh_process(_measure, False, args)
     fast = in_fresh_process(_measure, True, args)
     preset, default_batch = SETTINGS[args.preset]

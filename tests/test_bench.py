@@ -1,0 +1,48 @@
+"""Every bench script runs in its ``--smoke`` mode and prints its ratio lines (shape, not value)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM = r"\d+\.\d+"
+ROW = rf"{NUM}\s+{NUM}\s+{NUM}\s+{NUM}"  # four figures in a row of a table
+
+# Per script: the lines that carry its ratios against the baseline measured in the same run.
+RATIO_LINES = {
+    "train_step.py": [
+        r"^small Show-o2, \d+ visual tokens/image, vocab [\d,]+, ",
+        *(rf"^{mode}\s+{NUM}\s+\d+\s+{ROW}$" for mode in ("off", "cs", "csa")),
+    ],
+    "infotok_cost.py": [
+        rf"^ratio regularizer / one Qwen2 layer: time {NUM}x, peak memory {NUM}x \(goal: both < 1",
+    ],
+    "loader.py": [rf"^\s+{w}\s+{NUM}\s+{NUM}\s+{NUM}$" for w in (1, 2)],
+    "wan_vae.py": [
+        rf"^{call}\s+{NUM}\s+{NUM}\s+{NUM}x$" for call in ("encode", "decode", "train step")
+    ],
+    "data_prep.py": [
+        rf"^resize to 512: shard --workers \d+\s+{ROW}  >= 1\.5$",
+        rf"^pass-through: shard --check structure, \d+ w\.\s+{ROW}  >= 0\.8$",
+        rf"^pass-through: shard --check decode, \d+ w\.\s+{ROW}  $",
+    ],
+}
+
+
+def test_every_bench_script_is_covered() -> None:
+    scripts = {p.name for p in (ROOT / "bench").glob("*.py")} - {"__init__.py", "measure.py"}
+    assert scripts == set(RATIO_LINES)
+
+
+@pytest.mark.parametrize("script", sorted(RATIO_LINES))
+def test_smoke_mode_prints_ratio_lines(script: str) -> None:
+    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for pattern in RATIO_LINES[script]:
+        assert re.search(pattern, done.stdout, re.MULTILINE), f"{pattern!r} not in:\n{done.stdout}"
