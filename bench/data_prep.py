@@ -51,23 +51,32 @@ def build_corpus(root: Path, count: int) -> tuple[Path, list[Path]]:
     paths, lines = [], []
     for i in range(count):
         a, b, c = rng.uniform(0, 255, 3)
-        base = np.stack([x / WIDTH * a, y / HEIGHT * b, (x + y) / (WIDTH + HEIGHT) * c + 40], axis=-1)
+        base = np.stack(
+            [x / WIDTH * a, y / HEIGHT * b, (x + y) / (WIDTH + HEIGHT) * c + 40], axis=-1
+        )
         pixels = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
         path = root / "photos" / f"{i:05d}.jpg"
         Image.fromarray(pixels).save(path, quality=QUALITY)
         paths.append(path)
-        lines.append(json.dumps({"image": f"photos/{path.name}", "caption": f"photo number {i}"}) + "\n")
+        lines.append(
+            json.dumps({"image": f"photos/{path.name}", "caption": f"photo number {i}"}) + "\n"
+        )
     (root / "photos.jsonl").write_text("".join(lines))
     return root / "photos.jsonl", paths
 
 
 def cpu_seconds() -> float:
     """User + system time of this process and its finished children (the shard workers)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def measure(count: int, repeat: int, scratch: Path, fn: Callable[[Path], None]) -> tuple[float, float]:
+def measure(
+    count: int, repeat: int, scratch: Path, fn: Callable[[Path], None]
+) -> tuple[float, float]:
     """(images/s, CPU ms per image) of the fastest of ``repeat`` runs of ``fn(output dir)``.
 
     Other load on the machine only slows runs down, so the best run is the fairest figure; the
@@ -90,11 +99,20 @@ def baseline_resize(paths: list[Path], out: Path, shard_size: int) -> None:
         for i, path in enumerate(paths):
             img = Image.open(path).convert("RGB")
             scale = MAX_SIDE / max(img.size)
-            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+            img = img.resize(
+                (round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS
+            )
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=QUALITY)
-            sample = {"task": "i2t", "caption": f"photo number {i}", "width": img.width, "height": img.height}
-            sink.write({"__key__": f"{i:05d}", "jpg": buf.getvalue(), "json": json.dumps(sample).encode()})
+            sample = {
+                "task": "i2t",
+                "caption": f"photo number {i}",
+                "width": img.width,
+                "height": img.height,
+            }
+            sink.write(
+                {"__key__": f"{i:05d}", "jpg": buf.getvalue(), "json": json.dumps(sample).encode()}
+            )
 
 
 def raw_copy(paths: list[Path], out: Path) -> None:
@@ -116,12 +134,27 @@ def run_shard(source: Path, out: Path, workers: int, shard_size: int, **options:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=1500,
-                        help="photos to generate; enough that start-up costs amortise (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                        help="data_prep --workers for the parallel runs (default: CPUs available, %(default)s)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per method, the best counts (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=1500,
+        help="photos to generate; enough that start-up costs amortise (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="data_prep --workers for the parallel runs (default: CPUs available, %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per method, the best counts (default: %(default)s)",
+    )
     args = parse_args(parser, {"count": 8, "repeat": 1})
     n, w, r = args.count, args.workers, args.repeat
     shard_size = max(1, n // (2 * w))  # two shards per worker
@@ -147,8 +180,10 @@ def main() -> None:
             "pass_decode": measure(n, r, root, shard_with(w, **keep)),
         }
 
-    print(f"\n{n} photos, {mb / n * 1000:.0f} KB each on average; {w} workers; {os.cpu_count()} CPUs; best of {r} "
-          f"runs; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(
+        f"\n{n} photos, {mb / n * 1000:.0f} KB each on average; {w} workers; {os.cpu_count()} CPUs; best of {r} "
+        f"runs; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
     print(f"{'':46}{'images/s':>9}{'per worker':>11}{'CPU ms/img':>11}{'ratio':>7}  target")
     rows = [
         ("resize to 512: baseline, 1 process", "baseline", 1, None, ""),
@@ -167,7 +202,9 @@ def main() -> None:
         else:
             ratio = f"{'':7}"
         print(f"{name:46}{ips:9.1f}{ips / workers:11.1f}{cpu_ms:11.2f}{ratio}  {target}")
-    print("ratios: resizing, per-worker images/s over the baseline's; pass-through, total images/s over the raw copy's")
+    print(
+        "ratios: resizing, per-worker images/s over the baseline's; pass-through, total images/s over the raw copy's"
+    )
 
 
 if __name__ == "__main__":

@@ -45,17 +45,28 @@ class Preprocess:
     def __call__(self, sample: dict) -> dict:
         image = sample["image"].convert("RGB").resize((224, 224))
         text = sample["prompt"] if sample["task"] == "t2i" else sample["messages"][-1]["content"]
-        return {"pixels": torch.from_numpy(np.array(image)).permute(2, 0, 1),
-                "input_ids": self.tokenizer(text)["input_ids"]}
+        return {
+            "pixels": torch.from_numpy(np.array(image)).permute(2, 0, 1),
+            "input_ids": self.tokenizer(text)["input_ids"],
+        }
 
 
 def collate(samples: list[dict]) -> dict:
-    return {"pixels": torch.stack([s["pixels"] for s in samples]), "lengths": [len(s["input_ids"]) for s in samples]}
+    return {
+        "pixels": torch.stack([s["pixels"] for s in samples]),
+        "lengths": [len(s["input_ids"]) for s in samples],
+    }
 
 
 def ours(shards: Path, preprocess: Preprocess, workers: int, batches: int) -> float:
-    cfg = DataConfig(i2t=[str(shards)], t2i=[str(shards)], micro_batch_i2t=BATCH // 2, micro_batch_t2i=BATCH // 2,
-                     num_workers=workers, shuffle_block=1024)
+    cfg = DataConfig(
+        i2t=[str(shards)],
+        t2i=[str(shards)],
+        micro_batch_i2t=BATCH // 2,
+        micro_batch_t2i=BATCH // 2,
+        num_workers=workers,
+        shuffle_block=1024,
+    )
     start = time.perf_counter()
     for _ in itertools.islice(TwoStreamLoader(cfg, preprocess, collate), batches):
         pass
@@ -69,8 +80,13 @@ def plain_webdataset(shards: Path, preprocess: Preprocess, workers: int, batches
         image_key = next(k for k in ("jpg", "png", "webp") if k in sample)
         return preprocess({**sample["json"], "image": sample[image_key]})
 
-    pipeline = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
-                .shuffle(1024).decode("pil").map(process).batched(BATCH, collation_fn=collate))
+    pipeline = (
+        wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
+        .shuffle(1024)
+        .decode("pil")
+        .map(process)
+        .batched(BATCH, collation_fn=collate)
+    )
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers)
     start = time.perf_counter()
     for _ in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), batches):
@@ -79,7 +95,9 @@ def plain_webdataset(shards: Path, preprocess: Preprocess, workers: int, batches
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=1200, help="synthetic scenes in the corpus")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--batches", type=int, default=60, help="batches timed per measurement")
@@ -94,9 +112,13 @@ def main() -> None:
             plain = plain_webdataset(root / "shards", preprocess, workers, args.batches)
             exact = ours(root / "shards", preprocess, workers, args.batches)
             rows.append((workers, plain, exact))
-    print(f"\n{args.samples} scenes of {args.size} px, {BATCH} samples/batch, {args.batches} batches timed, "
-          f"decode + resize 224 + tokenize")
-    print(f"{'workers':>8}{'plain webdataset (samples/s)':>30}{'ours (samples/s)':>18}{'ours / plain':>14}")
+    print(
+        f"\n{args.samples} scenes of {args.size} px, {BATCH} samples/batch, {args.batches} batches timed, "
+        f"decode + resize 224 + tokenize"
+    )
+    print(
+        f"{'workers':>8}{'plain webdataset (samples/s)':>30}{'ours (samples/s)':>18}{'ours / plain':>14}"
+    )
     for workers, plain, exact in rows:
         print(f"{workers:>8}{plain:>30.1f}{exact:>18.1f}{exact / plain:>14.2f}")
     print("target: ours / plain >= 0.9")

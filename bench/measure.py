@@ -21,12 +21,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def time_and_peak(step: Callable[[], Any], reps: int, device: torch.device) -> tuple[float, int, Any]:
+def time_and_peak(
+    step: Callable[[], Any], reps: int, device: torch.device
+) -> tuple[float, int, Any]:
     """(median seconds of ``reps`` calls after one warm-up, peak memory above the start, last result).
 
     On CPU the peak is the process's max RSS (so it covers the warm-up too) above the RSS before it;
     on CUDA it is the allocator's peak above what was allocated after the warm-up.
     """
+
     def timed() -> Any:
         out = step()
         if device.type == "cuda":
@@ -43,8 +46,11 @@ def time_and_peak(step: Callable[[], Any], reps: int, device: torch.device) -> t
         start = time.perf_counter()
         out = timed()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return statistics.median(times), max(peak - base, 0), out
 
 
@@ -60,7 +66,9 @@ def in_fresh_process(target: Callable[..., Any], *args: Any) -> Any:
             break
         except Empty:
             if not proc.is_alive():
-                raise RuntimeError(f"{target.__name__}{args[:1]} died (exit {proc.exitcode}); see its traceback above")
+                raise RuntimeError(
+                    f"{target.__name__}{args[:1]} died (exit {proc.exitcode}); see its traceback above"
+                )
     proc.join()
     return result
 
@@ -75,8 +83,11 @@ def parse_args(parser: argparse.ArgumentParser, smoke: dict[str, Any]) -> argpar
     The smoke sizes are the smallest that run the same code and print the same lines, in seconds:
     the test suite runs every bench that way (``tests/test_bench.py``) so none can rot unnoticed.
     """
-    parser.add_argument("--smoke", action="store_true",
-                        help="seconds-long run at tiny sizes: checks that the bench works")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds-long run at tiny sizes: checks that the bench works",
+    )
     args = parser.parse_args()
     if args.smoke:
         parser.set_defaults(**smoke)

@@ -58,25 +58,35 @@ def _measure(fast: bool, args: argparse.Namespace) -> dict[str, float]:
         loss.backward()
         vae.zero_grad(set_to_none=True)
 
-    return {name: time_and_peak(fn, args.reps, dev)[0]
-            for name, fn in (("encode", encode), ("decode", decode), ("train step", train_step))}
+    return {
+        name: time_and_peak(fn, args.reps, dev)[0]
+        for name, fn in (("encode", encode), ("decode", decode), ("train step", train_step))
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=SETTINGS, default="tiny")
-    parser.add_argument("--batch", type=int, default=None, help="images per call (default: see above)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="images per call (default: see above)"
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed calls per case (median)")
     parser.add_argument("--device", default="cpu")
     args = parse_args(parser, {"preset": "tiny", "batch": 1, "reps": 1})
     stock = in_fresh_process(_measure, False, args)
     fast = in_fresh_process(_measure, True, args)
     preset, default_batch = SETTINGS[args.preset]
-    print(f"Wan VAE ({args.preset}: preset {preset}, {showo2_config(preset).image_size} px, "
-          f"batch {args.batch or default_batch}), device={args.device}, threads={torch.get_num_threads()}")
+    print(
+        f"Wan VAE ({args.preset}: preset {preset}, {showo2_config(preset).image_size} px, "
+        f"batch {args.batch or default_batch}), device={args.device}, threads={torch.get_num_threads()}"
+    )
     print(f"{'call':<12}{'stock (ms)':>12}{'fast path (ms)':>16}{'speed-up':>10}")
     for name, seconds in stock.items():
-        print(f"{name:<12}{seconds * 1e3:>12.1f}{fast[name] * 1e3:>16.1f}{seconds / fast[name]:>10.2f}x")
+        print(
+            f"{name:<12}{seconds * 1e3:>12.1f}{fast[name] * 1e3:>16.1f}{seconds / fast[name]:>10.2f}x"
+        )
 
 
 if __name__ == "__main__":

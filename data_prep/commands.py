@@ -95,17 +95,35 @@ def shard(
     if not specs:
         raise CommandError("sources: at least one [NAME=]KIND:PATH is needed")
     workers = default_workers() if workers is None else workers
-    _check_ints(shard_size=shard_size, max_side=max_side, min_side=min_side, quality=quality,
-                workers=workers)
+    _check_ints(
+        shard_size=shard_size,
+        max_side=max_side,
+        min_side=min_side,
+        quality=quality,
+        workers=workers,
+    )
     _check_choice("task", task, TASKS)
     _check_choice("image_format", image_format, IMAGE_FORMATS)
     _check_choice("check", check, CHECKS)
-    return sharding.run(sharding.ShardArgs(
-        sources=specs, output=Path(output), task=task, shard_size=shard_size, max_side=max_side,
-        min_side=min_side, image_format=image_format, quality=quality, check=check, workers=workers,
-        seed=seed, resume=resume, image_root=None if image_root is None else Path(image_root),
-        image_column=image_column, text_column=text_column,
-    ))
+    return sharding.run(
+        sharding.ShardArgs(
+            sources=specs,
+            output=Path(output),
+            task=task,
+            shard_size=shard_size,
+            max_side=max_side,
+            min_side=min_side,
+            image_format=image_format,
+            quality=quality,
+            check=check,
+            workers=workers,
+            seed=seed,
+            resume=resume,
+            image_root=None if image_root is None else Path(image_root),
+            image_column=image_column,
+            text_column=text_column,
+        )
+    )
 
 
 def verify(path: StrPath, *, workers: int | None = None) -> list[str]:

@@ -29,8 +29,10 @@ class Table:
         """``(split, row, fields)`` for every row in table order; ``image`` is a field for path columns."""
         for split, ds in self.splits.items():
             if text_column is not None and text_column not in ds.column_names:
-                raise CommandError(f"--text-column {text_column!r}: no such column in {split or 'the dataset'} "
-                                   f"(columns: {', '.join(ds.column_names)})")
+                raise CommandError(
+                    f"--text-column {text_column!r}: no such column in {split or 'the dataset'} "
+                    f"(columns: {', '.join(ds.column_names)})"
+                )
             drop = [] if self.kind == "path" else [self.column]
             row = 0
             for batch in ds.remove_columns(drop).iter(batch_size=_BATCH):
@@ -75,22 +77,37 @@ def open_table(path: Path, image_column: str, cache_dir: Path, base: Path) -> Ta
     try:
         if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
             loaded = datasets.load_from_disk(str(path))
-            splits = dict(sorted(loaded.items())) if isinstance(loaded, datasets.DatasetDict) else {"": loaded}
+            splits = (
+                dict(sorted(loaded.items()))
+                if isinstance(loaded, datasets.DatasetDict)
+                else {"": loaded}
+            )
         else:
             files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
             if not files:
-                raise CommandError(f"hf:{path}: neither a save_to_disk directory nor parquet file(s)")
-            splits = {"": datasets.Dataset.from_parquet([str(f) for f in files], cache_dir=str(cache_dir))}
+                raise CommandError(
+                    f"hf:{path}: neither a save_to_disk directory nor parquet file(s)"
+                )
+            splits = {
+                "": datasets.Dataset.from_parquet([str(f) for f in files], cache_dir=str(cache_dir))
+            }
     except CommandError:
         raise
     except Exception as e:  # datasets and pyarrow raise many types for unreadable data
-        raise CommandError(f"hf:{path}: cannot open with datasets ({type(e).__name__}: {e})") from None
+        raise CommandError(
+            f"hf:{path}: cannot open with datasets ({type(e).__name__}: {e})"
+        ) from None
     kinds = {_column_kind(path, split, ds, image_column) for split, ds in splits.items()}
     if len(kinds) > 1:
-        raise CommandError(f"hf:{path}: --image-column {image_column!r} has different types in different splits")
+        raise CommandError(
+            f"hf:{path}: --image-column {image_column!r} has different types in different splits"
+        )
     kind = kinds.pop()
     if kind == "image":
-        splits = {s: ds.cast_column(image_column, datasets.Image(decode=False)) for s, ds in splits.items()}
+        splits = {
+            s: ds.cast_column(image_column, datasets.Image(decode=False))
+            for s, ds in splits.items()
+        }
     return Table(splits, image_column, kind, base)
 
 
@@ -98,8 +115,10 @@ def _column_kind(path: Path, split: str, ds: Any, column: str) -> str:
     import datasets
 
     if column not in ds.column_names:
-        raise CommandError(f"hf:{path}: --image-column {column!r} is not a column of {split or 'the dataset'} "
-                           f"(columns: {', '.join(ds.column_names)})")
+        raise CommandError(
+            f"hf:{path}: --image-column {column!r} is not a column of {split or 'the dataset'} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
     feature = ds.features[column]
     if isinstance(feature, datasets.Image):
         return "image"
@@ -107,5 +126,7 @@ def _column_kind(path: Path, split: str, ds: Any, column: str) -> str:
         return "bytes"
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         return "path"
-    raise CommandError(f"hf:{path}: --image-column {column!r} has type {feature}; "
-                       "expected an Image, binary or path-string column")
+    raise CommandError(
+        f"hf:{path}: --image-column {column!r} has type {feature}; "
+        "expected an Image, binary or path-string column"
+    )

@@ -65,7 +65,9 @@ def _open(data: bytes) -> Image.Image:
             raise Skip("decompression_bomb", str(e)) from None
         except UnidentifiedImageError:
             head = data[:16].decode("ascii", "replace").encode("unicode_escape").decode()
-            raise Skip("not_an_image", f"not a recognised image format (starts with {head!r})") from None
+            raise Skip(
+                "not_an_image", f"not a recognised image format (starts with {head!r})"
+            ) from None
         except Exception as e:
             raise _decode_error(e) from None
 
@@ -79,8 +81,13 @@ def _prepare(img: Image.Image, data: bytes, opts: ImageOptions) -> PreparedImage
     source_ext = _EXT.get(img.format or "")
     ext = opts.image_format if opts.image_format != "keep" else source_ext or "png"
     target = _target_size(width, height, opts.max_side)
-    if (source_ext == ext and target == (width, height) and orientation == 1 and not animated
-            and _plain_rgb(img)):
+    if (
+        source_ext == ext
+        and target == (width, height)
+        and orientation == 1
+        and not animated
+        and _plain_rgb(img)
+    ):
         if opts.check == "decode":
             img.draft(None, (1, 1))  # JPEG: still reads every coefficient, skips the IDCT work
             img.load()

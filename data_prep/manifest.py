@@ -75,8 +75,13 @@ def build_manifest(
     per_source: dict[str, ManifestSource] = {}
     for name, (kind, path) in sources.items():
         counts = ledger.by_source.get(name, Counter())
-        per_source[name] = {"kind": kind, "path": path, "records": counts["written"] + counts["skipped"],
-                            "samples": counts["written"], "skipped": counts["skipped"]}
+        per_source[name] = {
+            "kind": kind,
+            "path": path,
+            "records": counts["written"] + counts["skipped"],
+            "samples": counts["written"],
+            "skipped": counts["skipped"],
+        }
     samples = sum(tasks.values())
     skipped = sum(ledger.skipped.values())
     return {
@@ -85,8 +90,14 @@ def build_manifest(
         "data_prep_version": __version__,
         "arguments": arguments,
         "shards": shards,
-        "totals": {"records": samples + skipped, "samples": samples, "skipped": skipped, "shards": len(shards),
-                   "bytes": sum(s["bytes"] for s in shards), "tasks": tasks},
+        "totals": {
+            "records": samples + skipped,
+            "samples": samples,
+            "skipped": skipped,
+            "shards": len(shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "tasks": tasks,
+        },
         "skipped": dict(sorted(ledger.skipped.items())),
         "sources": per_source,
     }
@@ -104,15 +115,19 @@ def read_manifest(out_dir: Path) -> Manifest:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CommandError(f"{path}: missing (not a data_prep output, or the shard run has not finished)") from None
+        raise CommandError(
+            f"{path}: missing (not a data_prep output, or the shard run has not finished)"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CommandError(f"{path}: unreadable ({e})") from None
     for key in ("format", "shards", "totals", "skipped"):
         if not isinstance(manifest, dict) or key not in manifest:
             raise CommandError(f"{path}: not a data_prep manifest (no {key!r})")
     if manifest["format"] != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-        raise CommandError(f"{path}: format {manifest['format']!r} v{manifest.get('format_version')} is not "
-                           f"{FORMAT_NAME!r} v{FORMAT_VERSION}")
+        raise CommandError(
+            f"{path}: format {manifest['format']!r} v{manifest.get('format_version')} is not "
+            f"{FORMAT_NAME!r} v{FORMAT_VERSION}"
+        )
     return manifest
 
 

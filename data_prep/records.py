@@ -156,8 +156,10 @@ def parse_text(fields: Mapping[str, Any], default_task: str) -> tuple[str, str |
     for name in ("caption", "text"):
         if name in fields:
             return default_task, _string(fields, name)
-    raise Skip("missing_field",
-               "no text field (expected messages, conversations, question+answer, prompt or caption)")
+    raise Skip(
+        "missing_field",
+        "no text field (expected messages, conversations, question+answer, prompt or caption)",
+    )
 
 
 def make_record(
@@ -181,10 +183,12 @@ def make_record(
         body: dict[str, Any] = {"prompt": text}
     elif isinstance(text, str):
         prompt = CAPTION_PROMPTS[int(digest, 16) % len(CAPTION_PROMPTS)]
-        body = {"messages": [
-            {"role": ROLE_USER, "content": f"{IMAGE_TOKEN}\n{prompt}"},
-            {"role": ROLE_ASSISTANT, "content": text},
-        ]}
+        body = {
+            "messages": [
+                {"role": ROLE_USER, "content": f"{IMAGE_TOKEN}\n{prompt}"},
+                {"role": ROLE_ASSISTANT, "content": text},
+            ]
+        }
     else:
         body = {"messages": _with_image_token(text)}
     identity = hashlib.sha1(compact_json([task, image, text]).encode())
@@ -201,11 +205,23 @@ def make_record(
 
 
 def written(record: Record, shard: str) -> LedgerEntry:
-    return {"source": record.source, "at": record.at, "status": "written", "key": record.key, "shard": shard}
+    return {
+        "source": record.source,
+        "at": record.at,
+        "status": "written",
+        "key": record.key,
+        "shard": shard,
+    }
 
 
 def skipped(source: str, at: str, skip: Skip, key: str | None = None) -> LedgerEntry:
-    entry: LedgerEntry = {"source": source, "at": at, "status": "skipped", "reason": skip.reason, "detail": skip.detail}
+    entry: LedgerEntry = {
+        "source": source,
+        "at": at,
+        "status": "skipped",
+        "reason": skip.reason,
+        "detail": skip.detail,
+    }
     if key is not None:
         entry["key"] = key
     return entry
@@ -234,15 +250,28 @@ def _conversation(value: Any, name: str) -> list[Message]:
         raw_role = turn.get("role", turn.get("from"))
         role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            raise Skip("bad_conversation",
-                       f"{name}[{i}] has role {raw_role!r} (expected user/human, assistant/gpt or system)")
+            raise Skip(
+                "bad_conversation",
+                f"{name}[{i}] has role {raw_role!r} (expected user/human, assistant/gpt or system)",
+            )
         content = turn.get("content", turn.get("value"))
-        if isinstance(content, list):  # chat-template parts: [{"type": "image"}, {"type": "text", "text": ...}]
-            image_tokens += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image")
-            texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        if isinstance(
+            content, list
+        ):  # chat-template parts: [{"type": "image"}, {"type": "text", "text": ...}]
+            image_tokens += sum(
+                1 for part in content if isinstance(part, dict) and part.get("type") == "image"
+            )
+            texts = [
+                part.get("text")
+                for part in content
+                if isinstance(part, dict) and part.get("type") == "text"
+            ]
             content = "\n".join(t for t in texts if isinstance(t, str))
         if not isinstance(content, str):
-            raise Skip("invalid_field", f"{name}[{i}] content must be a string, got {type(content).__name__}")
+            raise Skip(
+                "invalid_field",
+                f"{name}[{i}] content must be a string, got {type(content).__name__}",
+            )
         image_tokens += content.count(IMAGE_TOKEN)
         turns.append({"role": role, "content": content.replace(IMAGE_TOKEN, "").strip()})
     if image_tokens > 1:
@@ -260,7 +289,10 @@ def _check_turn_order(turns: list[Message], name: str) -> None:
     body = roles[1:] if roles[0] == ROLE_SYSTEM else roles
     expected = [ROLE_USER, ROLE_ASSISTANT] * (len(body) // 2)
     if len(body) < 2 or len(body) % 2 or body != expected:
-        raise Skip("bad_conversation", f"'{name}' roles are {'/'.join(roles)}; expected user/assistant pairs")
+        raise Skip(
+            "bad_conversation",
+            f"'{name}' roles are {'/'.join(roles)}; expected user/assistant pairs",
+        )
 
 
 def _with_image_token(turns: list[Message]) -> list[Message]:

@@ -65,8 +65,10 @@ class Scene:
         return {
             "size": [self.size, self.size],
             "background": BACKGROUND,
-            "objects": [{"shape": o.shape, "color": o.color, "bbox": list(o.box), "center": list(o.center)}
-                        for o in self.objects],
+            "objects": [
+                {"shape": o.shape, "color": o.color, "bbox": list(o.box), "center": list(o.center)}
+                for o in self.objects
+            ],
             "counts": dict(sorted(Counter(o.shape for o in self.objects).items())),
         }
 
@@ -82,8 +84,13 @@ def relation(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
-def place(rng: random.Random, size: int, items: list[tuple[str, str]],
-          wanted: tuple[int, str, int] | None = None, layout: str = "free") -> Scene:
+def place(
+    rng: random.Random,
+    size: int,
+    items: list[tuple[str, str]],
+    wanted: tuple[int, str, int] | None = None,
+    layout: str = "free",
+) -> Scene:
     """Non-overlapping objects for ``(shape, color)`` items; ``wanted`` = (i, relation, j) holds.
 
     ``free``: anywhere, at 0.16–0.26 of the side. ``grid``: each object centred in its own cell of
@@ -96,8 +103,13 @@ def place(rng: random.Random, size: int, items: list[tuple[str, str]],
         boxes = boxes_for(rng, size, len(items))
         if boxes is None:
             continue
-        scene = Scene(size, tuple(SceneObject(s, c, b) for (s, c), b in zip(items, boxes, strict=True)))
-        if wanted is None or relation(scene.objects[wanted[0]], scene.objects[wanted[2]]) == wanted[1]:
+        scene = Scene(
+            size, tuple(SceneObject(s, c, b) for (s, c), b in zip(items, boxes, strict=True))
+        )
+        if (
+            wanted is None
+            or relation(scene.objects[wanted[0]], scene.objects[wanted[2]]) == wanted[1]
+        ):
             return scene
     raise RuntimeError(f"cannot place {len(items)} objects in {size}x{size} px ({layout} layout)")
 
@@ -151,7 +163,10 @@ def draw(scene: Scene) -> Image.Image:
             pen.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
         else:  # hexagon
             q = (x1 - x0) / 4
-            pen.polygon([(x0 + q, y0), (x1 - q, y0), (x1, cy), (x1 - q, y1), (x0 + q, y1), (x0, cy)], fill=fill)
+            pen.polygon(
+                [(x0 + q, y0), (x1 - q, y0), (x1, cy), (x1 - q, y1), (x0 + q, y1), (x0, cy)],
+                fill=fill,
+            )
     return img
 
 

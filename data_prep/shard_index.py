@@ -59,7 +59,9 @@ def build_index(shard: str | Path) -> tuple[list[IndexedSample], str | None]:
         size = os.fstat(f.fileno()).st_size
         samples = []
         for key, members in groups.items():
-            samples.append(IndexedSample(key, _task_of(f, members.get(JSON_EXTENSION), size), members))
+            samples.append(
+                IndexedSample(key, _task_of(f, members.get(JSON_EXTENSION), size), members)
+            )
     return samples, error
 
 
@@ -83,7 +85,10 @@ def write_index(shard: str | Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     payload = {
         "version": INDEX_VERSION,
-        "samples": [[s.key, s.task, {ext: list(loc) for ext, loc in sorted(s.members.items())}] for s in samples],
+        "samples": [
+            [s.key, s.task, {ext: list(loc) for ext, loc in sorted(s.members.items())}]
+            for s in samples
+        ],
     }
     tmp.write_text(json.dumps(payload, separators=(",", ":")))
     os.replace(tmp, path)

@@ -40,7 +40,9 @@ class ShardFile:
         self.tmp = path.with_name(path.name + TMP_SUFFIX)
         self._file = open(self.tmp, "wb")
         self._out = _Hashing(self._file)
-        self._tar = webdataset.TarWriter(self._out, encoder=False, mtime=MTIME, user=OWNER, group=OWNER)
+        self._tar = webdataset.TarWriter(
+            self._out, encoder=False, mtime=MTIME, user=OWNER, group=OWNER
+        )
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         """Write one sample: ``members`` maps extensions (``jpg``, ``json``) to bytes."""

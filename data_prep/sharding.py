@@ -46,7 +46,14 @@ from data_prep.schema import (
 )
 from data_prep.shard_index import write_index
 from data_prep.shardfile import TMP_SUFFIX, ShardFile
-from data_prep.sources import ImageReader, ScanOptions, SourceSpec, open_hf_tables, parse_specs, scan
+from data_prep.sources import (
+    ImageReader,
+    ScanOptions,
+    SourceSpec,
+    open_hf_tables,
+    parse_specs,
+    scan,
+)
 
 WORK_DIR = ".data_prep"  # in-progress state inside the output directory
 LOCK_WAIT_S = 10  # a killed run's workers may take a moment to exit and release the lock
@@ -102,17 +109,29 @@ def run(args: ShardArgs) -> Manifest:
         return finished
     with _exclusive(work, out):
         image_root = args.image_root.absolute() if args.image_root else None
-        scan_opts = ScanOptions(args.task, image_root, args.image_column, args.text_column, work / "hf-cache")
+        scan_opts = ScanOptions(
+            args.task, image_root, args.image_column, args.text_column, work / "hf-cache"
+        )
         tables = open_hf_tables(specs, scan_opts)
         records, scan_skips = _scan_all(specs, scan_opts, tables)
-        records.sort(key=lambda r: hashlib.blake2b(f"{args.seed}:{r.key}".encode(), digest_size=16).digest())
+        records.sort(
+            key=lambda r: hashlib.blake2b(f"{args.seed}:{r.key}".encode(), digest_size=16).digest()
+        )
         _check_plan(work, arguments, records)
-        jobs = [ShardJob(i, records[start:start + args.shard_size])
-                for i, start in enumerate(range(0, len(records), args.shard_size))]
-        image_opts = ImageOptions(args.max_side, args.min_side, args.image_format, args.quality, args.check)
-        _write_shards(jobs, WriterContext(out, work / "parts", image_opts, ImageReader(tables)), args.workers)
+        jobs = [
+            ShardJob(i, records[start : start + args.shard_size])
+            for i, start in enumerate(range(0, len(records), args.shard_size))
+        ]
+        image_opts = ImageOptions(
+            args.max_side, args.min_side, args.image_format, args.quality, args.check
+        )
+        _write_shards(
+            jobs, WriterContext(out, work / "parts", image_opts, ImageReader(tables)), args.workers
+        )
         shards, ledger = _assemble(out, work / "parts", len(jobs), scan_skips)
-        manifest = build_manifest(arguments, shards, ledger, {s.label: (s.kind, str(s.path)) for s in specs})
+        manifest = build_manifest(
+            arguments, shards, ledger, {s.label: (s.kind, str(s.path)) for s in specs}
+        )
         write_atomic(out / MANIFEST_FILE, manifest_bytes(manifest))
         shutil.rmtree(work)
     _summary(out, manifest, time.monotonic() - started)
@@ -126,8 +145,14 @@ def _write_shards(jobs: list[ShardJob], ctx: WriterContext, workers: int) -> Non
     if done:
         print(f"resuming: {len(done)} of {len(jobs)} shards already written", flush=True)
     total = sum(len(job.records) for job in jobs)
-    with tqdm(total=total, initial=total - sum(len(job.records) for job in todo), unit="sample", desc="shard",
-              dynamic_ncols=True, disable=None) as bar:
+    with tqdm(
+        total=total,
+        initial=total - sum(len(job.records) for job in todo),
+        unit="sample",
+        desc="shard",
+        dynamic_ncols=True,
+        disable=None,
+    ) as bar:
         if min(workers, len(todo)) > 1:
             _run_pool(todo, ctx, workers, bar)
         else:
@@ -150,7 +175,9 @@ def _exclusive(work: Path, out: Path) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise CommandError(f"--output {out}: another data_prep shard run is writing there") from None
+                    raise CommandError(
+                        f"--output {out}: another data_prep shard run is writing there"
+                    ) from None
                 time.sleep(0.1)
         yield
 
@@ -182,13 +209,17 @@ def _prepare_output(out: Path, resume: bool, arguments: dict[str, Any]) -> Manif
     ours = [p.name for p in (out / MANIFEST_FILE, out / LEDGER_FILE, out / WORK_DIR) if p.exists()]
     ours += sorted(p.name for p in out.glob(SHARD_GLOB + "*"))
     if ours and not resume:
-        raise CommandError(f"--output {out} already holds data_prep output ({', '.join(ours[:3])}); "
-                           "pass --resume to finish that run, or choose an empty directory")
+        raise CommandError(
+            f"--output {out} already holds data_prep output ({', '.join(ours[:3])}); "
+            "pass --resume to finish that run, or choose an empty directory"
+        )
     if resume and (out / MANIFEST_FILE).exists() and not (out / WORK_DIR).exists():
         manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
         previous = manifest.get("arguments")
         if previous != arguments:
-            raise CommandError(f"--resume: {out} was finished with different arguments ({_diff(previous, arguments)})")
+            raise CommandError(
+                f"--resume: {out} was finished with different arguments ({_diff(previous, arguments)})"
+            )
         print(f"{out} is already complete; nothing to do")
         return manifest
     return None
@@ -202,12 +233,17 @@ def _scan_all(
     skips: list[LedgerEntry] = []
     first: dict[str, Record] = {}
     for spec in specs:
-        for item in tqdm(scan(spec, opts, tables), desc=f"scan {spec.label}", unit="record", disable=None):
+        for item in tqdm(
+            scan(spec, opts, tables), desc=f"scan {spec.label}", unit="record", disable=None
+        ):
             if not isinstance(item, Record):
                 skips.append(item)
             elif item.identity in first:
                 earlier = first[item.identity]
-                dup = Skip("duplicate", f"same task, image and text as {earlier.source} {earlier.at} ({earlier.key})")
+                dup = Skip(
+                    "duplicate",
+                    f"same task, image and text as {earlier.source} {earlier.at} ({earlier.key})",
+                )
                 skips.append(skipped(item.source, item.at, dup, item.key))
             else:
                 first[item.identity] = item
@@ -223,11 +259,15 @@ def _check_plan(work: Path, arguments: dict[str, Any], records: list[Record]) ->
     if path.exists():
         previous = json.loads(path.read_text(encoding="utf-8"))
         if previous["arguments"] != arguments:
-            raise CommandError(f"--resume: {work.parent} was started with different arguments "
-                               f"({_diff(previous['arguments'], arguments)})")
+            raise CommandError(
+                f"--resume: {work.parent} was started with different arguments "
+                f"({_diff(previous['arguments'], arguments)})"
+            )
         if previous["keys_sha256"] != digest:
-            raise CommandError(f"--resume: the inputs changed since {work.parent} was started "
-                               f"({previous['records']} usable records then, {len(records)} now)")
+            raise CommandError(
+                f"--resume: the inputs changed since {work.parent} was started "
+                f"({previous['records']} usable records then, {len(records)} now)"
+            )
         return
     write_atomic(path, compact_json(plan).encode())
 
@@ -247,7 +287,11 @@ def _finished_parts(out: Path, parts: Path, count: int) -> set[int]:
         part = parts / f"{shard_name(index)}.json"
         try:
             shard = json.loads(part.read_text(encoding="utf-8"))["shard"]
-        except (OSError, ValueError, KeyError):  # absent, or torn by a machine crash: redo the shard
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+        ):  # absent, or torn by a machine crash: redo the shard
             continue
         tar = out / shard["name"]
         if tar.exists() and tar.stat().st_size == shard["bytes"]:
@@ -269,7 +313,9 @@ def write_shard(job: ShardJob, ctx: WriterContext, progress: Progress) -> None:
                 entries.append(skipped(record.source, record.at, skip, record.key))
                 progress(skip.reason)
                 continue
-            shard.add(record.key, {image.ext: image.data, JSON_EXTENSION: sample_json(record, image)})
+            shard.add(
+                record.key, {image.ext: image.data, JSON_EXTENSION: sample_json(record, image)}
+            )
             entries.append(written(record, name))
             tasks[record.task] += 1
             progress("written")
@@ -278,10 +324,17 @@ def write_shard(job: ShardJob, ctx: WriterContext, progress: Progress) -> None:
     except BaseException:
         shard.abort()
         raise
-    info: ManifestShard = {"name": name, "samples": sum(tasks.values()), "tasks": tasks, "bytes": size,
-                           "sha256": sha256}
+    info: ManifestShard = {
+        "name": name,
+        "samples": sum(tasks.values()),
+        "tasks": tasks,
+        "bytes": size,
+        "sha256": sha256,
+    }
     part = compact_json({"shard": info, "ledger": entries}).encode()
-    write_atomic(ctx.parts_dir / f"{name}.json", part, durable=False)  # resume re-checks it, see _finished_parts
+    write_atomic(
+        ctx.parts_dir / f"{name}.json", part, durable=False
+    )  # resume re-checks it, see _finished_parts
 
 
 def sample_json(record: Record, image: PreparedImage) -> bytes:
@@ -334,12 +387,16 @@ _worker_parent = 0
 
 def _init_worker(ctx: WriterContext, shared_counts: Any) -> None:
     global _worker_ctx, _worker_counts, _worker_parent
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # the parent handles Ctrl-C and terminates the pool
     _worker_ctx, _worker_counts, _worker_parent = ctx, shared_counts, os.getppid()
 
 
 def _count_in_worker(outcome: str) -> None:
-    if os.getppid() != _worker_parent:  # the parent was killed: stop before finishing a shard it no longer owns
+    if (
+        os.getppid() != _worker_parent
+    ):  # the parent was killed: stop before finishing a shard it no longer owns
         os._exit(1)
     with _worker_counts.get_lock():
         _worker_counts[_SLOTS.index(outcome)] += 1
@@ -352,7 +409,9 @@ def _pool_job(job: ShardJob) -> None:
 
 def _run_pool(jobs: list[ShardJob], ctx: WriterContext, workers: int, bar: tqdm) -> None:
     methods = multiprocessing.get_all_start_methods()
-    mp = multiprocessing.get_context("fork" if "fork" in methods else "spawn")  # fork: no re-imports
+    mp = multiprocessing.get_context(
+        "fork" if "fork" in methods else "spawn"
+    )  # fork: no re-imports
     shared = mp.Array("q", len(_SLOTS))
     finished: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
     counts = _Counts(bar)
@@ -381,7 +440,9 @@ def _assemble(
     shards: list[ManifestShard] = []
     for index in range(count):
         part = json.loads((parts / f"{shard_name(index)}.json").read_text(encoding="utf-8"))
-        shards.append({k: part["shard"][k] for k in ManifestShard.__annotations__})  # readable key order
+        shards.append(
+            {k: part["shard"][k] for k in ManifestShard.__annotations__}
+        )  # readable key order
         ledger.write(part["ledger"])
     ledger.close()
     return shards, ledger
@@ -390,8 +451,10 @@ def _assemble(
 def _summary(out: Path, manifest: dict[str, Any], seconds: float) -> None:
     totals = manifest["totals"]
     tasks = ", ".join(f"{t} {n}" for t, n in totals["tasks"].items())
-    print(f"{totals['records']} records -> {totals['samples']} samples ({tasks}) in {totals['shards']} shards, "
-          f"{totals['bytes'] / 1e6:.1f} MB, {seconds:.1f} s")
+    print(
+        f"{totals['records']} records -> {totals['samples']} samples ({tasks}) in {totals['shards']} shards, "
+        f"{totals['bytes'] / 1e6:.1f} MB, {seconds:.1f} s"
+    )
     if totals["skipped"]:
         reasons = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items())
         print(f"skipped {totals['skipped']}: {reasons} (details: {out / LEDGER_FILE})")

@@ -59,15 +59,21 @@ def parse_specs(specs: list[str]) -> list[SourceSpec]:
         head, sep, path_text = text.partition(":")
         name, eq, kind = head.rpartition("=")
         if not sep or not path_text:
-            raise CommandError(f"--source {text!r}: expected KIND:PATH with KIND one of {', '.join(KINDS)}")
+            raise CommandError(
+                f"--source {text!r}: expected KIND:PATH with KIND one of {', '.join(KINDS)}"
+            )
         if kind not in KINDS:
-            raise CommandError(f"--source {text!r}: unknown source kind {kind!r} (expected one of {', '.join(KINDS)})")
+            raise CommandError(
+                f"--source {text!r}: unknown source kind {kind!r} (expected one of {', '.join(KINDS)})"
+            )
         path = Path(path_text).expanduser().absolute()
         _check_path(text, kind, path)
         base = label(name) if eq else label(path.stem if path.is_file() else path.name)
         taken = {s.label for s in out}
         if eq and base in taken:
-            raise CommandError(f"--source {text!r}: the name {base!r} is already used by another --source")
+            raise CommandError(
+                f"--source {text!r}: the name {base!r} is already used by another --source"
+            )
         unique, n = base, 2
         while unique in taken:
             unique, n = f"{base}_{n}", n + 1
@@ -89,13 +95,20 @@ def _check_path(text: str, kind: str, path: Path) -> None:
 def open_hf_tables(specs: list[SourceSpec], opts: ScanOptions) -> dict[str, hf.Table]:
     """The tables of the hf sources, by label (opened once; scanning and workers share them)."""
     return {
-        spec.label: hf.open_table(spec.path, opts.image_column, opts.cache_dir,
-                                  opts.image_root or (spec.path if spec.path.is_dir() else spec.path.parent))
-        for spec in specs if spec.kind == "hf"
+        spec.label: hf.open_table(
+            spec.path,
+            opts.image_column,
+            opts.cache_dir,
+            opts.image_root or (spec.path if spec.path.is_dir() else spec.path.parent),
+        )
+        for spec in specs
+        if spec.kind == "hf"
     }
 
 
-def scan(spec: SourceSpec, opts: ScanOptions, tables: Mapping[str, hf.Table]) -> Iterator[Record | LedgerEntry]:
+def scan(
+    spec: SourceSpec, opts: ScanOptions, tables: Mapping[str, hf.Table]
+) -> Iterator[Record | LedgerEntry]:
     """Every record of one source, in source order."""
     if spec.kind == "hf":
         return _scan_hf(spec, opts, tables[spec.label])
@@ -122,7 +135,9 @@ def _scan_llava(spec: SourceSpec, opts: ScanOptions) -> Iterator[Record | Ledger
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CommandError(f"{spec.path}: not a LLaVA JSON file ({e})") from None
     if not isinstance(items, list):
-        raise CommandError(f"{spec.path}: a LLaVA file is a JSON array of records, got {type(items).__name__}")
+        raise CommandError(
+            f"{spec.path}: a LLaVA file is a JSON array of records, got {type(items).__name__}"
+        )
     base = opts.image_root or spec.path.parent
     for index, item in enumerate(items):
         at = f"index {index}"
@@ -172,7 +187,11 @@ def _walk(root: Path) -> list[str]:
     for directory, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel_dir = Path(directory).relative_to(root).as_posix()
-        found.extend(posixpath.join(rel_dir, f) if rel_dir != "." else f for f in files if not f.startswith("."))
+        found.extend(
+            posixpath.join(rel_dir, f) if rel_dir != "." else f
+            for f in files
+            if not f.startswith(".")
+        )
     return sorted(found)
 
 
@@ -183,10 +202,14 @@ def _read_sidecar(path: Path, rel: str) -> Mapping[str, Any]:
     try:
         return {"caption": raw.decode("utf-8")}
     except UnicodeDecodeError as e:
-        raise Skip("bad_encoding", f"{rel} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+        raise Skip(
+            "bad_encoding", f"{rel} is not UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
+        ) from None
 
 
-def _scan_hf(spec: SourceSpec, opts: ScanOptions, table: hf.Table) -> Iterator[Record | LedgerEntry]:
+def _scan_hf(
+    spec: SourceSpec, opts: ScanOptions, table: hf.Table
+) -> Iterator[Record | LedgerEntry]:
     for split, row, fields in table.rows(opts.text_column):
         at = f"{split}/row {row}" if split else f"row {row}"
         try:
@@ -195,8 +218,15 @@ def _scan_hf(spec: SourceSpec, opts: ScanOptions, table: hf.Table) -> Iterator[R
                 continue
             task, text = parse_text(fields, opts.default_task)
             ref = HfRow(spec.label, split, row)
-            yield make_record(source=spec.label, at=at, task=task, text=text, image=ref,
-                              image_name=f"{split}:{row}", meta=meta_field(fields))
+            yield make_record(
+                source=spec.label,
+                at=at,
+                task=task,
+                text=text,
+                image=ref,
+                image_name=f"{split}:{row}",
+                meta=meta_field(fields),
+            )
         except Skip as skip:
             yield skipped(spec.label, at, skip)
 
@@ -215,13 +245,22 @@ def _json_object(raw: bytes, where: str) -> dict[str, Any]:
     return obj
 
 
-def _record(spec: SourceSpec, at: str, fields: Mapping[str, Any], base: Path, opts: ScanOptions) -> Record:
+def _record(
+    spec: SourceSpec, at: str, fields: Mapping[str, Any], base: Path, opts: ScanOptions
+) -> Record:
     """A record whose image is a file path, relative to ``base`` unless absolute."""
     name = image_field(fields)
     task, text = parse_text(fields, opts.default_task)
     path = os.path.normpath(os.path.join(base, name))
-    return make_record(source=spec.label, at=at, task=task, text=text, image=path,
-                       image_name=posixpath.normpath(name), meta=meta_field(fields))
+    return make_record(
+        source=spec.label,
+        at=at,
+        task=task,
+        text=text,
+        image=path,
+        image_name=posixpath.normpath(name),
+        meta=meta_field(fields),
+    )
 
 
 class ImageReader:

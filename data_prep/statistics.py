@@ -44,14 +44,23 @@ def run(out_dir: Path) -> str:
     ]
     for name, info in manifest["sources"].items():
         counts = per_source.get(name, Counter())
-        lines.append(f"  {name:<24}" + "".join(f"{counts[t]:>10}" for t in TASKS) + f"{info['skipped']:>10}")
+        lines.append(
+            f"  {name:<24}" + "".join(f"{counts[t]:>10}" for t in TASKS) + f"{info['skipped']:>10}"
+        )
     lines += ["", "skipped by reason:" if manifest["skipped"] else "skipped: none"]
-    lines += [f"  {reason:<20}{n:>8}  {REASONS.get(reason, '')}" for reason, n in manifest["skipped"].items()]
+    lines += [
+        f"  {reason:<20}{n:>8}  {REASONS.get(reason, '')}"
+        for reason, n in manifest["skipped"].items()
+    ]
     lines += ["", "image size (longer side, px):", *_histogram(longer_side)]
     for task in TASKS:
         if text_length[task]:
             what = "assistant turns" if task == TASK_I2T else "prompt"
-            lines += ["", f"text length, {task} {what} (characters):", *_histogram(text_length[task])]
+            lines += [
+                "",
+                f"text length, {task} {what} (characters):",
+                *_histogram(text_length[task]),
+            ]
     report = "\n".join(lines)
     print(report)
     return report

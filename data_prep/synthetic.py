@@ -16,7 +16,15 @@ from tqdm import tqdm
 from data_prep import scenes
 from data_prep.errors import CommandError
 from data_prep.manifest import write_atomic
-from data_prep.scenes import COLORS, GENEVAL_CATEGORIES, NUMBER_WORDS, OPPOSITE, RELATIONS, SHAPES, Scene
+from data_prep.scenes import (
+    COLORS,
+    GENEVAL_CATEGORIES,
+    NUMBER_WORDS,
+    OPPOSITE,
+    RELATIONS,
+    SHAPES,
+    Scene,
+)
 
 JSONL_FILE = "synth.jsonl"
 IMAGE_DIR = "images"
@@ -28,7 +36,9 @@ def run(output: Path, count: int, seed: int, size: int, layout: str) -> Path:
     """Write ``output/synth.jsonl`` and the images it refers to; returns the jsonl path."""
     jsonl = output / JSONL_FILE
     if jsonl.exists():
-        raise CommandError(f"--output {output}: {JSONL_FILE} already exists; choose another directory or remove it")
+        raise CommandError(
+            f"--output {output}: {JSONL_FILE} already exists; choose another directory or remove it"
+        )
     try:
         (output / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -44,23 +54,34 @@ def run(output: Path, count: int, seed: int, size: int, layout: str) -> Path:
     return jsonl
 
 
-def make_record(rng: random.Random, size: int, layout: str = "free") -> tuple[dict[str, Any], Scene]:
+def make_record(
+    rng: random.Random, size: int, layout: str = "free"
+) -> tuple[dict[str, Any], Scene]:
     """The text fields of one record (with ``meta``) and the scene its image shows (``scenes.place``'s layout)."""
     kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     if kind == "t2i":
         category = rng.choice(GENEVAL_CATEGORIES)
         prompt, scene, extra = _t2i(rng, size, category, layout)
-        return {"prompt": prompt, "meta": {"kind": kind, "category": category, **extra,
-                                           "scene": scene.to_json()}}, scene
-    scene = scenes.place(rng, size, _random_items(rng, rng.randint(1, 5 if kind == "qa" else 4)), layout=layout)
+        return {
+            "prompt": prompt,
+            "meta": {"kind": kind, "category": category, **extra, "scene": scene.to_json()},
+        }, scene
+    scene = scenes.place(
+        rng, size, _random_items(rng, rng.randint(1, 5 if kind == "qa" else 4)), layout=layout
+    )
     if kind == "caption":
         return {"caption": _caption(scene), "meta": {"kind": kind, "scene": scene.to_json()}}, scene
     qtype, query, question, answer = _question(rng, scene)
-    return {"question": question, "answer": answer,
-            "meta": {"kind": kind, "question_type": qtype, "query": query, "scene": scene.to_json()}}, scene
+    return {
+        "question": question,
+        "answer": answer,
+        "meta": {"kind": kind, "question_type": qtype, "query": query, "scene": scene.to_json()},
+    }, scene
 
 
-def _t2i(rng: random.Random, size: int, category: str, layout: str) -> tuple[str, Scene, dict[str, Any]]:
+def _t2i(
+    rng: random.Random, size: int, category: str, layout: str
+) -> tuple[str, Scene, dict[str, Any]]:
     shape, other = rng.sample(SHAPES, 2)
     color, other_color = rng.sample(list(COLORS), 2)
     if category in ("single_object", "colors"):
@@ -73,12 +94,18 @@ def _t2i(rng: random.Random, size: int, category: str, layout: str) -> tuple[str
         return f"a photo of {NUMBER_WORDS[n]} {shape}s", scene, {"count": n}
     if category == "position":
         rel = rng.choice(RELATIONS)
-        scene = scenes.place(rng, size, [(shape, color), (other, other_color)], wanted=(0, rel, 1), layout=layout)
+        scene = scenes.place(
+            rng, size, [(shape, color), (other, other_color)], wanted=(0, rel, 1), layout=layout
+        )
         return f"a photo of {_a(shape)} {rel} {_a(other)}", scene, {"relation": [0, rel, 1]}
     scene = scenes.place(rng, size, [(shape, color), (other, other_color)], layout=layout)
     if category == "two_object":
         return f"a photo of {_a(shape)} and {_a(other)}", scene, {}
-    return f"a photo of {_a(f'{color} {shape}')} and {_a(f'{other_color} {other}')}", scene, {}  # color_attr
+    return (
+        f"a photo of {_a(f'{color} {shape}')} and {_a(f'{other_color} {other}')}",
+        scene,
+        {},
+    )  # color_attr
 
 
 def _random_items(rng: random.Random, n: int) -> list[tuple[str, str]]:
@@ -89,10 +116,14 @@ def _question(rng: random.Random, scene: Scene) -> tuple[str, dict[str, Any], st
     """A question type this scene answers unambiguously, what it asks about, the question, the answer."""
     objects = scene.objects
     unique = [i for i, o in enumerate(objects) if sum(p.name == o.name for p in objects) == 1]
-    pairs = [(i, j, scenes.relation(objects[i], objects[j])) for i in unique for j in unique if i != j]
+    pairs = [
+        (i, j, scenes.relation(objects[i], objects[j])) for i in unique for j in unique if i != j
+    ]
     pairs = [(i, j, rel) for i, j, rel in pairs if rel is not None]
     lone_shapes = [o for o in objects if scene.count(o.shape) == 1]
-    qtype = rng.choice(["count", "exists"] + ["color"] * bool(lone_shapes) + ["position"] * bool(pairs))
+    qtype = rng.choice(
+        ["count", "exists"] + ["color"] * bool(lone_shapes) + ["position"] * bool(pairs)
+    )
     if qtype == "count":
         shape = rng.choice(objects).shape if rng.random() < 0.8 else rng.choice(SHAPES)
         color = rng.choice(list(COLORS)) if rng.random() < 0.5 else None
@@ -100,10 +131,18 @@ def _question(rng: random.Random, scene: Scene) -> tuple[str, dict[str, Any], st
         query = {"shape": shape, "color": color}
         return qtype, query, f"How many {what} are there?", str(scene.count(shape, color))
     if qtype == "exists":
-        shape, color = (rng.choice(objects).shape, rng.choice(objects).color) if rng.random() < 0.5 else (
-            rng.choice(SHAPES), rng.choice(list(COLORS)))
+        shape, color = (
+            (rng.choice(objects).shape, rng.choice(objects).color)
+            if rng.random() < 0.5
+            else (rng.choice(SHAPES), rng.choice(list(COLORS)))
+        )
         answer = "yes" if scene.count(shape, color) else "no"
-        return qtype, {"shape": shape, "color": color}, f"Is there {_a(f'{color} {shape}')} in the image?", answer
+        return (
+            qtype,
+            {"shape": shape, "color": color},
+            f"Is there {_a(f'{color} {shape}')} in the image?",
+            answer,
+        )
     if qtype == "color":
         obj = rng.choice(lone_shapes)
         return qtype, {"shape": obj.shape}, f"What color is the {obj.shape}?", obj.color

@@ -51,8 +51,15 @@ def run(out_dir: Path, workers: int) -> list[str]:
     problems = _stray_files(out_dir, manifest["shards"])
     check = partial(check_shard, out_dir)
     shards = manifest["shards"]
-    reports = list(tqdm(_check_all(check, shards, workers), total=len(shards), desc="verify", unit="shard",
-                        disable=None))
+    reports = list(
+        tqdm(
+            _check_all(check, shards, workers),
+            total=len(shards),
+            desc="verify",
+            unit="shard",
+            disable=None,
+        )
+    )
     for report in reports:
         problems += report.problems
     problems += _check_totals(manifest, reports)
@@ -63,13 +70,16 @@ def run(out_dir: Path, workers: int) -> list[str]:
     if problems:
         print(f"verify: {len(problems)} problem(s) in {out_dir}")
     else:
-        print(f"verify: OK: {len(shards)} shards, {samples} samples, sha256 and sizes match, every json "
-              f"parses and every image decodes; ledger accounts for {manifest['totals']['records']} records")
+        print(
+            f"verify: OK: {len(shards)} shards, {samples} samples, sha256 and sizes match, every json "
+            f"parses and every image decodes; ledger accounts for {manifest['totals']['records']} records"
+        )
     return problems
 
 
-def _check_all(check: Callable[[ManifestShard], ShardReport], shards: list[ManifestShard],
-               workers: int) -> Iterator[ShardReport]:
+def _check_all(
+    check: Callable[[ManifestShard], ShardReport], shards: list[ManifestShard], workers: int
+) -> Iterator[ShardReport]:
     if workers > 1 and len(shards) > 1:
         with multiprocessing.get_context().Pool(min(workers, len(shards))) as pool:
             yield from pool.imap(check, shards)
@@ -79,10 +89,15 @@ def _check_all(check: Callable[[ManifestShard], ShardReport], shards: list[Manif
 
 def _stray_files(out_dir: Path, shards: list[ManifestShard]) -> list[str]:
     listed = {s["name"] for s in shards}
-    problems = [f"{p.name}: in the directory but not in {MANIFEST_FILE}"
-                for p in sorted(out_dir.glob(SHARD_GLOB)) if p.name not in listed]
-    problems += [f"{p.name}: leftover of an interrupted run (finish it with shard --resume)"
-                 for p in sorted(out_dir.glob(SHARD_GLOB + ".tmp"))]
+    problems = [
+        f"{p.name}: in the directory but not in {MANIFEST_FILE}"
+        for p in sorted(out_dir.glob(SHARD_GLOB))
+        if p.name not in listed
+    ]
+    problems += [
+        f"{p.name}: leftover of an interrupted run (finish it with shard --resume)"
+        for p in sorted(out_dir.glob(SHARD_GLOB + ".tmp"))
+    ]
     return problems
 
 
@@ -115,10 +130,14 @@ def check_shard(out_dir: Path, entry: ManifestShard) -> ShardReport:
             report.problems.append(f"{name}: {key}: {problem}")
     for task in TASKS:
         if report.tasks[task] != entry["tasks"].get(task, 0):
-            report.problems.append(f"{name}: {report.tasks[task]} {task} samples, {MANIFEST_FILE} says "
-                                   f"{entry['tasks'].get(task, 0)}")
+            report.problems.append(
+                f"{name}: {report.tasks[task]} {task} samples, {MANIFEST_FILE} says "
+                f"{entry['tasks'].get(task, 0)}"
+            )
     if len(report.keys) != entry["samples"]:
-        report.problems.append(f"{name}: {len(report.keys)} samples, {MANIFEST_FILE} says {entry['samples']}")
+        report.problems.append(
+            f"{name}: {len(report.keys)} samples, {MANIFEST_FILE} says {entry['samples']}"
+        )
     return report
 
 
@@ -137,9 +156,15 @@ def _samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
 
 def _check_sample(members: dict[str, bytes], report: ShardReport) -> list[str]:
     images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
-    problems = [f"unexpected member .{ext}" for ext in members if ext not in (*IMAGE_EXTENSIONS, JSON_EXTENSION)]
+    problems = [
+        f"unexpected member .{ext}"
+        for ext in members
+        if ext not in (*IMAGE_EXTENSIONS, JSON_EXTENSION)
+    ]
     if len(images) != 1:
-        problems.append(f"{len(images)} image members (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        problems.append(
+            f"{len(images)} image members (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+        )
     if JSON_EXTENSION not in members:
         return [*problems, "no json member"]
     try:
@@ -160,7 +185,9 @@ def _check_sample(members: dict[str, bytes], report: ShardReport) -> list[str]:
     if fmt not in _FORMATS[ext]:
         problems.append(f".{ext} member holds {fmt} data")
     if size != (sample["width"], sample["height"]):
-        problems.append(f"image is {size[0]}x{size[1]}, json says {sample['width']}x{sample['height']}")
+        problems.append(
+            f"image is {size[0]}x{size[1]}, json says {sample['width']}x{sample['height']}"
+        )
     if mode != "RGB":
         problems.append(f"image mode is {mode}, not RGB")
     return problems
@@ -202,14 +229,21 @@ def _check_totals(manifest: dict[str, Any], reports: list[ShardReport]) -> list[
     found = Counter()
     for report in reports:
         found.update(report.tasks)
-    problems = [f"{MANIFEST_FILE}: totals.tasks.{t} is {totals['tasks'].get(t)}, shards hold {found[t]}"
-                for t in TASKS if totals["tasks"].get(t) != found[t]]
+    problems = [
+        f"{MANIFEST_FILE}: totals.tasks.{t} is {totals['tasks'].get(t)}, shards hold {found[t]}"
+        for t in TASKS
+        if totals["tasks"].get(t) != found[t]
+    ]
     samples = sum(s["samples"] for s in manifest["shards"])
     if totals["samples"] != samples:
-        problems.append(f"{MANIFEST_FILE}: totals.samples is {totals['samples']}, shards list {samples}")
+        problems.append(
+            f"{MANIFEST_FILE}: totals.samples is {totals['samples']}, shards list {samples}"
+        )
     if totals["skipped"] != sum(manifest["skipped"].values()):
-        problems.append(f"{MANIFEST_FILE}: totals.skipped is {totals['skipped']}, reasons add up to "
-                        f"{sum(manifest['skipped'].values())}")
+        problems.append(
+            f"{MANIFEST_FILE}: totals.skipped is {totals['skipped']}, reasons add up to "
+            f"{sum(manifest['skipped'].values())}"
+        )
     seen: dict[str, str] = {}
     for report in reports:
         for key in report.keys:
@@ -237,16 +271,26 @@ def _check_ledger(out_dir: Path, manifest: dict[str, Any], reports: list[ShardRe
         return [f"{LEDGER_FILE}: line {records + 1} is not JSON ({e})"]
     for report in reports:
         in_ledger, in_shard = by_shard.pop(report.name, set()), set(report.keys)
-        for keys, what in ((in_shard - in_ledger, "in the shard, not in the ledger"),
-                           (in_ledger - in_shard, "in the ledger, not in the shard")):
+        for keys, what in (
+            (in_shard - in_ledger, "in the shard, not in the ledger"),
+            (in_ledger - in_shard, "in the ledger, not in the shard"),
+        ):
             if keys:
-                listed = ", ".join(sorted(keys)[:_MAX_LISTED]) + (" ..." if len(keys) > _MAX_LISTED else "")
+                listed = ", ".join(sorted(keys)[:_MAX_LISTED]) + (
+                    " ..." if len(keys) > _MAX_LISTED else ""
+                )
                 problems.append(f"{report.name}: {len(keys)} key(s) {what}: {listed}")
-    problems += [f"{LEDGER_FILE}: {len(keys)} samples written to {name}, which is not in {MANIFEST_FILE}"
-                 for name, keys in sorted(by_shard.items())]
+    problems += [
+        f"{LEDGER_FILE}: {len(keys)} samples written to {name}, which is not in {MANIFEST_FILE}"
+        for name, keys in sorted(by_shard.items())
+    ]
     if dict(skipped) != manifest["skipped"]:
-        problems.append(f"{LEDGER_FILE}: skips by reason {dict(sorted(skipped.items()))}, "
-                        f"{MANIFEST_FILE} says {manifest['skipped']}")
+        problems.append(
+            f"{LEDGER_FILE}: skips by reason {dict(sorted(skipped.items()))}, "
+            f"{MANIFEST_FILE} says {manifest['skipped']}"
+        )
     if records != manifest["totals"]["records"]:
-        problems.append(f"{LEDGER_FILE}: {records} records, {MANIFEST_FILE} says {manifest['totals']['records']}")
+        problems.append(
+            f"{LEDGER_FILE}: {records} records, {MANIFEST_FILE} says {manifest['totals']['records']}"
+        )
     return problems

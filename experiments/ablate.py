@@ -68,7 +68,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 MODES = ("off", "cs", "csa")
-ROW_NAMES = {"original": "original", "off": "Finetune (off)", "cs": "C&S (cs)", "csa": "C&S&A (csa)"}
+ROW_NAMES = {
+    "original": "original",
+    "off": "Finetune (off)",
+    "cs": "C&S (cs)",
+    "csa": "C&S&A (csa)",
+}
 DONE = "DONE.json"
 
 
@@ -77,7 +82,9 @@ class Column:
     label: str
     get: Callable[[dict[str, Any]], float | None]
     higher_is_better: bool | None  # None: no preferred direction (the rate)
-    se: Callable[[dict[str, Any]], float | None] | None = None  # its standard error, where one is measured
+    se: Callable[[dict[str, Any]], float | None] | None = (
+        None  # its standard error, where one is measured
+    )
 
 
 def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
@@ -88,6 +95,7 @@ def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
                 return None
             node = node[key]
         return node if isinstance(node, (int, float)) else None
+
     return get
 
 
@@ -97,10 +105,18 @@ COLUMNS = (
     Column("rate z_u (nats/token)", _path("rate", "u", "nats_per_token"), None),
     Column("rate z_g (nats/token)", _path("rate", "g", "nats_per_token"), None),
     Column("CKA (debiased)", _path("cka", "debiased", "value"), True),
-    Column("understanding acc.", _path("benchmark", "understanding", "overall", "accuracy"), True,
-           _path("benchmark", "understanding", "overall", "se")),
-    Column("generation acc.", _path("benchmark", "generation", "overall", "accuracy"), True,
-           _path("benchmark", "generation", "overall", "se")),
+    Column(
+        "understanding acc.",
+        _path("benchmark", "understanding", "overall", "accuracy"),
+        True,
+        _path("benchmark", "understanding", "overall", "se"),
+    ),
+    Column(
+        "generation acc.",
+        _path("benchmark", "generation", "overall", "accuracy"),
+        True,
+        _path("benchmark", "generation", "overall", "se"),
+    ),
     Column("recon. PSNR (dB)", _path("reconstruction", "psnr"), True),
     Column("recon. SSIM", _path("reconstruction", "ssim"), True),
 )
@@ -115,7 +131,11 @@ def synth_corpus(directory: Path, count: int, seed: int, layout: str) -> Path:
     hold every record)."""
     shards, source, recipe = directory / "shards", directory / "synth", directory / "corpus.json"
     arguments = {"count": count, "seed": seed, "size": 64, "layout": layout}
-    if (shards / "manifest.json").is_file() and recipe.is_file() and json.loads(recipe.read_text()) == arguments:
+    if (
+        (shards / "manifest.json").is_file()
+        and recipe.is_file()
+        and json.loads(recipe.read_text()) == arguments
+    ):
         return shards
     shutil.rmtree(directory, ignore_errors=True)
     jsonl = data_prep.synth(source, **arguments)
@@ -150,7 +170,9 @@ def manifests(datasets: list[str]) -> list[str]:
 
 def foreground(x: torch.Tensor, tolerance: float = 0.1) -> torch.Tensor:
     """[B, 1, ...] 1.0 where a pixel of ``x`` (in [-1, 1], channels on dim 1) is not the scenes' background."""
-    background = torch.tensor(BACKGROUND_RGB, dtype=x.dtype).view(1, 3, *([1] * (x.ndim - 2))) / 127.5 - 1
+    background = (
+        torch.tensor(BACKGROUND_RGB, dtype=x.dtype).view(1, 3, *([1] * (x.ndim - 2))) / 127.5 - 1
+    )
     return ((x - background).abs().amax(1, keepdim=True) > tolerance).to(x.dtype)
 
 
@@ -171,12 +193,25 @@ def random_crops(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     side = images.shape[-1]
     size, step = side // 2, side // 4
     starts = (torch.randint(0, 3, (len(images), 2), generator=generator) * step).tolist()
-    return torch.stack([image[:, y:y + size, x:x + size] for image, (y, x) in zip(images, starts)])
+    return torch.stack(
+        [image[:, y : y + size, x : x + size] for image, (y, x) in zip(images, starts)]
+    )
 
 
-def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: list[str], steps: int, seed: int,
-                 output: Path, batch_size: int = 16, lr: float = 1e-3, foreground_weight: float = 10.0,
-                 kl_weight: float = 0.0, max_images: int = 10000) -> tuple[dict[str, Any], dict[str, Any]]:
+def pretrain_vae(
+    recipe: Path,
+    overrides: list[str],
+    data: list[str],
+    heldout: list[str],
+    steps: int,
+    seed: int,
+    output: Path,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    foreground_weight: float = 10.0,
+    kl_weight: float = 0.0,
+    max_images: int = 10000,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train the recipe's frozen autoencoder (``adapter.vae``) on training images (the first ``max_images``,
     I2T and T2I alternating, held in memory); save it (diffusers layout).
 
@@ -202,12 +237,20 @@ def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: l
     def images(records: Iterable[dict[str, Any]]) -> torch.Tensor:
         return targets([r["image"] for r in records], size) * 2 - 1
 
-    train_x = images(itertools.islice(alternate(iter_samples(data, "i2t"), iter_samples(data, "t2i")), max_images))
+    train_x = images(
+        itertools.islice(
+            alternate(iter_samples(data, "i2t"), iter_samples(data, "t2i")), max_images
+        )
+    )
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=0.05
+    )
     generator = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc="VAE", unit="step", disable=None):
-        x = random_crops(train_x[torch.randint(len(train_x), (batch_size,), generator=generator)], generator)
+        x = random_crops(
+            train_x[torch.randint(len(train_x), (batch_size,), generator=generator)], generator
+        )
         reconstruction, kl = adapter.autoencoder_pass(x, generator)
         weight = 1 + (foreground_weight - 1) * foreground(x)
         loss = (weight * (reconstruction - x).square()).mean() + kl_weight * kl
@@ -224,10 +267,16 @@ def pretrain_vae(recipe: Path, overrides: list[str], data: list[str], heldout: l
     vae.save_pretrained(str(output))
     detected = generation_results([r["meta"] for r in scenes], to_pil(decoded))
     original, decoded = (test_x + 1) / 2, (decoded + 1) / 2
-    quality = {"steps": steps, "train_images": len(train_x), "heldout_images": len(test_x),
-               "psnr": float(psnr(decoded, original).mean()), "ssim": float(ssim(decoded, original).mean()),
-               "detector_accuracy": accuracy_by(detected, "category", GENEVAL_CATEGORIES).get("overall", {})
-               .get("accuracy")}
+    quality = {
+        "steps": steps,
+        "train_images": len(train_x),
+        "heldout_images": len(test_x),
+        "psnr": float(psnr(decoded, original).mean()),
+        "ssim": float(ssim(decoded, original).mean()),
+        "detector_accuracy": accuracy_by(detected, "category", GENEVAL_CATEGORIES)
+        .get("overall", {})
+        .get("accuracy"),
+    }
     return options, quality
 
 
@@ -249,53 +298,104 @@ def cache_entry(root: Path, key: str, what: str) -> tuple[Path, dict[str, Any] |
     return home, None
 
 
-def trained_autoencoder(recipe: Path, overrides: list[str], args: argparse.Namespace, data: list[str],
-                        heldout: list[str]) -> tuple[Path, dict[str, Any]]:
+def trained_autoencoder(
+    recipe: Path,
+    overrides: list[str],
+    args: argparse.Namespace,
+    data: list[str],
+    heldout: list[str],
+) -> tuple[Path, dict[str, Any]]:
     """The recipe's VAE trained as an autoencoder (``pretrain_vae``), cached apart from the pretraining
     so that a new pretraining budget reuses it: its directory and ``{"options", "quality"}``."""
-    key = cache_key(recipe=recipe.read_text(), overrides=overrides, steps=args.vae_steps, seed=args.seed,
-                    data=manifests(data), heldout=manifests(heldout))
+    key = cache_key(
+        recipe=recipe.read_text(),
+        overrides=overrides,
+        steps=args.vae_steps,
+        seed=args.seed,
+        data=manifests(data),
+        heldout=manifests(heldout),
+    )
     home, cached = cache_entry(args.workdir / "vae", key, "VAE")
     if cached is not None:
         return home / "vae", cached
-    print(f"[ablate] original model: training the VAE as an autoencoder ({args.vae_steps} steps)", flush=True)
-    options, quality = pretrain_vae(recipe, overrides, data, heldout, args.vae_steps, args.seed, home / "vae")
+    print(
+        f"[ablate] original model: training the VAE as an autoencoder ({args.vae_steps} steps)",
+        flush=True,
+    )
+    options, quality = pretrain_vae(
+        recipe, overrides, data, heldout, args.vae_steps, args.seed, home / "vae"
+    )
     info = {"key": key, "options": options, "quality": quality}
     (home / DONE).write_text(json.dumps(info, indent=2) + "\n")
     return home / "vae", info
 
 
-def original_model(recipe: Path, base: list[str], args: argparse.Namespace, data: list[str], heldout: list[str],
-                   tokenizer: Path) -> tuple[Path, dict[str, Any]]:
+def original_model(
+    recipe: Path,
+    base: list[str],
+    args: argparse.Namespace,
+    data: list[str],
+    heldout: list[str],
+    tokenizer: Path,
+) -> tuple[Path, dict[str, Any]]:
     """The exported pretrained model directory and its description (cached by everything it depends on)."""
-    key = cache_key(recipe=recipe.read_text(), overrides=base, pretrain_overrides=args.pretrain_overrides,
-                    steps=args.pretrain_steps, batch=(args.pretrain_batch_i2t, args.pretrain_batch_t2i),
-                    lr=args.pretrain_lr, vae_steps=args.vae_steps, seed=args.seed, ranks=args.ranks,
-                    data=manifests(data), heldout=manifests(heldout),
-                    tokenizer=_digest([p for p in tokenizer.iterdir() if p.is_file()]))
+    key = cache_key(
+        recipe=recipe.read_text(),
+        overrides=base,
+        pretrain_overrides=args.pretrain_overrides,
+        steps=args.pretrain_steps,
+        batch=(args.pretrain_batch_i2t, args.pretrain_batch_t2i),
+        lr=args.pretrain_lr,
+        vae_steps=args.vae_steps,
+        seed=args.seed,
+        ranks=args.ranks,
+        data=manifests(data),
+        heldout=manifests(heldout),
+        tokenizer=_digest([p for p in tokenizer.iterdir() if p.is_file()]),
+    )
     home, cached = cache_entry(args.workdir / "pretrain", key, "model")
     if cached is not None:
         return home / "model", cached
     began = time.monotonic()
     shared = [*base, f"model.tokenizer_path={tokenizer}"]
     overrides = [*shared, *args.pretrain_overrides]
-    info: dict[str, Any] = {"key": key, "steps": args.pretrain_steps, "overrides": args.pretrain_overrides,
-                            "batch": {"i2t": args.pretrain_batch_i2t, "t2i": args.pretrain_batch_t2i},
-                            "lr": args.pretrain_lr, "vae": None}
+    info: dict[str, Any] = {
+        "key": key,
+        "steps": args.pretrain_steps,
+        "overrides": args.pretrain_overrides,
+        "batch": {"i2t": args.pretrain_batch_i2t, "t2i": args.pretrain_batch_t2i},
+        "lr": args.pretrain_lr,
+        "vae": None,
+    }
     if args.vae_steps:
         vae_dir, vae = trained_autoencoder(recipe, shared, args, data, heldout)
         options = deep_merge(load_train_config(recipe, overrides).model.options, vae["options"])
         overrides += [f"model.vae_path={vae_dir}", f"model.options={json.dumps(options)}"]
         info["vae"] = vae["quality"]
-    print(f"[ablate] original model: pretraining every trainable part ({args.pretrain_steps} steps, "
-          f"infotok.mode=off, {args.ranks} ranks)", flush=True)
+    print(
+        f"[ablate] original model: pretraining every trainable part ({args.pretrain_steps} steps, "
+        f"infotok.mode=off, {args.ranks} ranks)",
+        flush=True,
+    )
     run_dir = home / "run"
-    train(recipe, [*overrides, f"run_dir={run_dir}", f"steps={args.pretrain_steps}", "infotok.mode=off",
-                   f"data.micro_batch_i2t={args.pretrain_batch_i2t}",
-                   f"data.micro_batch_t2i={args.pretrain_batch_t2i}",
-                   f"optim.lr={args.pretrain_lr}", f"optim.warmup_steps={max(1, args.pretrain_steps // 20)}",
-                   "resume=none", f"checkpoint.every={args.pretrain_steps}", "checkpoint.keep_last=1"],
-          home / "logs", args.ranks)
+    train(
+        recipe,
+        [
+            *overrides,
+            f"run_dir={run_dir}",
+            f"steps={args.pretrain_steps}",
+            "infotok.mode=off",
+            f"data.micro_batch_i2t={args.pretrain_batch_i2t}",
+            f"data.micro_batch_t2i={args.pretrain_batch_t2i}",
+            f"optim.lr={args.pretrain_lr}",
+            f"optim.warmup_steps={max(1, args.pretrain_steps // 20)}",
+            "resume=none",
+            f"checkpoint.every={args.pretrain_steps}",
+            "checkpoint.keep_last=1",
+        ],
+        home / "logs",
+        args.ranks,
+    )
     export(run_dir, home / "model")
     info["seconds"] = round(time.monotonic() - began, 1)
     (home / DONE).write_text(json.dumps(info, indent=2) + "\n")
@@ -314,8 +414,10 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     their standard error)."""
     columns = [c for c in COLUMNS if any(c.get(m) is not None for m in rows.values())]
     arrows = {True: " ↑", False: " ↓", None: ""}
-    lines = ["| model | " + " | ".join(c.label + arrows[c.higher_is_better] for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = [
+        "| model | " + " | ".join(c.label + arrows[c.higher_is_better] for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     original = rows["original"]
     for name, metrics in rows.items():
         cells = []
@@ -333,17 +435,24 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 def plot_metrics(rows: dict[str, dict[str, Any]], path: Path) -> None:
     columns = [c for c in COLUMNS if any(c.get(m) is not None for m in rows.values())]
     cols = min(3, len(columns))
-    fig, axes = plt.subplots(-(-len(columns) // cols), cols, figsize=(4.2 * cols, 3.0 * -(-len(columns) // cols)),
-                                    squeeze=False)
+    fig, axes = plt.subplots(
+        -(-len(columns) // cols),
+        cols,
+        figsize=(4.2 * cols, 3.0 * -(-len(columns) // cols)),
+        squeeze=False,
+    )
     colours = ["#8c8c8c", "#4c72b0", "#dd8452", "#55a868"]
     for ax, c in zip(axes.flat, columns):
         names = [n for n in rows if c.get(rows[n]) is not None]
-        ax.bar([ROW_NAMES[n] for n in names], [c.get(rows[n]) for n in names],
-               color=[colours[list(rows).index(n)] for n in names])
+        ax.bar(
+            [ROW_NAMES[n] for n in names],
+            [c.get(rows[n]) for n in names],
+            color=[colours[list(rows).index(n)] for n in names],
+        )
         ax.set_title(c.label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=25, labelsize=7)
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(columns):]:
+    for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -373,31 +482,52 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
 def _baseline_line(metrics: dict[str, Any]) -> str:
     """What chance scores on the held-out benchmark (understanding: the majority answer; generation:
     flawless scenes that ignore the prompt)."""
-    understanding = _path("benchmark", "understanding_majority_baseline", "overall", "accuracy")(metrics)
-    generation = _path("benchmark", "generation_prompt_agnostic_baseline", "overall", "accuracy")(metrics)
-    line = "" if understanding is None else (f"Answering every held-out question with the most common answer of "
-                                             f"its type would score {understanding:.4f} (understanding accuracy). ")
+    understanding = _path("benchmark", "understanding_majority_baseline", "overall", "accuracy")(
+        metrics
+    )
+    generation = _path("benchmark", "generation_prompt_agnostic_baseline", "overall", "accuracy")(
+        metrics
+    )
+    line = (
+        ""
+        if understanding is None
+        else (
+            f"Answering every held-out question with the most common answer of "
+            f"its type would score {understanding:.4f} (understanding accuracy). "
+        )
+    )
     if generation is not None:
-        line += (f"Scoring each held-out prompt against the other prompts' ground-truth images (flawless shapes that "
-                 f"ignore the prompt) gives {generation:.4f} (generation accuracy). ")
+        line += (
+            f"Scoring each held-out prompt against the other prompts' ground-truth images (flawless shapes that "
+            f"ignore the prompt) gives {generation:.4f} (generation accuracy). "
+        )
     return line
 
 
-def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], runs: dict[str, Path],
-                 pretrained: dict[str, Any], seconds: float) -> str:
+def write_report(
+    args: argparse.Namespace,
+    rows: dict[str, dict[str, Any]],
+    runs: dict[str, Path],
+    pretrained: dict[str, Any],
+    seconds: float,
+) -> str:
     out = args.workdir
     plot_metrics(rows, out / "ablation_metrics.png")
     plot_curves(runs, out / "ablation_curves.png")
     vae = pretrained["vae"]
-    vae_line = ("the recipe's VAE was kept as is (--vae-steps 0)" if vae is None else
-                f"its VAE was first trained as an autoencoder for {vae['steps']} steps on {vae['train_images']} "
-                f"training images (held-out reconstruction PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}; "
-                f"the shape detector passes {vae['detector_accuracy']:.0%} of the held-out T2I scenes after a "
-                f"round trip through it, the ceiling of generation accuracy)")
+    vae_line = (
+        "the recipe's VAE was kept as is (--vae-steps 0)"
+        if vae is None
+        else f"its VAE was first trained as an autoencoder for {vae['steps']} steps on {vae['train_images']} "
+        f"training images (held-out reconstruction PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}; "
+        f"the shape detector passes {vae['detector_accuracy']:.0%} of the held-out T2I scenes after a "
+        f"round trip through it, the ceiling of generation accuracy)"
+    )
     overrides = "".join(f", `{o}`" for o in pretrained["overrides"])
     batch = pretrained["batch"]
     lines = [
-        f"# Ablation: `{args.config}` (Table 5)", "",
+        f"# Ablation: `{args.config}` (Table 5)",
+        "",
         f"Original: {pretrained['steps']} pretraining steps of {batch['i2t']} I2T + {batch['t2i']} T2I samples per "
         f"rank at peak lr {pretrained['lr']:g} (`infotok.mode=off`, every trainable part{overrides}; "
         f"cache key `{pretrained['key']}`); {vae_line}. Each fine-tuning: {args.steps} steps from the exported "
@@ -405,14 +535,30 @@ def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], runs
         f"{', '.join(f'`{d}`' for d in args.heldout)}. Deltas are against the original; the rate exists only "
         f"where InfoTok heads were trained. {_baseline_line(rows['original'])}Total time {seconds / 60:.1f} min.",
         "",
-        table(rows), "",
-        "Per-model reports: " + ", ".join(f"[{ROW_NAMES[n]}](eval/{n}/report.md)" for n in rows) + ".", "",
-        "![metrics](ablation_metrics.png)", "", "![fine-tuning curves](ablation_curves.png)", "",
+        table(rows),
+        "",
+        "Per-model reports: "
+        + ", ".join(f"[{ROW_NAMES[n]}](eval/{n}/report.md)" for n in rows)
+        + ".",
+        "",
+        "![metrics](ablation_metrics.png)",
+        "",
+        "![fine-tuning curves](ablation_curves.png)",
+        "",
     ]
     text = "\n".join(lines)
     (out / "ablation.md").write_text(text)
-    report.write_metrics({"rows": rows, "pretrained": pretrained, "steps": args.steps, "seed": args.seed,
-                          "modes": list(runs), "seconds": round(seconds, 1)}, out / "ablation.json")
+    report.write_metrics(
+        {
+            "rows": rows,
+            "pretrained": pretrained,
+            "steps": args.steps,
+            "seed": args.seed,
+            "modes": list(runs),
+            "seconds": round(seconds, 1),
+        },
+        out / "ablation.json",
+    )
     return text
 
 
@@ -424,38 +570,84 @@ def run(args: argparse.Namespace) -> str:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     if args.data is None:
-        args.data = [str(synth_corpus(work / "data" / "train", args.samples, args.seed, args.scene_layout))]
+        args.data = [
+            str(synth_corpus(work / "data" / "train", args.samples, args.seed, args.scene_layout))
+        ]
     if args.heldout is None:
-        args.heldout = [str(synth_corpus(work / "data" / "heldout", args.heldout_samples, args.seed + 1,
-                                         args.scene_layout))]
+        args.heldout = [
+            str(
+                synth_corpus(
+                    work / "data" / "heldout",
+                    args.heldout_samples,
+                    args.seed + 1,
+                    args.scene_layout,
+                )
+            )
+        ]
     tokenizer = work / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
         make_tokenizer(tokenizer)
-    data = [f"data.i2t=[{','.join(args.data)}]", f"data.t2i=[{','.join(args.data)}]", f"seed={args.seed}",
-            "log.tensorboard=false"]
+    data = [
+        f"data.i2t=[{','.join(args.data)}]",
+        f"data.t2i=[{','.join(args.data)}]",
+        f"seed={args.seed}",
+        "log.tensorboard=false",
+    ]
     base = [*data, *args.overrides]
-    load_train_config(args.config, [*base, *args.pretrain_overrides])  # fail on a bad override before any work
-    model_dir, pretrained = original_model(args.config, base, args, args.data, args.heldout, tokenizer)
+    load_train_config(
+        args.config, [*base, *args.pretrain_overrides]
+    )  # fail on a bad override before any work
+    model_dir, pretrained = original_model(
+        args.config, base, args, args.data, args.heldout, tokenizer
+    )
 
     runs = {}
     for mode in args.modes:
         run_dir = work / "finetune" / mode
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"[ablate] fine-tuning {ROW_NAMES[mode]}: {args.steps} steps", flush=True)
-        train(args.config, [*base, f"model.path={model_dir}", f"model.tokenizer_path={model_dir}",
-                            f"infotok.mode={mode}", f"run_dir={run_dir}", f"steps={args.steps}", "resume=none",
-                            f"checkpoint.every={args.steps}", "checkpoint.keep_last=1"],
-              work / "logs" / mode, args.ranks)
+        train(
+            args.config,
+            [
+                *base,
+                f"model.path={model_dir}",
+                f"model.tokenizer_path={model_dir}",
+                f"infotok.mode={mode}",
+                f"run_dir={run_dir}",
+                f"steps={args.steps}",
+                "resume=none",
+                f"checkpoint.every={args.steps}",
+                "checkpoint.keep_last=1",
+            ],
+            work / "logs" / mode,
+            args.ranks,
+        )
         runs[mode] = run_dir
 
-    probe = ProbeConfig(train_images=args.recon_train, test_images=args.recon_test, steps=args.recon_steps,
-                        seed=args.seed) if args.recon_steps else None
+    probe = (
+        ProbeConfig(
+            train_images=args.recon_train,
+            test_images=args.recon_test,
+            steps=args.recon_steps,
+            seed=args.seed,
+        )
+        if args.recon_steps
+        else None
+    )
     rows = {}
     for name, source in {"original": model_dir, **runs}.items():
         print(f"[ablate] evaluating {ROW_NAMES[name]}", flush=True)
-        rows[name] = evaluate(load(source), args.heldout, work / "eval" / name, samples=args.eval_samples,
-                              batch_size=8, batches=args.eval_batches, resamples=args.bootstrap, seed=args.seed,
-                              probe=probe)
+        rows[name] = evaluate(
+            load(source),
+            args.heldout,
+            work / "eval" / name,
+            samples=args.eval_samples,
+            batch_size=8,
+            batches=args.eval_batches,
+            resamples=args.bootstrap,
+            seed=args.seed,
+            probe=probe,
+        )
     return write_report(args, rows, runs, pretrained, time.monotonic() - began)
 
 
@@ -463,49 +655,112 @@ def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes or len(set(modes)) != len(modes):
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated subset of {', '.join(MODES)}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a comma-separated subset of {', '.join(MODES)}"
+        )
     return modes
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, type=Path, help="YAML recipe (e.g. configs/tiny_showo2.yaml)")
-    parser.add_argument("--modes", type=_modes, default=list(MODES), help="fine-tunings to run (default off,cs,csa)")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each fine-tuning")
-    parser.add_argument("--workdir", required=True, type=Path, help="everything goes here; the original is cached")
-    parser.add_argument("--pretrain-steps", type=int, default=3000, help="steps that make the original model")
-    parser.add_argument("--pretrain-batch-i2t", type=int, default=16, help="pretraining I2T micro-batch per rank")
-    parser.add_argument("--pretrain-batch-t2i", type=int, default=16, help="pretraining T2I micro-batch per rank")
-    parser.add_argument("--pretrain-lr", type=float, default=2e-3, help="pretraining peak learning rate")
-    parser.add_argument("--pretrain-override", dest="pretrain_overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="recipe override for the pretraining only, after the ones for "
-                        "every run (repeatable; see above for OpenUni)")
-    parser.add_argument("--vae-steps", type=int, default=4800,
-                        help="steps training the recipe's VAE / autoencoder (0: keep it)")
-    parser.add_argument("--data", action="append", help="training shards (default: a synthetic corpus)")
-    parser.add_argument("--heldout", action="append", help="held-out shards (default: a synthetic corpus)")
-    parser.add_argument("--samples", type=int, default=100000,
-                        help="synthetic training scenes (pretraining repeats each only a few times)")
-    parser.add_argument("--heldout-samples", type=int, default=400, help="synthetic held-out scenes")
-    parser.add_argument("--scene-layout", choices=LAYOUTS, default="grid",
-                        help="synthetic scenes' layout (data_prep synth --layout; default grid: a tiny model learns "
-                             "to draw the free layout's arbitrary offsets only as blobs)")
-    parser.add_argument("--ranks", type=int, default=2, help="local trainer processes (DeepSpeed, gloo)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, type=Path, help="YAML recipe (e.g. configs/tiny_showo2.yaml)"
+    )
+    parser.add_argument(
+        "--modes", type=_modes, default=list(MODES), help="fine-tunings to run (default off,cs,csa)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=100, help="optimizer steps of each fine-tuning"
+    )
+    parser.add_argument(
+        "--workdir", required=True, type=Path, help="everything goes here; the original is cached"
+    )
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=3000, help="steps that make the original model"
+    )
+    parser.add_argument(
+        "--pretrain-batch-i2t", type=int, default=16, help="pretraining I2T micro-batch per rank"
+    )
+    parser.add_argument(
+        "--pretrain-batch-t2i", type=int, default=16, help="pretraining T2I micro-batch per rank"
+    )
+    parser.add_argument(
+        "--pretrain-lr", type=float, default=2e-3, help="pretraining peak learning rate"
+    )
+    parser.add_argument(
+        "--pretrain-override",
+        dest="pretrain_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the pretraining only, after the ones for "
+        "every run (repeatable; see above for OpenUni)",
+    )
+    parser.add_argument(
+        "--vae-steps",
+        type=int,
+        default=4800,
+        help="steps training the recipe's VAE / autoencoder (0: keep it)",
+    )
+    parser.add_argument(
+        "--data", action="append", help="training shards (default: a synthetic corpus)"
+    )
+    parser.add_argument(
+        "--heldout", action="append", help="held-out shards (default: a synthetic corpus)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=100000,
+        help="synthetic training scenes (pretraining repeats each only a few times)",
+    )
+    parser.add_argument(
+        "--heldout-samples", type=int, default=400, help="synthetic held-out scenes"
+    )
+    parser.add_argument(
+        "--scene-layout",
+        choices=LAYOUTS,
+        default="grid",
+        help="synthetic scenes' layout (data_prep synth --layout; default grid: a tiny model learns "
+        "to draw the free layout's arbitrary offsets only as blobs)",
+    )
+    parser.add_argument(
+        "--ranks", type=int, default=2, help="local trainer processes (DeepSpeed, gloo)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-samples", type=int, default=192,
-                        help="benchmark items per task, capped by the held-out corpus (fewer items, larger "
-                             "standard errors: about 0.03 for generation at 64)")
-    parser.add_argument("--eval-batches", type=int, default=16, help="held-out loss batches (of 8 + 8)")
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=192,
+        help="benchmark items per task, capped by the held-out corpus (fewer items, larger "
+        "standard errors: about 0.03 for generation at 64)",
+    )
+    parser.add_argument(
+        "--eval-batches", type=int, default=16, help="held-out loss batches (of 8 + 8)"
+    )
     parser.add_argument("--bootstrap", type=int, default=200, help="CKA bootstrap resamples")
-    parser.add_argument("--recon-steps", type=int, default=300, help="reconstruction probe decoder steps (0: off)")
+    parser.add_argument(
+        "--recon-steps", type=int, default=300, help="reconstruction probe decoder steps (0: off)"
+    )
     parser.add_argument("--recon-train", type=int, default=256)
     parser.add_argument("--recon-test", type=int, default=64)
-    parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. optim.lr=5e-4")
+    parser.add_argument(
+        "overrides", nargs="*", help="recipe overrides for every run, e.g. optim.lr=5e-4"
+    )
     args = parser.parse_args(argv)
     args.config = args.config if args.config.is_absolute() else (Path.cwd() / args.config)
     args.workdir = args.workdir.resolve()
-    for name in ("steps", "pretrain_steps", "pretrain_batch_i2t", "pretrain_batch_t2i", "samples", "heldout_samples",
-                 "ranks"):
+    for name in (
+        "steps",
+        "pretrain_steps",
+        "pretrain_batch_i2t",
+        "pretrain_batch_t2i",
+        "samples",
+        "heldout_samples",
+        "ranks",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:

@@ -49,8 +49,16 @@ class BottleneckDemoConfig:
     hidden_dim: int = param(64, ge=1, help="hidden width of V_enc")
     eval_samples: int = param(2048, ge=64, help="held-out samples for the probes")
     infotok: InfoTokConfig = field(
-        default_factory=lambda: InfoTokConfig(mode="cs", lam=1.0, beta_u=4.0, beta_g=4.0, latent_dim=4,
-                                              decoder_hidden=32, vocab_rank=8, gather_negatives=False)
+        default_factory=lambda: InfoTokConfig(
+            mode="cs",
+            lam=1.0,
+            beta_u=4.0,
+            beta_g=4.0,
+            latent_dim=4,
+            decoder_hidden=32,
+            vocab_rank=8,
+            gather_negatives=False,
+        )
     )
 
 
@@ -74,10 +82,18 @@ class SyntheticScenes:
 
     def sample(self, batch: int) -> dict[str, Tensor]:
         c = self.cfg
-        s = torch.randn(batch, 1, c.relevant_dims, generator=self.generator).expand(-1, c.tokens, -1)
+        s = torch.randn(batch, 1, c.relevant_dims, generator=self.generator).expand(
+            -1, c.tokens, -1
+        )
         n = torch.randn(batch, c.tokens, c.nuisance_dims, generator=self.generator)
         signs = (s[:, 0, :2] > 0).long()
-        return {"x": torch.cat([s, n], dim=-1), "nuisance": n, "target": s, "answer": signs, "task": signs[:, 0]}
+        return {
+            "x": torch.cat([s, n], dim=-1),
+            "nuisance": n,
+            "target": s,
+            "answer": signs,
+            "task": signs[:, 0],
+        }
 
 
 class ToyModel(nn.Module):
@@ -97,10 +113,16 @@ class ToyModel(nn.Module):
         return z, F.cross_entropy(self.task_head(z.mean(1)), batch["task"])
 
 
-def regularizer_inputs(z_u: Tensor, z_g: Tensor, u: dict[str, Tensor], g: dict[str, Tensor]) -> dict[str, Tensor]:
+def regularizer_inputs(
+    z_u: Tensor, z_g: Tensor, u: dict[str, Tensor], g: dict[str, Tensor]
+) -> dict[str, Tensor]:
     return {
-        "z_u": z_u, "z_g": z_g, "text_u": u["target"][:, 0], "text_g": g["target"][:, 0],
-        "answer_ids": u["answer"], "answer_mask": torch.ones_like(u["answer"], dtype=torch.bool),
+        "z_u": z_u,
+        "z_g": z_g,
+        "text_u": u["target"][:, 0],
+        "text_g": g["target"][:, 0],
+        "answer_ids": u["answer"],
+        "answer_mask": torch.ones_like(u["answer"], dtype=torch.bool),
         "target_patches": g["target"],
     }
 
@@ -111,8 +133,12 @@ def train_and_probe(cfg: BottleneckDemoConfig, mode: str) -> RunReport:
     data = SyntheticScenes(cfg)
     model = ToyModel(cfg)
     heads_mode = cfg.infotok.mode if mode != "off" else "cs"
-    dims = InfoTokDims(token_dim=cfg.token_dim, text_dim=cfg.relevant_dims, vocab_size=ANSWER_VOCAB,
-                       latent_patch_dim=cfg.relevant_dims)
+    dims = InfoTokDims(
+        token_dim=cfg.token_dim,
+        text_dim=cfg.relevant_dims,
+        vocab_size=ANSWER_VOCAB,
+        latent_patch_dim=cfg.relevant_dims,
+    )
     regularizer = InfoTokRegularizer(dataclasses.replace(cfg.infotok, mode=heads_mode), dims)
     optimizer = torch.optim.Adam([*model.parameters(), *regularizer.parameters()], lr=cfg.lr)
     for _ in range(cfg.steps):
@@ -130,8 +156,12 @@ def train_and_probe(cfg: BottleneckDemoConfig, mode: str) -> RunReport:
 
 
 @torch.no_grad()
-def _probe(cfg: BottleneckDemoConfig, model: ToyModel, regularizer: InfoTokRegularizer,
-           data: SyntheticScenes) -> RunReport:
+def _probe(
+    cfg: BottleneckDemoConfig,
+    model: ToyModel,
+    regularizer: InfoTokRegularizer,
+    data: SyntheticScenes,
+) -> RunReport:
     fit, test = data.sample(cfg.eval_samples), data.sample(cfg.eval_samples)
 
     def encode(batch: dict[str, Tensor], branch: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,6 +187,7 @@ def _probe(cfg: BottleneckDemoConfig, model: ToyModel, regularizer: InfoTokRegul
 
 def linear_probe(x_fit: Tensor, y_fit: Tensor, x_test: Tensor) -> Tensor:
     """Least-squares affine map over the last dim, fitted on ``x_fit``, applied to ``x_test``."""
+
     def design(x: Tensor) -> Tensor:
         x = x.reshape(-1, x.shape[-1])
         return torch.cat([x, torch.ones(len(x), 1)], dim=1)
@@ -175,8 +206,14 @@ def r2(pred: Tensor, target: Tensor) -> float:
 def weak_compactness(cfg: BottleneckDemoConfig, factor: float = 100.0) -> BottleneckDemoConfig:
     """The same sufficiency (and alignment) weights with the KL weight divided by ``factor``."""
     c = cfg.infotok
-    infotok = dataclasses.replace(c, lam=c.lam / factor, beta_u=c.beta_u * factor, beta_g=c.beta_g * factor,
-                                  alpha_u=c.alpha_u * factor, alpha_g=c.alpha_g * factor)
+    infotok = dataclasses.replace(
+        c,
+        lam=c.lam / factor,
+        beta_u=c.beta_u * factor,
+        beta_g=c.beta_g * factor,
+        alpha_u=c.alpha_u * factor,
+        alpha_g=c.alpha_g * factor,
+    )
     return dataclasses.replace(cfg, infotok=infotok)
 
 
@@ -190,9 +227,13 @@ def compare(cfg: BottleneckDemoConfig) -> dict[str, RunReport]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML recipe (default: the embedded defaults)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. infotok.beta_u=8")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. infotok.beta_u=8"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(BottleneckDemoConfig, args.config, args.overrides)
     if not cfg.infotok.enabled:

@@ -101,14 +101,19 @@ def locate(path: Path, step: int | None = None) -> tuple[Path, str]:
         tag = tag_for(step)
         if not (root / tag).is_dir():
             available = sorted(p.name for p in root.iterdir() if p.name.startswith(TAG_PREFIX))
-            raise FileNotFoundError(f"{root / tag} does not exist "
-                                    f"(available: {', '.join(available)})")
+            raise FileNotFoundError(
+                f"{root / tag} does not exist (available: {', '.join(available)})"
+            )
     return root, tag
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "generator": generator.get_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -133,8 +138,9 @@ class Retention:
 
     def prune_in_background(self) -> None:
         self.wait()
-        self._thread = threading.Thread(target=prune, args=(self.root, self.keep_last),
-                                        name="checkpoint-retention", daemon=True)
+        self._thread = threading.Thread(
+            target=prune, args=(self.root, self.keep_last), name="checkpoint-retention", daemon=True
+        )
         self._thread.start()
 
     def wait(self) -> None:
@@ -144,8 +150,14 @@ class Retention:
             self._thread = None
 
 
-def save(engine, root: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-         retention: Retention) -> str:
+def save(
+    engine,
+    root: Path,
+    step: int,
+    client_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    retention: Retention,
+) -> str:
     """Save a complete checkpoint for ``step`` on every rank; returns its tag."""
     tag = tag_for(step)
     rank = dist.get_rank()
@@ -169,9 +181,12 @@ def load(engine, root: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load DeepSpeed state into ``engine``; returns (client state, this rank's state)."""
     rank_file = root / tag / f"rank_{dist.get_rank():05d}.pt"
     if not rank_file.is_file():
-        raise FileNotFoundError(f"{rank_file} is missing: was the checkpoint written with a different world size?")
-    _, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+        raise FileNotFoundError(
+            f"{rank_file} is missing: was the checkpoint written with a different world size?"
+        )
+    _, client_state = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
     return client_state, torch.load(rank_file, weights_only=False)

@@ -70,7 +70,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{source}: expected a mapping at the top level, got {type(loaded).__name__}"
+            )
         raw = loaded or {}
     if overrides:
         raw = _merge_overrides(cls, raw, overrides, "command line")
@@ -117,7 +119,9 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _merge_overrides(cls: type, tree: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
+def _merge_overrides(
+    cls: type, tree: dict[str, Any], overrides: Sequence[str], source: str
+) -> dict[str, Any]:
     """Set each dotted key in a copy of the raw ``tree``, checking every key against ``cls``.
 
     A mapping value merges into the mapping already there, as a recipe's own keys would. Below a
@@ -135,8 +139,9 @@ def _merge_overrides(cls: type, tree: dict[str, Any], overrides: Sequence[str], 
             if node_cls is not None:
                 fields = {f.name: f for f in dataclasses.fields(node_cls) if f.init}
                 if part not in fields:
-                    raise ConfigError(_unknown_key_message(source, key, part, list(fields),
-                                                           parts[:depth]))
+                    raise ConfigError(
+                        _unknown_key_message(source, key, part, list(fields), parts[:depth])
+                    )
             if depth == len(parts) - 1:
                 node[part] = _merged(node.get(part), _parse_cli_value(value))
                 break
@@ -144,8 +149,9 @@ def _merge_overrides(cls: type, tree: dict[str, Any], overrides: Sequence[str], 
                 hint = typing.get_type_hints(node_cls)[part]
                 sub = _dataclass_in(hint)
                 if sub is None and not _is_mapping(hint):
-                    raise ConfigError(f"{source}: {key}: {'.'.join(parts[:depth + 1])} is a value, "
-                                      "not a section")
+                    raise ConfigError(
+                        f"{source}: {key}: {'.'.join(parts[: depth + 1])} is a value, not a section"
+                    )
                 node_cls = sub
             if not isinstance(node.get(part), dict):
                 node[part] = {}
@@ -175,7 +181,9 @@ def _parse_cli_value(text: str) -> Any:
         return text
 
 
-def _unknown_key_message(source: str, path: str, key: Any, valid: list[str], parents: list[str] = ()) -> str:
+def _unknown_key_message(
+    source: str, path: str, key: Any, valid: list[str], parents: list[str] = ()
+) -> str:
     where = ".".join(list(parents) + [str(key)]) if parents else path
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     hint = f"; did you mean {'.'.join(list(parents) + close)!r}?" if close else ""
@@ -206,7 +214,9 @@ def _describe(hint: Any) -> str:
         return "null"
     if dataclasses.is_dataclass(hint):
         return f"a {hint.__name__} mapping"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, str(hint)
+    )
 
 
 def _bounds_text(meta: Any) -> str:
@@ -240,7 +250,9 @@ def _convert(value: Any, hint: Any, f: dataclasses.Field, source: str, path: str
 
 
 def _type_error(value: Any, hint: Any, source: str, path: str) -> ConfigError:
-    return ConfigError(f"{source}: {path}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+    return ConfigError(
+        f"{source}: {path}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})"
+    )
 
 
 def _coerce(value: Any, hint: Any, source: str, path: str) -> Any:

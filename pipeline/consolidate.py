@@ -35,15 +35,20 @@ class ConsolidatedCheckpoint:
         return self.root / self.tag
 
 
-def split_state(state: dict[str, Tensor], source: Path
-                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def split_state(
+    state: dict[str, Tensor], source: Path
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(adapter state, regularizer state), prefixes removed; any other key is an error."""
     unknown = [k for k in state if not k.startswith((ADAPTER_PREFIX, REGULARIZER_PREFIX))]
     if unknown:
-        raise ValueError(f"{source}: unexpected keys outside {ADAPTER_PREFIX}* and "
-                         f"{REGULARIZER_PREFIX}*: {unknown[:5]}")
-    parts = [{k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-             for prefix in (ADAPTER_PREFIX, REGULARIZER_PREFIX)]
+        raise ValueError(
+            f"{source}: unexpected keys outside {ADAPTER_PREFIX}* and "
+            f"{REGULARIZER_PREFIX}*: {unknown[:5]}"
+        )
+    parts = [
+        {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        for prefix in (ADAPTER_PREFIX, REGULARIZER_PREFIX)
+    ]
     return parts[0], parts[1]
 
 
@@ -61,5 +66,7 @@ def load_exactly(module: nn.Module, state: dict[str, Tensor], source: str) -> No
     """Load ``state`` into ``module``; every key of each must match the other's."""
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{source}: does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{source}: does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )

@@ -50,26 +50,44 @@ MAX_CONSECUTIVE_BAD = 256  # unreadable positions in a row before a dataset is d
 
 @dataclass
 class DataConfig:
-    i2t: list[str] = param(default_factory=list, help="I2T datasets: data_prep output dirs, each 'DIR[:weight]'")
-    t2i: list[str] = param(default_factory=list, help="T2I datasets: data_prep output dirs, each 'DIR[:weight]'")
-    micro_batch_i2t: int = param(4, ge=0, help="I2T samples per rank per step (0 disables the stream)")
-    micro_batch_t2i: int = param(4, ge=0, help="T2I samples per rank per step (0 disables the stream)")
-    num_workers: int = param(2, ge=0, help="decode/preprocess worker processes per rank (0: in the main process)")
+    i2t: list[str] = param(
+        default_factory=list, help="I2T datasets: data_prep output dirs, each 'DIR[:weight]'"
+    )
+    t2i: list[str] = param(
+        default_factory=list, help="T2I datasets: data_prep output dirs, each 'DIR[:weight]'"
+    )
+    micro_batch_i2t: int = param(
+        4, ge=0, help="I2T samples per rank per step (0 disables the stream)"
+    )
+    micro_batch_t2i: int = param(
+        4, ge=0, help="T2I samples per rank per step (0 disables the stream)"
+    )
+    num_workers: int = param(
+        2, ge=0, help="decode/preprocess worker processes per rank (0: in the main process)"
+    )
     prefetch_factor: int = param(2, ge=1, help="batches each worker prepares ahead")
-    shuffle_block: int = param(4096, ge=1, help="samples permuted together inside a rank's epoch slice")
+    shuffle_block: int = param(
+        4096, ge=1, help="samples permuted together inside a rank's epoch slice"
+    )
     seed: int = param(0, help="seeds shard order, block permutations and stream mixing")
-    max_text_tokens: int | None = param(None, ge=1, help="skip samples whose processed input_ids are longer")
+    max_text_tokens: int | None = param(
+        None, ge=1, help="skip samples whose processed input_ids are longer"
+    )
 
     def __post_init__(self) -> None:
         if not any(self.micro_batch(s) > 0 for s in STREAMS):
-            raise ValueError("both micro_batch_i2t and micro_batch_t2i are 0: there is nothing to load")
+            raise ValueError(
+                "both micro_batch_i2t and micro_batch_t2i are 0: there is nothing to load"
+            )
 
     def check_datasets(self) -> None:
         """Each enabled stream has datasets (checked when loading, so recipes may leave paths out)."""
         for stream in STREAMS:
             if self.micro_batch(stream) > 0 and not getattr(self, stream):
-                raise ValueError(f"data.micro_batch_{stream} is {self.micro_batch(stream)} but no data.{stream} "
-                                 f"dataset is given (e.g. data.{stream}=[/path/to/shards])")
+                raise ValueError(
+                    f"data.micro_batch_{stream} is {self.micro_batch(stream)} but no data.{stream} "
+                    f"dataset is given (e.g. data.{stream}=[/path/to/shards])"
+                )
 
     def micro_batch(self, stream: str) -> int:
         return getattr(self, f"micro_batch_{stream}")
@@ -98,13 +116,29 @@ class ShardSpan:
 class DatasetOrder:
     """Rank ``rank``'s endless, epoch-by-epoch shuffled sequence of one dataset's task samples."""
 
-    def __init__(self, path: Path, shards: list[ShardSpan], *, seed: Sequence[int], rank: int, world: int,
-                 block: int):
-        self.path, self.shards, self.seed, self.rank, self.block = path, shards, tuple(seed), rank, block
+    def __init__(
+        self,
+        path: Path,
+        shards: list[ShardSpan],
+        *,
+        seed: Sequence[int],
+        rank: int,
+        world: int,
+        block: int,
+    ):
+        self.path, self.shards, self.seed, self.rank, self.block = (
+            path,
+            shards,
+            tuple(seed),
+            rank,
+            block,
+        )
         self.total = sum(s.count for s in shards)
         self.per_rank = self.total // world
         if self.per_rank == 0:
-            raise ValueError(f"{path}: {self.total} samples cannot give each of {world} ranks one per epoch")
+            raise ValueError(
+                f"{path}: {self.total} samples cannot give each of {world} ranks one per epoch"
+            )
         self._epoch_cache: tuple[int, list[int], list[int]] | None = None
         self._block_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
@@ -120,14 +154,19 @@ class DatasetOrder:
     def _epoch(self, epoch: int) -> tuple[list[int], list[int]]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             order = _rng(*self.seed, epoch).permutation(len(self.shards)).tolist()
-            starts = np.concatenate([[0], np.cumsum([self.shards[k].count for k in order])[:-1]]).tolist()
+            starts = np.concatenate(
+                [[0], np.cumsum([self.shards[k].count for k in order])[:-1]]
+            ).tolist()
             self._epoch_cache = (epoch, order, starts)
         return self._epoch_cache[1], self._epoch_cache[2]
 
     def _permutation(self, epoch: int, b: int) -> np.ndarray:
         if self._block_cache is None or self._block_cache[0] != (epoch, b):
             size = min(self.block, self.per_rank - b * self.block)
-            self._block_cache = ((epoch, b), _rng(*self.seed, epoch, self.rank, b).permutation(size))
+            self._block_cache = (
+                (epoch, b),
+                _rng(*self.seed, epoch, self.rank, b).permutation(size),
+            )
         return self._block_cache[1]
 
 
@@ -141,7 +180,9 @@ def read_manifest(path: Path, stream: str) -> list[ShardSpan]:
     try:
         manifest = json.loads(manifest_file.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{manifest_file}: no manifest (is {path} a data_prep output directory?)") from None
+        raise FileNotFoundError(
+            f"{manifest_file}: no manifest (is {path} a data_prep output directory?)"
+        ) from None
     except ValueError as e:
         raise ValueError(f"{manifest_file}: not valid JSON ({e})") from None
     spans = []
@@ -160,7 +201,9 @@ def read_manifest(path: Path, stream: str) -> list[ShardSpan]:
 class StepPlanner:
     """Which (dataset, position) fills each slot of each step; the same on every rank."""
 
-    def __init__(self, weights: Mapping[str, list[float]], micro_batch: Mapping[str, int], seed: int):
+    def __init__(
+        self, weights: Mapping[str, list[float]], micro_batch: Mapping[str, int], seed: int
+    ):
         self.micro_batch = dict(micro_batch)
         self.probs = {s: np.asarray(w) / np.sum(w) for s, w in weights.items()}
         self.seed = seed
@@ -173,7 +216,11 @@ class StepPlanner:
             if n == 0:
                 continue
             probs = self.probs[stream]
-            choices = [0] * n if len(probs) == 1 else _rng(self.seed, sid, step).choice(len(probs), n, p=probs)
+            choices = (
+                [0] * n
+                if len(probs) == 1
+                else _rng(self.seed, sid, step).choice(len(probs), n, p=probs)
+            )
             slots = []
             for d in choices:
                 slots.append((int(d), positions[stream][d]))
@@ -202,7 +249,10 @@ class ShardReader:
     def read(self, shard: str, task: str, j: int) -> tuple[str, dict[str, bytes]]:
         samples = self.index(shard).get(task, [])
         if j >= len(samples):
-            raise SampleError("truncated_shard", f"{shard}: {task} sample #{j} is missing (tar shorter than its manifest)")
+            raise SampleError(
+                "truncated_shard",
+                f"{shard}: {task} sample #{j} is missing (tar shorter than its manifest)",
+            )
         sample = samples[j]
         f = self._file(shard)
         members = {}
@@ -235,7 +285,9 @@ def decode_sample(key: str, members: Mapping[str, bytes], task: str) -> dict[str
     try:
         meta = json.loads(members[JSON_EXTENSION])
         if not isinstance(meta, dict) or meta.get("task") != task:
-            raise ValueError(f"task is {meta.get('task') if isinstance(meta, dict) else None!r}, expected {task!r}")
+            raise ValueError(
+                f"task is {meta.get('task') if isinstance(meta, dict) else None!r}, expected {task!r}"
+            )
     except (KeyError, ValueError, UnicodeDecodeError) as e:
         raise SampleError("bad_json", f"{key}: {e}") from None
     ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
@@ -278,9 +330,16 @@ class TwoStreamLoader:
     "sources": {stream: [dataset index, ...]}, "skipped": {reason: count}}``.
     """
 
-    def __init__(self, cfg: DataConfig, processor: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 collate: Callable[[list[dict[str, Any]]], Any], *, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        processor: Callable[[Mapping[str, Any]], dict[str, Any]],
+        collate: Callable[[list[dict[str, Any]]], Any],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         cfg.check_datasets()
@@ -293,8 +352,14 @@ class TwoStreamLoader:
                 continue
             specs = [parse_dataset_spec(s) for s in getattr(cfg, stream)]
             self.orders[stream] = [
-                DatasetOrder(path, read_manifest(path, stream), seed=(cfg.seed, sid, d), rank=rank,
-                             world=world_size, block=cfg.shuffle_block)
+                DatasetOrder(
+                    path,
+                    read_manifest(path, stream),
+                    seed=(cfg.seed, sid, d),
+                    rank=rank,
+                    world=world_size,
+                    block=cfg.shuffle_block,
+                )
                 for d, (path, _) in enumerate(specs)
             ]
             weights[stream] = [w for _, w in specs]
@@ -307,30 +372,45 @@ class TwoStreamLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Rank-independent: every rank is at the same step with the same per-dataset positions."""
-        return {"step": self.step, "positions": {s: list(p) for s, p in self.positions.items()},
-                "skipped": dict(self.skipped), "fingerprint": self.fingerprint()}
+        return {
+            "step": self.step,
+            "positions": {s: list(p) for s, p in self.positions.items()},
+            "skipped": dict(self.skipped),
+            "fingerprint": self.fingerprint(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mismatched = [k for k, v in self.fingerprint().items() if state["fingerprint"].get(k) != v]
         if mismatched:
-            details = "; ".join(f"{k}: saved {state['fingerprint'].get(k)!r}, now {self.fingerprint()[k]!r}"
-                                for k in mismatched)
-            raise ValueError(f"loader state does not match this data setup, exact resume is impossible ({details})")
+            details = "; ".join(
+                f"{k}: saved {state['fingerprint'].get(k)!r}, now {self.fingerprint()[k]!r}"
+                for k in mismatched
+            )
+            raise ValueError(
+                f"loader state does not match this data setup, exact resume is impossible ({details})"
+            )
         self.step = int(state["step"])
         self.positions = {s: list(p) for s, p in state["positions"].items()}
         self.skipped = Counter(state.get("skipped", {}))
 
     def fingerprint(self) -> dict[str, Any]:
         return {
-            "seed": self.cfg.seed, "world_size": self.world_size, "shuffle_block": self.cfg.shuffle_block,
+            "seed": self.cfg.seed,
+            "world_size": self.world_size,
+            "shuffle_block": self.cfg.shuffle_block,
             "micro_batch": {s: self.cfg.micro_batch(s) for s in STREAMS},
-            "datasets": {s: [[str(o.path), o.total] for o in orders] for s, orders in self.orders.items()},
+            "datasets": {
+                s: [[str(o.path), o.total] for o in orders] for s, orders in self.orders.items()
+            },
             "weights": {s: self.planner.probs[s].round(12).tolist() for s in self.orders},
         }
 
     def epochs(self) -> dict[str, list[int]]:
         """Current epoch of each dataset of each stream."""
-        return {s: [p // o.per_rank for p, o in zip(self.positions[s], self.orders[s])] for s in self.orders}
+        return {
+            s: [p // o.per_rank for p, o in zip(self.positions[s], self.orders[s])]
+            for s in self.orders
+        }
 
     def stats(self) -> dict[str, Any]:
         return {"step": self.step, "skipped": dict(self.skipped), "epochs": self.epochs()}
@@ -341,9 +421,14 @@ class TwoStreamLoader:
         dataset = _StepDataset(self, self.step, self.positions)
         workers = self.cfg.num_workers
         # Its own generator: creating workers must not draw from the global RNG the trainer restores.
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                            generator=torch.Generator().manual_seed(self.cfg.seed))
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
         expected_positions = {s: list(p) for s, p in self.positions.items()}
         for batch in loader:
             if batch["step"] != self.step:
@@ -354,7 +439,9 @@ class TwoStreamLoader:
             self.skipped.update(batch["skipped"])
             yield batch
 
-    def make_batch(self, step: int, slots: dict[str, list[tuple[int, int]]], reader: ShardReader) -> dict[str, Any]:
+    def make_batch(
+        self, step: int, slots: dict[str, list[tuple[int, int]]], reader: ShardReader
+    ) -> dict[str, Any]:
         samples, keys, sources, skipped = [], {}, {}, Counter()
         for stream, stream_slots in slots.items():
             keys[stream], sources[stream] = [], []
@@ -363,11 +450,17 @@ class TwoStreamLoader:
                 keys[stream].append(key)
                 sources[stream].append(d)
                 samples.append(sample)
-        return {"inputs": self.collate(samples), "step": step, "keys": keys, "sources": sources,
-                "skipped": dict(skipped)}
+        return {
+            "inputs": self.collate(samples),
+            "step": step,
+            "keys": keys,
+            "sources": sources,
+            "skipped": dict(skipped),
+        }
 
-    def _first_usable(self, stream: str, d: int, position: int, reader: ShardReader,
-                      skipped: Counter[str]) -> tuple[str, dict[str, Any]]:
+    def _first_usable(
+        self, stream: str, d: int, position: int, reader: ShardReader, skipped: Counter[str]
+    ) -> tuple[str, dict[str, Any]]:
         order = self.orders[stream][d]
         for p in range(position, position + MAX_CONSECUTIVE_BAD):
             shard, j = order.locate(p)
@@ -379,8 +472,10 @@ class TwoStreamLoader:
                 skipped[e.reason] += 1
                 continue
             return key, processed
-        raise RuntimeError(f"{order.path}: {MAX_CONSECUTIVE_BAD} unusable {stream} samples in a row from position "
-                           f"{position}; skips so far: {dict(skipped)}")
+        raise RuntimeError(
+            f"{order.path}: {MAX_CONSECUTIVE_BAD} unusable {stream} samples in a row from position "
+            f"{position}; skips so far: {dict(skipped)}"
+        )
 
     def _process(self, key: str, sample: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -389,6 +484,7 @@ class TwoStreamLoader:
             raise SampleError("processor_error", f"{key}: {e}") from None
         limit = self.cfg.max_text_tokens
         if limit is not None and len(out.get("input_ids", ())) > limit:
-            raise SampleError("too_many_tokens", f"{key}: {len(out['input_ids'])} text tokens > {limit}")
+            raise SampleError(
+                "too_many_tokens", f"{key}: {len(out['input_ids'])} text tokens > {limit}"
+            )
         return out
-

@@ -51,13 +51,23 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
     """The rank layout of this process from the launcher's environment."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+        return DistEnv(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env["WORLD_SIZE"]),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         port = env.get("MASTER_PORT") or PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % PORT_SPAN
         addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                       addr, int(port))
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            int(env["SLURM_NTASKS"]),
+            addr,
+            int(port),
+        )
     return DistEnv(0, 0, 1, "127.0.0.1", free_port())
 
 
@@ -68,8 +78,13 @@ def init_distributed(layout: DistEnv | None = None, timeout_minutes: float = 30.
     from datetime import timedelta
 
     layout = resolve_env() if layout is None else layout
-    os.environ.update(RANK=str(layout.rank), LOCAL_RANK=str(layout.local_rank), WORLD_SIZE=str(layout.world_size),
-                      MASTER_ADDR=layout.master_addr, MASTER_PORT=str(layout.master_port))
+    os.environ.update(
+        RANK=str(layout.rank),
+        LOCAL_RANK=str(layout.local_rank),
+        WORLD_SIZE=str(layout.world_size),
+        MASTER_ADDR=layout.master_addr,
+        MASTER_PORT=str(layout.master_port),
+    )
     if torch.cuda.is_available():
         torch.cuda.set_device(layout.local_rank)
     if not dist.is_initialized():
@@ -79,4 +94,8 @@ def init_distributed(layout: DistEnv | None = None, timeout_minutes: float = 30.
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )

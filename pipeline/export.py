@@ -25,14 +25,23 @@ def export(checkpoint: Path, output: Path, step: int | None = None) -> dict[str,
     adapter = build_model(ckpt.config.model)
     load_exactly(adapter, ckpt.adapter_state, f"{ckpt.source} ({ckpt.config.model.family} adapter)")
     adapter.save_pretrained(output)
-    return {"kept": len(ckpt.adapter_state), "dropped": len(ckpt.regularizer_state),
-            "step": ckpt.step}
+    return {
+        "kept": len(ckpt.adapter_state),
+        "dropped": len(ckpt.regularizer_state),
+        "step": ckpt.step,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help=f"run directory, its {CHECKPOINT_DIR}/ directory, or one step_* checkpoint")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help=f"run directory, its {CHECKPOINT_DIR}/ directory, or one step_* checkpoint",
+    )
     parser.add_argument("--step", type=int, help="export this step instead of the latest")
     parser.add_argument("--output", required=True, type=Path, help="model directory to write")
     args = parser.parse_args(argv)
@@ -41,8 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"exported step {summary['step']} to {args.output}: {summary['kept']} model tensors kept, "
-          f"{summary['dropped']} InfoTok tensors dropped")
+    print(
+        f"exported step {summary['step']} to {args.output}: {summary['kept']} model tensors kept, "
+        f"{summary['dropped']} InfoTok tensors dropped"
+    )
 
 
 if __name__ == "__main__":

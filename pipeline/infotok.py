@@ -39,19 +39,29 @@ class InfoTokConfig:
         "csa", help="off: plain fine-tuning; cs: compactness+sufficiency; csa: + alignment (Tab. 5)"
     )
     lam: float = param(
-        0.1, ge=0, help="lambda of Eq. 11; at init the regularizer is then O(1) next to L_MLLM (~1-3 nats)"
+        0.1,
+        ge=0,
+        help="lambda of Eq. 11; at init the regularizer is then O(1) next to L_MLLM (~1-3 nats)",
     )
     beta_u: float = param(
-        1.0, ge=0, help="sufficiency weight, understanding; 1 weighs a nat of answer likelihood like a nat of rate"
+        1.0,
+        ge=0,
+        help="sufficiency weight, understanding; 1 weighs a nat of answer likelihood like a nat of rate",
     )
     beta_g: float = param(
-        1.0, ge=0, help="sufficiency weight, generation (per latent element, so independent of VAE channels)"
+        1.0,
+        ge=0,
+        help="sufficiency weight, generation (per latent element, so independent of VAE channels)",
     )
-    alpha_u: float = param(1.0, ge=0, help="alignment weight, understanding; InfoNCE is O(log batch) nats")
+    alpha_u: float = param(
+        1.0, ge=0, help="alignment weight, understanding; InfoNCE is O(log batch) nats"
+    )
     alpha_g: float = param(1.0, ge=0, help="alignment weight, generation")
     tau: float = param(0.07, gt=0, help="InfoNCE temperature; CLIP's initial value")
     latent_dim: int = param(
-        64, ge=1, help="d, Gaussian dims per token; small against D (1536-3584) so the bottleneck binds"
+        64,
+        ge=1,
+        help="d, Gaussian dims per token; small against D (1536-3584) so the bottleneck binds",
     )
     gather_negatives: bool = param(
         True, help="use every rank's texts as InfoNCE negatives (more negatives = tighter bound)"
@@ -60,9 +70,13 @@ class InfoTokConfig:
         10.0, gt=0, help="log-variance is soft-clamped to +-limit so extreme inputs stay finite"
     )
     decoder_hidden: int = param(256, ge=8, help="width of the lightweight sufficiency decoders")
-    decoder_heads: int = param(4, ge=1, help="attention heads of the answer decoder's cross-attention")
+    decoder_heads: int = param(
+        4, ge=1, help="attention heads of the answer decoder's cross-attention"
+    )
     vocab_rank: int = param(
-        64, ge=1, help="width of the answer decoder's class-factored token tables (2 sqrt(V) x rank, not d x V)"
+        64,
+        ge=1,
+        help="width of the answer decoder's class-factored token tables (2 sqrt(V) x rank, not d x V)",
     )
 
     def __post_init__(self) -> None:
@@ -104,7 +118,9 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
 
 
-def info_nce(image_emb: Tensor, text_emb: Tensor, tau: float, positives: Tensor | None = None) -> Tensor:
+def info_nce(
+    image_emb: Tensor, text_emb: Tensor, tau: float, positives: Tensor | None = None
+) -> Tensor:
     """Eq. 9: mean over images of log softmax_k(cos(img_i, txt_k) / tau) at the positive text.
 
     ``text_emb`` may hold more rows than ``image_emb`` (negatives from other ranks); ``positives``
@@ -184,7 +200,9 @@ class AnswerDecoder(nn.Module):
         target = answer_ids[answer_mask]
         hi, lo = target // self.bucket, target % self.bucket
         nll_hi = F.cross_entropy((out_hi @ self.embed_hi.weight.t()).float(), hi)
-        nll_lo = F.cross_entropy(((out_lo + self.embed_hi(hi)) @ self.embed_lo.weight.t()).float(), lo)
+        nll_lo = F.cross_entropy(
+            ((out_lo + self.embed_hi(hi)) @ self.embed_lo.weight.t()).float(), lo
+        )
         return nll_hi + nll_lo
 
 
@@ -193,7 +211,9 @@ class LatentDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, patch_dim: int, hidden: int, logvar_limit: float):
         super().__init__()
-        self.mean = nn.Sequential(nn.Linear(latent_dim, hidden), nn.GELU(), nn.Linear(hidden, patch_dim))
+        self.mean = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.GELU(), nn.Linear(hidden, patch_dim)
+        )
         self.logvar = nn.Parameter(torch.zeros(patch_dim))
         self.logvar_limit = logvar_limit
 
@@ -203,7 +223,9 @@ class LatentDecoder(nn.Module):
             z, target = z[mask], target[mask]
         mean = self.mean(z).float()
         logvar = soft_clamp(self.logvar, self.logvar_limit).float()
-        nll = 0.5 * ((target.float() - mean).square() * (-logvar).exp() + logvar + math.log(2 * math.pi))
+        nll = 0.5 * (
+            (target.float() - mean).square() * (-logvar).exp() + logvar + math.log(2 * math.pi)
+        )
         return nll.mean()
 
 
@@ -217,12 +239,19 @@ class InfoTokRegularizer(nn.Module):
         if not cfg.enabled:
             return
         d, h = cfg.latent_dim, cfg.decoder_hidden
-        self.posterior = nn.ModuleDict({b: TokenPosterior(dims.token_dim, d, cfg.logvar_limit) for b in BRANCHES})
-        self.answer_decoder = AnswerDecoder(d, dims.vocab_size, h, cfg.decoder_heads, cfg.vocab_rank)
+        self.posterior = nn.ModuleDict(
+            {b: TokenPosterior(dims.token_dim, d, cfg.logvar_limit) for b in BRANCHES}
+        )
+        self.answer_decoder = AnswerDecoder(
+            d, dims.vocab_size, h, cfg.decoder_heads, cfg.vocab_rank
+        )
         self.latent_decoder = LatentDecoder(d, dims.latent_patch_dim, h, cfg.logvar_limit)
         if cfg.uses_alignment:
             self.text_proj = nn.ModuleDict(
-                {b: nn.Sequential(nn.LayerNorm(dims.text_dim), nn.Linear(dims.text_dim, d)) for b in BRANCHES}
+                {
+                    b: nn.Sequential(nn.LayerNorm(dims.text_dim), nn.Linear(dims.text_dim, d))
+                    for b in BRANCHES
+                }
             )
 
     def forward(
@@ -246,16 +275,28 @@ class InfoTokRegularizer(nn.Module):
         loss = zero
         if z_u is not None:
             _require(answer_ids=answer_ids, answer_mask=answer_mask)
-            loss = loss + self._branch("u", z_u, text_u, terms,
-                                       lambda z: self.answer_decoder(z, answer_ids, answer_mask.bool()))
+            loss = loss + self._branch(
+                "u",
+                z_u,
+                text_u,
+                terms,
+                lambda z: self.answer_decoder(z, answer_ids, answer_mask.bool()),
+            )
         if z_g is not None:
             _require(target_patches=target_patches)
-            loss = loss + self._branch("g", z_g, text_g, terms,
-                                       lambda z: self.latent_decoder(z, target_patches, target_mask))
+            loss = loss + self._branch(
+                "g",
+                z_g,
+                text_g,
+                terms,
+                lambda z: self.latent_decoder(z, target_patches, target_mask),
+            )
         terms["infotok"] = loss
         return InfoTokOutput(total=self.cfg.lam * loss, terms=terms)
 
-    def _branch(self, b: str, z: Tensor, text: Tensor | None, terms: dict[str, Tensor], nll) -> Tensor:
+    def _branch(
+        self, b: str, z: Tensor, text: Tensor | None, terms: dict[str, Tensor], nll
+    ) -> Tensor:
         mu, logvar = self.posterior[b](z)
         z_tilde = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
         kl = gaussian_kl(mu, logvar)
@@ -272,7 +313,12 @@ class InfoTokRegularizer(nn.Module):
     def _alignment(self, b: str, image_emb: Tensor, text: Tensor) -> Tensor:
         text_emb = self.text_proj[b](text)
         positives = None
-        if self.cfg.gather_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if (
+            self.cfg.gather_negatives
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             # Differentiable all-gather: every rank's texts become negatives and gradients flow back.
             from torch.distributed.nn.functional import all_gather
 
@@ -290,7 +336,9 @@ def _require(**inputs: Tensor | None) -> None:
 
 def _sinusoid(length: int, dim: int, device: torch.device) -> Tensor:
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    freq = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
     table = torch.zeros(length, dim, device=device)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])

@@ -24,20 +24,40 @@ ROOT = Path(__file__).resolve().parents[1]
 class LocalRun:
     """``world`` processes of ``python -m pipeline.train --config RECIPE OVERRIDES``."""
 
-    def __init__(self, recipe: str, overrides: list[str], log_dir: Path, world: int = 2,
-                 extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        recipe: str,
+        overrides: list[str],
+        log_dir: Path,
+        world: int = 2,
+        extra_env: dict[str, str] | None = None,
+    ):
         port = str(free_port())
         log_dir.mkdir(parents=True, exist_ok=True)
         self.logs = [log_dir / f"rank{r}.log" for r in range(world)]
         self.procs: list[subprocess.Popen] = []
         for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": str(ROOT), **(extra_env or {})}
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(ROOT),
+                **(extra_env or {}),
+            }
             with open(self.logs[rank], "ab") as log:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.train", "--config", recipe, *overrides],
-                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "pipeline.train", "--config", recipe, *overrides],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
 
     def wait(self, timeout: float = 900) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -47,7 +67,9 @@ class LocalRun:
                 codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise TimeoutError(f"trainer ranks still running after {timeout:.0f} s:\n{self.output()}") from None
+                raise TimeoutError(
+                    f"trainer ranks still running after {timeout:.0f} s:\n{self.output()}"
+                ) from None
         return codes
 
     def signal(self, signum: int) -> None:

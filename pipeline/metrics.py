@@ -13,7 +13,11 @@ METRICS_FILE = "metrics.jsonl"
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.exists()
+        else []
+    )
 
 
 class MetricsLog:
@@ -43,7 +47,11 @@ class MetricsLog:
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                if (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and key != "step"
+                ):
                     self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
@@ -57,7 +65,9 @@ def gpu_memory(device: torch.device) -> dict[str, float]:
     """Peak GPU memory since the last call, in GiB (allocated and reserved); empty on CPU."""
     if device.type != "cuda":
         return {}
-    stats = {"gpu_mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-             "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    stats = {
+        "gpu_mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+    }
     torch.cuda.reset_peak_memory_stats(device)
     return stats

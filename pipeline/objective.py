@@ -21,8 +21,9 @@ class InfoTokModel(nn.Module):
     Its state-dict keys are ``adapter.*`` and ``regularizer.*`` (see :mod:`pipeline.consolidate`).
     """
 
-    def __init__(self, adapter: MLLMAdapter, regularizer: InfoTokRegularizer, w_i2t: float,
-                 w_t2i: float):
+    def __init__(
+        self, adapter: MLLMAdapter, regularizer: InfoTokRegularizer, w_i2t: float, w_t2i: float
+    ):
         super().__init__()
         self.adapter = adapter
         self.regularizer = regularizer
@@ -33,8 +34,9 @@ class InfoTokModel(nn.Module):
         """Whether the regularizer has InfoTok heads (``infotok.mode`` is not ``off``)."""
         return self.regularizer.cfg.enabled
 
-    def forward(self, batch: dict[str, Any], generator: torch.Generator
-                ) -> tuple[Tensor, dict[str, Tensor], int]:
+    def forward(
+        self, batch: dict[str, Any], generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor], int]:
         """(total loss, every term and the total as ``loss``, tokens processed)."""
         out = self.adapter(batch, generator=generator, infotok_inputs=self.has_heads)
         loss, terms = self.loss_terms(out)
@@ -56,15 +58,17 @@ class InfoTokModel(nn.Module):
         return loss, terms
 
 
-def wrap_adapter(adapter: MLLMAdapter, infotok: InfoTokConfig, w_i2t: float = 1.0,
-                 w_t2i: float = 1.0) -> InfoTokModel:
+def wrap_adapter(
+    adapter: MLLMAdapter, infotok: InfoTokConfig, w_i2t: float = 1.0, w_t2i: float = 1.0
+) -> InfoTokModel:
     """``adapter`` plus a fresh regularizer sized by it (``mode=off`` builds no heads)."""
     regularizer = InfoTokRegularizer(infotok, InfoTokDims(**adapter.infotok_dims()))
     return InfoTokModel(adapter, regularizer, w_i2t, w_t2i)
 
 
-def build_objective(model: ModelConfig, infotok: InfoTokConfig, w_i2t: float = 1.0,
-                    w_t2i: float = 1.0) -> InfoTokModel:
+def build_objective(
+    model: ModelConfig, infotok: InfoTokConfig, w_i2t: float = 1.0, w_t2i: float = 1.0
+) -> InfoTokModel:
     """The adapter, then its regularizer, both initialised from the global RNG the caller
     seeded: keep this order, or the same seed gives other initial weights."""
     return wrap_adapter(build_model(model), infotok, w_i2t, w_t2i)

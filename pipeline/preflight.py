@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the checks import torch-heavy modules lazily, after the arg
 
 EXIT_FAILED = 78  # EX_CONFIG: fix the configuration and resubmit; never requeued
 
+
 class PreflightError(Exception):
     """A job would fail; the message is the one line shown to the user."""
 
@@ -63,8 +64,10 @@ def check_data(cfg: TrainConfig, world: int) -> str:
                 raise PreflightError(f"data.{stream}: {e}") from None
             total = sum(s.count for s in spans)
             if total < world:
-                raise PreflightError(f"data.{stream}: {path} has {total} {stream} samples, fewer than the "
-                                     f"{world} ranks of this job (each rank needs at least one per epoch)")
+                raise PreflightError(
+                    f"data.{stream}: {path} has {total} {stream} samples, fewer than the "
+                    f"{world} ranks of this job (each rank needs at least one per epoch)"
+                )
             shards += len(spans)
             samples += total
         parts.append(f"{stream} {samples} samples in {shards} shards")
@@ -82,8 +85,12 @@ def _satisfied(requirement: Requirement, path: Path) -> bool:
             return bool(find_weight_files(path))
         except (OSError, ValueError):
             return False
-    return {"weights": path.is_file(), "file": path.is_file(), "directory": path.is_dir(),
-            "any": path.exists()}[requirement.kind]
+    return {
+        "weights": path.is_file(),
+        "file": path.is_file(),
+        "directory": path.is_dir(),
+        "any": path.exists(),
+    }[requirement.kind]
 
 
 def check_requirement(requirement: Requirement) -> None:
@@ -95,8 +102,9 @@ def check_requirement(requirement: Requirement) -> None:
         fallbacks = ", ".join(map(str, requirement.fallbacks))
         where = f" in {fallbacks}" if fallbacks else ""
         noun = {"any": "file", "directory": "directory"}.get(requirement.kind, requirement.kind)
-        raise PreflightError(f"{requirement.key}: not set, and no {noun} found{where} "
-                             f"(expected {requirement.what})")
+        raise PreflightError(
+            f"{requirement.key}: not set, and no {noun} found{where} (expected {requirement.what})"
+        )
     path = requirement.path
     if requirement.kind == "tokenizer":
         from pipeline.models.common.tokenizer import TOKENIZER_FILES
@@ -123,10 +131,16 @@ def check_model(model: ModelConfig) -> str:
     from pipeline.config import ConfigError
     from pipeline.models import family_spec
 
-    set_paths = {f"model.{key}": getattr(model, key)
-                 for key in ("path", "tokenizer_path", "vae_path")}
-    set_paths.update({f"model.options.{key}": value for key, value in model.options.items()
-                      if key.endswith("_path")})
+    set_paths = {
+        f"model.{key}": getattr(model, key) for key in ("path", "tokenizer_path", "vae_path")
+    }
+    set_paths.update(
+        {
+            f"model.options.{key}": value
+            for key, value in model.options.items()
+            if key.endswith("_path")
+        }
+    )
     for key, value in set_paths.items():
         if value is not None and not Path(value).exists():
             raise PreflightError(f"{key}: {value} does not exist")
@@ -138,8 +152,9 @@ def check_model(model: ModelConfig) -> str:
         raise PreflightError(f"model: {e}") from None
     for requirement in requirements:
         check_requirement(requirement)
-    sources = [str(v) for k, v in set_paths.items()
-               if v is not None and k != "model.tokenizer_path"]
+    sources = [
+        str(v) for k, v in set_paths.items() if v is not None and k != "model.tokenizer_path"
+    ]
     if not sources:
         return f"{model.family}/{model.preset} random init"
     return f"{model.family} from {', '.join(sources)}"
@@ -203,19 +218,27 @@ def preflight(config: str, overrides: list[str], family: str | None = None) -> t
     except ConfigError as e:
         raise PreflightError(str(e)) from None
     if family is not None and cfg.model.family != family:
-        raise PreflightError(f"{config}: model.family is {cfg.model.family!r}, but this job runs {family!r} "
-                             f"(use jobs/infotok_{cfg.model.family}.sh or a {family} recipe)")
+        raise PreflightError(
+            f"{config}: model.family is {cfg.model.family!r}, but this job runs {family!r} "
+            f"(use jobs/infotok_{cfg.model.family}.sh or a {family} recipe)"
+        )
     summary = run_checks(cfg, _world_size())
     return f"{config}: {summary}", Path(cfg.run_dir).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--family", help="fail unless the recipe's model.family is this one")
     parser.add_argument("--env-out", help="also write run_dir=<absolute path> to this file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as given to pipeline.train")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, as given to pipeline.train"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected error"
+    )
     args = parser.parse_args(argv)
     try:
         summary, run_dir = preflight(args.config, args.overrides, args.family)
@@ -224,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every failure becomes the one line a job log shows
         if args.debug and not isinstance(e, PreflightError):
             raise
-        reason = str(e) if isinstance(e, PreflightError) else f"unexpected {type(e).__name__}: {e} (rerun with --debug)"
+        reason = (
+            str(e)
+            if isinstance(e, PreflightError)
+            else f"unexpected {type(e).__name__}: {e} (rerun with --debug)"
+        )
         print(failure_line(reason), file=sys.stderr, flush=True)
         return EXIT_FAILED
     print(f"preflight: ok: {summary}", flush=True)

@@ -28,11 +28,19 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every: int = param(100, ge=1, help="save every N optimizer steps")
-    every_minutes: float = param(0.0, ge=0, help="also save when this many minutes have passed since "
-                                                 "the last save (0: off); whichever comes first")
-    keep_last: int = param(3, ge=1, help="checkpoints kept (oldest removed after a newer one is complete)")
-    stop_signals: list[str] = param(default_factory=lambda: ["SIGUSR1", "SIGTERM"],
-                                    help="signals that make every rank save and exit with code 75")
+    every_minutes: float = param(
+        0.0,
+        ge=0,
+        help="also save when this many minutes have passed since "
+        "the last save (0: off); whichever comes first",
+    )
+    keep_last: int = param(
+        3, ge=1, help="checkpoints kept (oldest removed after a newer one is complete)"
+    )
+    stop_signals: list[str] = param(
+        default_factory=lambda: ["SIGUSR1", "SIGTERM"],
+        help="signals that make every rank save and exit with code 75",
+    )
 
 
 @dataclass
@@ -42,17 +50,25 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = param("runs/default", help="metrics, checkpoints and the resolved config go here")
-    resume: str = param("auto", help="auto (latest checkpoint in run_dir, if any) | none | a checkpoint path")
+    run_dir: str = param(
+        "runs/default", help="metrics, checkpoints and the resolved config go here"
+    )
+    resume: str = param(
+        "auto", help="auto (latest checkpoint in run_dir, if any) | none | a checkpoint path"
+    )
     seed: int = param(0, help="seeds initialisation and every rank's noise")
     steps: int = param(100, ge=1, help="optimizer steps of the whole run")
     grad_accum: int = param(1, ge=1, help="micro-steps per optimizer step")
     precision: Literal["fp32", "bf16"] = param("bf16", help="bf16 on GPU; fp32 or bf16 on CPU")
-    deepspeed: str = param("ds_configs/zero2.json", help="DeepSpeed JSON; batch, clip, precision, optimizer come "
-                                                         "from this recipe")
+    deepspeed: str = param(
+        "ds_configs/zero2.json",
+        help="DeepSpeed JSON; batch, clip, precision, optimizer come from this recipe",
+    )
     loss_weight_i2t: float = param(1.0, ge=0, help="w_i2t of Eq. 11")
     loss_weight_t2i: float = param(1.0, ge=0, help="w_t2i of Eq. 11")
-    max_nonfinite_steps: int = param(5, ge=1, help="consecutive non-finite losses before the run stops")
+    max_nonfinite_steps: int = param(
+        5, ge=1, help="consecutive non-finite losses before the run stops"
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     infotok: InfoTokConfig = field(default_factory=InfoTokConfig)
@@ -65,7 +81,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return load_config(TrainConfig, path, overrides)
 
 
-RECIPE_OWNED = "set it in the recipe, or use \"auto\""
+RECIPE_OWNED = 'set it in the recipe, or use "auto"'
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -82,7 +98,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     owned = {
         ("train_micro_batch_size_per_gpu",): (micro, "data.micro_batch_i2t + data.micro_batch_t2i"),
         ("gradient_accumulation_steps",): (cfg.grad_accum, "grad_accum"),
-        ("train_batch_size",): (micro * cfg.grad_accum * world_size, "micro batch x grad_accum x world size"),
+        ("train_batch_size",): (
+            micro * cfg.grad_accum * world_size,
+            "micro batch x grad_accum x world size",
+        ),
         ("gradient_clipping",): (cfg.optim.grad_clip, "optim.grad_clip"),
         ("bf16", "enabled"): (cfg.precision == "bf16", "precision"),
         ("optimizer", "type"): ("AdamW", "the trainer (AdamW)"),
@@ -96,17 +115,21 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         for depth, key in enumerate(keys[:-1]):
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{where}: {'.'.join(keys[:depth + 1])} must be a JSON object")
+                raise ConfigError(f"{where}: {'.'.join(keys[: depth + 1])} must be a JSON object")
         current = node.get(keys[-1], "auto")
         if current != "auto" and current != value:
-            raise ConfigError(f"{where}: {'.'.join(keys)} is {current!r} but the recipe gives "
-                              f"{value!r} (from {owner}); {RECIPE_OWNED}")
+            raise ConfigError(
+                f"{where}: {'.'.join(keys)} is {current!r} but the recipe gives "
+                f"{value!r} (from {owner}); {RECIPE_OWNED}"
+            )
         node[keys[-1]] = value
     if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
-        raise ConfigError(f"{where}: fp16 is enabled; precision comes from the recipe "
-                          f"(fp32 or bf16)")
+        raise ConfigError(
+            f"{where}: fp16 is enabled; precision comes from the recipe (fp32 or bf16)"
+        )
     ds.pop("fp16", None)
     if "scheduler" in ds:
-        raise ConfigError(f"{where}: has a scheduler; the LR schedule comes from the recipe "
-                          f"(optim.*)")
+        raise ConfigError(
+            f"{where}: has a scheduler; the LR schedule comes from the recipe (optim.*)"
+        )
     return ds

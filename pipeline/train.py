@@ -42,16 +42,21 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
     """Linear warm-up to lr, then cosine to lr * min_lr_ratio at the last step."""
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
@@ -105,15 +110,24 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
     model = build_objective(cfg.model, cfg.infotok, cfg.loss_weight_i2t, cfg.loss_weight_t2i)
     torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout and any global-RNG noise
     generator = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + rank)
-    loader = TwoStreamLoader(cfg.data, model.adapter.processor, model.adapter.collate, rank=rank,
-                             world_size=world, pin_memory=dev.type == "cuda")
+    loader = TwoStreamLoader(
+        cfg.data,
+        model.adapter.processor,
+        model.adapter.collate,
+        rank=rank,
+        world_size=world,
+        pin_memory=dev.type == "cuda",
+    )
 
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, cfg.optim.weight_decay),
+        model=model,
+        model_parameters=parameter_groups(model, cfg.optim.weight_decay),
         config=deepspeed_config(cfg, world),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.steps)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(cfg.optim, cfg.steps)
+        ),
     )
     ckpt_root = run_dir / checkpoint.CHECKPOINT_DIR
     start = 0
@@ -126,7 +140,9 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    metrics = MetricsLog(run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard, truncate_after=start)
+    metrics = MetricsLog(
+        run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard, truncate_after=start
+    )
     stop = StopFlag(cfg.checkpoint.stop_signals)
     retention = checkpoint.Retention(ckpt_root, cfg.checkpoint.keep_last)
     save_interval_s = cfg.checkpoint.every_minutes * 60
@@ -135,8 +151,9 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
     def save(step: int) -> None:
         nonlocal last_saved, last_save_time
         client = {"step": step, "loader": loader.state_dict(), "config": to_dict(cfg)}
-        tag = checkpoint.save(engine, ckpt_root, step, client, {"rng": checkpoint.rng_state(generator)},
-                              retention)
+        tag = checkpoint.save(
+            engine, ckpt_root, step, client, {"rng": checkpoint.rng_state(generator)}, retention
+        )
         if rank == 0:
             (ckpt_root / tag / "config.yaml").write_text(dump_yaml(cfg))
         last_saved, last_save_time = step, time.monotonic()
@@ -147,7 +164,9 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
 
     batches = iter(loader)
     bad_in_a_row = 0
-    samples_per_step = (cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i) * cfg.grad_accum * world
+    samples_per_step = (
+        (cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i) * cfg.grad_accum * world
+    )
     last_saved = start
     for step in range(start, cfg.steps):
         began = time.perf_counter()
@@ -174,16 +193,25 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
         dist.all_reduce(counts)
         seconds = time.perf_counter() - began
         grad_norm = engine.get_global_grad_norm()
-        record.update(step=step + 1, lr=engine.get_lr()[0], nonfinite=bad,
-                      grad_norm=None if bad or grad_norm is None else float(grad_norm),
-                      samples_per_s=samples_per_step / seconds, tokens_per_s=counts[0].item() / seconds,
-                      skipped_samples=int(counts[1].item()), seconds=seconds, **gpu_memory(dev))
+        record.update(
+            step=step + 1,
+            lr=engine.get_lr()[0],
+            nonfinite=bad,
+            grad_norm=None if bad or grad_norm is None else float(grad_norm),
+            samples_per_s=samples_per_step / seconds,
+            tokens_per_s=counts[0].item() / seconds,
+            skipped_samples=int(counts[1].item()),
+            seconds=seconds,
+            **gpu_memory(dev),
+        )
         metrics.write(record)
         bad_in_a_row = bad_in_a_row + 1 if bad else 0
         if bad_in_a_row >= cfg.max_nonfinite_steps:
             close()
-            raise RuntimeError(f"{bad_in_a_row} consecutive steps with a non-finite loss (last: step {step + 1}); "
-                               f"stopping without saving. Lower optim.lr or check the data.")
+            raise RuntimeError(
+                f"{bad_in_a_row} consecutive steps with a non-finite loss (last: step {step + 1}); "
+                f"stopping without saving. Lower optim.lr or check the data."
+            )
         done = step + 1
         healthy = bad_in_a_row == 0  # never checkpoint weights a non-finite step may have touched
         stopping, clock_due = False, False
@@ -196,8 +224,10 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
             if healthy and last_saved != done:
                 save(done)
             if rank == 0:
-                print(f"[train] stop signal: saved step {done} to {ckpt_root}; exiting {EXIT_STOPPED}",
-                      flush=True)
+                print(
+                    f"[train] stop signal: saved step {done} to {ckpt_root}; exiting {EXIT_STOPPED}",
+                    flush=True,
+                )
             close()
             return EXIT_STOPPED
     close()
@@ -205,9 +235,13 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-6")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-6"
+    )
     args = parser.parse_args(argv)
     layout = resolve_env()
     try:

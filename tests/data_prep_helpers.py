@@ -38,12 +38,19 @@ def encode(img: Image.Image, fmt: str = "JPEG", **options: Any) -> bytes:
 
 def bomb_png(side: int = 30000) -> bytes:
     """A few hundred bytes of PNG whose header claims side x side RGB pixels."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any] | str]) -> Path:
@@ -74,8 +81,13 @@ def shard_cli(*args: str | Path) -> int:
 
 def run_cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m data_prep ...`` in a subprocess (what a user runs)."""
-    return subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def files(out: Path) -> dict[str, bytes]:

@@ -10,12 +10,17 @@ from pipeline.models.harmon.vae import ldm_to_diffusers
 
 def ldm_vae_keys(ch_mult=(1, 1, 2, 2, 4), ch=128, res_blocks=2) -> list[str]:
     """The parameter names of the official LDM ``AutoencoderKL`` (``src/models/mar/vae.py``)."""
+
     def resnet(prefix: str, cin: int, cout: int) -> list[str]:
         parts = ["norm1", "conv1", "norm2", "conv2"] + (["nin_shortcut"] if cin != cout else [])
         return [f"{prefix}.{p}.{w}" for p in parts for w in ("weight", "bias")]
 
     def attn(prefix: str) -> list[str]:
-        return [f"{prefix}.{p}.{w}" for p in ("norm", "q", "k", "v", "proj_out") for w in ("weight", "bias")]
+        return [
+            f"{prefix}.{p}.{w}"
+            for p in ("norm", "q", "k", "v", "proj_out")
+            for w in ("weight", "bias")
+        ]
 
     keys = ["encoder.conv_in.weight", "encoder.conv_in.bias"]
     block_in = ch
@@ -40,10 +45,14 @@ def ldm_vae_keys(ch_mult=(1, 1, 2, 2, 4), ch=128, res_blocks=2) -> list[str]:
             block_in = ch * ch_mult[level]
         if level:
             keys += [f"decoder.up.{level}.upsample.conv.{w}" for w in ("weight", "bias")]
-    return keys + [f"{c}.{w}" for c in ("quant_conv", "post_quant_conv") for w in ("weight", "bias")]
+    return keys + [
+        f"{c}.{w}" for c in ("quant_conv", "post_quant_conv") for w in ("weight", "bias")
+    ]
 
 
-def ldm_state(vae: AutoencoderKL, ch_mult: tuple[int, ...], ch: int, res_blocks: int) -> dict[str, torch.Tensor]:
+def ldm_state(
+    vae: AutoencoderKL, ch_mult: tuple[int, ...], ch: int, res_blocks: int
+) -> dict[str, torch.Tensor]:
     """``vae``'s weights under the official LDM names (as in ``kl16.ckpt``), attention linears as 1×1 convs."""
     target = vae.state_dict()
     out = {}

@@ -34,21 +34,33 @@ def draw_image(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
 
 
 def i2t_sample(
-    seed: int, question: str = "what is in this image", answer: str = "a red circle on a blue square"
+    seed: int,
+    question: str = "what is in this image",
+    answer: str = "a red circle on a blue square",
 ) -> dict:
     return {
         "task": "i2t",
         "image": draw_image(seed),
-        "messages": [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": answer}],
+        "messages": [
+            {"role": "user", "content": f"<image>\n{question}"},
+            {"role": "assistant", "content": answer},
+        ],
         "__key__": f"i2t-{seed}",
     }
 
 
 def t2i_sample(seed: int, prompt: str = "a photo of a cat on the left") -> dict:
-    return {"task": "t2i", "image": draw_image(seed, (64, 96)), "prompt": prompt, "__key__": f"t2i-{seed}"}
+    return {
+        "task": "t2i",
+        "image": draw_image(seed, (64, 96)),
+        "prompt": prompt,
+        "__key__": f"t2i-{seed}",
+    }
 
 
-def parameter_counts(model: Module, group: Callable[[str], str] = lambda name: name.split(".")[0]) -> dict[str, int]:
+def parameter_counts(
+    model: Module, group: Callable[[str], str] = lambda name: name.split(".")[0]
+) -> dict[str, int]:
     """Parameters per ``group(name)``, without the frozen VAE."""
     counts: dict[str, int] = {}
     for name, parameter in model.named_parameters():
@@ -96,7 +108,9 @@ def assert_mismatch_named(load: Callable[[], object], key: str, change: str) -> 
     returns the message."""
     with pytest.raises(CheckpointMismatchError, match=re.escape(key)) as info:
         load()
-    section = {"missing": "missing keys", "extra": "unexpected keys", "shape": "shape mismatches"}[change]
+    section = {"missing": "missing keys", "extra": "unexpected keys", "shape": "shape mismatches"}[
+        change
+    ]
     assert section in str(info.value)
     return str(info.value)
 
@@ -112,7 +126,10 @@ def assert_same_outputs(a: Module, b: Module, batch: dict) -> None:
 
 def collated_batch(model: MLLMAdapter, tasks: str = "ugug") -> dict:
     """A collated batch; ``u`` = an I2T sample, ``g`` = a T2I sample, seeded by position."""
-    samples = [model.processor(i2t_sample(i) if task == "u" else t2i_sample(i)) for i, task in enumerate(tasks)]
+    samples = [
+        model.processor(i2t_sample(i) if task == "u" else t2i_sample(i))
+        for i, task in enumerate(tasks)
+    ]
     return model.collate(samples)
 
 

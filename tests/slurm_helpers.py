@@ -20,8 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = ROOT / "scripts" / "slurm_local.sh"
 STATE_DIR = Path(os.environ.get("INFOTOK_SLURM_DIR", "/tmp/infotok-slurm"))
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def slurm_installed() -> bool:
@@ -65,10 +74,14 @@ class LocalSlurm:
         self._lock_file = None
 
     def _script(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["bash", str(SLURM_LOCAL), command], capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            ["bash", str(SLURM_LOCAL), command], capture_output=True, text=True, timeout=300
+        )
         if check and result.returncode != 0:
-            raise RuntimeError(f"slurm_local.sh {command} failed:\n{result.stdout}{result.stderr}\n"
-                               f"{self.daemon_logs()}")
+            raise RuntimeError(
+                f"slurm_local.sh {command} failed:\n{result.stdout}{result.stderr}\n"
+                f"{self.daemon_logs()}"
+            )
         return result
 
     def daemon_logs(self) -> str:
@@ -78,22 +91,39 @@ class LocalSlurm:
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for SLURM clients and the jobs (sbatch exports it): no SLURM_* of an
         enclosing job leaks in, SLURM_CONF points at this cluster."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+        }
         env["SLURM_CONF"] = str(self.conf)
         env.update(extra or {})
         return env
 
     def run(self, *args: str, check: bool = True) -> str:
-        result = subprocess.run(list(args), capture_output=True, text=True, env=self.env(), timeout=60)
+        result = subprocess.run(
+            list(args), capture_output=True, text=True, env=self.env(), timeout=60
+        )
         if check and result.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+            raise RuntimeError(
+                f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
+            )
         return result.stdout
 
-    def submit(self, script: str | Path, sbatch_args: list[str], args: list[str] = (),
-               env: Mapping[str, str] | None = None) -> str:
+    def submit(
+        self,
+        script: str | Path,
+        sbatch_args: list[str],
+        args: list[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> str:
         """``sbatch [sbatch_args] script [args]`` from the checkout; returns the job id."""
-        result = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(script), *args], capture_output=True,
-                                text=True, env=self.env(env), cwd=ROOT, timeout=60)
+        result = subprocess.run(
+            ["sbatch", "--parsable", *sbatch_args, str(script), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(env),
+            cwd=ROOT,
+            timeout=60,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"sbatch failed: {result.stderr.strip()}")
         return result.stdout.strip().split(";")[0]
@@ -103,8 +133,15 @@ class LocalSlurm:
         text = self.run("scontrol", "show", "job", "-o", job_id)
         return dict(re.findall(r"(\w+(?::\w+)?)=(\S*)", text))
 
-    def wait_for(self, job_id: str, until: Callable[[dict[str, str]], bool], what: str, timeout: float,
-                 log: Path | None = None, poll: float = 0.2) -> dict[str, str]:
+    def wait_for(
+        self,
+        job_id: str,
+        until: Callable[[dict[str, str]], bool],
+        what: str,
+        timeout: float,
+        log: Path | None = None,
+        poll: float = 0.2,
+    ) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
@@ -113,12 +150,16 @@ class LocalSlurm:
             if time.monotonic() > deadline:
                 self.run("scancel", job_id, check=False)
                 tail = log.read_text()[-6000:] if log is not None and log.exists() else "(no log)"
-                raise AssertionError(f"job {job_id}: timed out after {timeout:.0f} s waiting for {what}; "
-                                     f"state {info.get('JobState')}\n--- job log\n{tail}")
+                raise AssertionError(
+                    f"job {job_id}: timed out after {timeout:.0f} s waiting for {what}; "
+                    f"state {info.get('JobState')}\n--- job log\n{tail}"
+                )
             time.sleep(poll)
 
     def wait_done(self, job_id: str, timeout: float, log: Path | None = None) -> dict[str, str]:
-        return self.wait_for(job_id, lambda i: i.get("JobState") in FINAL_STATES, "the job to end", timeout, log)
+        return self.wait_for(
+            job_id, lambda i: i.get("JobState") in FINAL_STATES, "the job to end", timeout, log
+        )
 
 
 def log_lines(path: Path) -> list[str]:

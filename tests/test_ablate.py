@@ -13,14 +13,49 @@ import torch
 from safetensors.torch import load_file
 
 from experiments import ablate
-from experiments.ablate import _modes, cache_key, foreground, main, pretrain_vae, random_crops, synth_corpus, table
+from experiments.ablate import (
+    _modes,
+    cache_key,
+    foreground,
+    main,
+    pretrain_vae,
+    random_crops,
+    synth_corpus,
+    table,
+)
 from pipeline.models import build_model
 from pipeline.recipe import load_train_config
 
-ARGS = ["--config", "configs/tiny_showo2.yaml", "--steps", "2", "--pretrain-steps", "2",
-        "--pretrain-batch-i2t", "2", "--pretrain-batch-t2i", "3", "--vae-steps", "2",
-        "--samples", "48", "--heldout-samples", "24", "--eval-samples", "4", "--eval-batches", "2",
-        "--bootstrap", "10", "--recon-steps", "3", "--recon-train", "8", "--recon-test", "4"]
+ARGS = [
+    "--config",
+    "configs/tiny_showo2.yaml",
+    "--steps",
+    "2",
+    "--pretrain-steps",
+    "2",
+    "--pretrain-batch-i2t",
+    "2",
+    "--pretrain-batch-t2i",
+    "3",
+    "--vae-steps",
+    "2",
+    "--samples",
+    "48",
+    "--heldout-samples",
+    "24",
+    "--eval-samples",
+    "4",
+    "--eval-batches",
+    "2",
+    "--bootstrap",
+    "10",
+    "--recon-steps",
+    "3",
+    "--recon-train",
+    "8",
+    "--recon-test",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +67,27 @@ def ablation(tmp_path_factory):
 
 def test_ablation_writes_the_table_with_deltas_and_the_plots(ablation):
     text = (ablation / "ablation.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert [r.split("|")[1].strip() for r in rows] == ["original", "Finetune (off)", "C&S (cs)", "C&S&A (csa)"]
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| model")
+    ]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "original",
+        "Finetune (off)",
+        "C&S (cs)",
+        "C&S&A (csa)",
+    ]
     header = next(line for line in text.splitlines() if line.startswith("| model"))
-    for column in ("loss_i2t", "loss_t2i", "rate z_u", "CKA", "understanding", "generation", "recon. PSNR"):
+    for column in (
+        "loss_i2t",
+        "loss_t2i",
+        "rate z_u",
+        "CKA",
+        "understanding",
+        "generation",
+        "recon. PSNR",
+    ):
         assert column in header
     # every fine-tuned row carries deltas; the rate exists only where InfoTok heads were trained
     assert all(re.search(r"\([+-]\d", r) for r in rows[1:]) and "(" not in rows[0].split("|", 2)[2]
@@ -44,13 +96,24 @@ def test_ablation_writes_the_table_with_deltas_and_the_plots(ablation):
         assert (ablation / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in text
     data = json.loads((ablation / "ablation.json").read_text())
-    assert set(data["rows"]) == {"original", "off", "cs", "csa"} and data["modes"] == ["off", "cs", "csa"]
+    assert set(data["rows"]) == {"original", "off", "cs", "csa"} and data["modes"] == [
+        "off",
+        "cs",
+        "csa",
+    ]
     assert data["rows"]["csa"]["model"]["infotok_mode"] == "csa"
     assert data["pretrained"]["vae"]["steps"] == 2
-    assert data["pretrained"]["batch"] == {"i2t": 2, "t2i": 3} and "2 I2T + 3 T2I samples per rank" in text
+    assert (
+        data["pretrained"]["batch"] == {"i2t": 2, "t2i": 3}
+        and "2 I2T + 3 T2I samples per rank" in text
+    )
     # every fine-tuning started from the same exported original and saw the same first batch
-    first = [json.loads((ablation / "finetune" / m / "metrics.jsonl").read_text().splitlines()[0])["loss_i2t"]
-             for m in ("off", "cs", "csa")]
+    first = [
+        json.loads((ablation / "finetune" / m / "metrics.jsonl").read_text().splitlines()[0])[
+            "loss_i2t"
+        ]
+        for m in ("off", "cs", "csa")
+    ]
     assert first[0] == first[1] == first[2]
 
 
@@ -99,7 +162,7 @@ def test_random_crops_are_half_side_windows_on_the_quarter_side_lattice():
         first = int(crop[0, 0, 0] - image[0, 0, 0])
         y, x = divmod(first, side)
         assert y % 16 == 0 and x % 16 == 0 and y <= 32 and x <= 32
-        assert torch.equal(crop, image[:, y:y + 32, x:x + 32])
+        assert torch.equal(crop, image[:, y : y + 32, x : x + 32])
         seen.add((y, x))
     assert len(seen) > 1, "every image was cut at the same place"
     again = random_crops(images, torch.Generator().manual_seed(0))
@@ -124,7 +187,10 @@ def test_the_synthetic_corpus_is_reused_only_for_the_same_arguments(tmp_path):
     shards = synth_corpus(tmp_path / "data", 8, 0, "grid")
     manifest = shards / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    assert synth_corpus(tmp_path / "data", 8, 0, "grid") == shards and manifest.stat().st_mtime_ns == before
+    assert (
+        synth_corpus(tmp_path / "data", 8, 0, "grid") == shards
+        and manifest.stat().st_mtime_ns == before
+    )
     grid = manifest.read_text()
     synth_corpus(tmp_path / "data", 8, 0, "free")
     assert manifest.stat().st_mtime_ns != before and manifest.read_text() != grid
@@ -132,13 +198,21 @@ def test_the_synthetic_corpus_is_reused_only_for_the_same_arguments(tmp_path):
 
 
 def test_table_deltas_and_modes_parsing():
-    rows = {"original": {"heldout": {"losses": {"loss_i2t": 2.0}}},
-            "cs": {"heldout": {"losses": {"loss_i2t": 1.5}}, "rate": {"u": {"nats_per_token": 0.5}}}}
+    rows = {
+        "original": {"heldout": {"losses": {"loss_i2t": 2.0}}},
+        "cs": {"heldout": {"losses": {"loss_i2t": 1.5}}, "rate": {"u": {"nats_per_token": 0.5}}},
+    }
     text = table(rows)
-    assert "| C&S (cs) | 1.5000 (-0.5000) | 0.5000 |" in text and "| original | 2.0000 | n/a |" in text
+    assert (
+        "| C&S (cs) | 1.5000 (-0.5000) | 0.5000 |" in text and "| original | 2.0000 | n/a |" in text
+    )
     accuracy = {"benchmark": {"generation": {"overall": {"accuracy": 0.25, "n": 8, "se": 0.0625}}}}
-    text = table({"original": accuracy, "off": {"benchmark": {"generation": {"overall": {"accuracy": 0.5}}}}})
-    assert "| original | 0.2500 ± 0.062 |" in text and "| Finetune (off) | 0.5000 (+0.2500) |" in text
+    text = table(
+        {"original": accuracy, "off": {"benchmark": {"generation": {"overall": {"accuracy": 0.5}}}}}
+    )
+    assert (
+        "| original | 0.2500 ± 0.062 |" in text and "| Finetune (off) | 0.5000 (+0.2500) |" in text
+    )
     assert _modes("off, csa") == ["off", "csa"]
     for bad in ("off,xx", "off,off", ""):
         with pytest.raises(Exception, match="subset of off, cs, csa"):
@@ -148,13 +222,31 @@ def test_table_deltas_and_modes_parsing():
 @pytest.mark.parametrize("family", ["harmon", "openuni"])
 def test_the_autoencoder_of_every_family_pretrains_and_loads_back(family, tmp_path, tokenizer_dir):
     data = str(synth_corpus(tmp_path / "data", 24, 0, "grid"))
-    overrides = [f"data.i2t=[{data}]", f"data.t2i=[{data}]", f"model.tokenizer_path={tokenizer_dir}"]
+    overrides = [
+        f"data.i2t=[{data}]",
+        f"data.t2i=[{data}]",
+        f"model.tokenizer_path={tokenizer_dir}",
+    ]
     recipe = Path(f"configs/tiny_{family}.yaml")
-    options, quality = pretrain_vae(recipe, overrides, [data], [data], 2, 0, tmp_path / "vae", batch_size=4)
-    assert quality["steps"] == 2 and quality["train_images"] == 24 and 0 <= quality["detector_accuracy"] <= 1
+    options, quality = pretrain_vae(
+        recipe, overrides, [data], [data], 2, 0, tmp_path / "vae", batch_size=4
+    )
+    assert (
+        quality["steps"] == 2
+        and quality["train_images"] == 24
+        and 0 <= quality["detector_accuracy"] <= 1
+    )
     assert options["vae"]["scaling_factor"] > 0
-    model = build_model(load_train_config(recipe, [*overrides, f"model.vae_path={tmp_path / 'vae'}",
-                                                   f"model.options={json.dumps(options)}"]).model)
+    model = build_model(
+        load_train_config(
+            recipe,
+            [
+                *overrides,
+                f"model.vae_path={tmp_path / 'vae'}",
+                f"model.options={json.dumps(options)}",
+            ],
+        ).model
+    )
     assert model.config.vae.scaling_factor == options["vae"]["scaling_factor"]
     trained = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(model.vae.state_dict()[k], v) for k, v in trained.items())
@@ -163,12 +255,21 @@ def test_the_autoencoder_of_every_family_pretrains_and_loads_back(family, tmp_pa
 def test_a_pretraining_override_reaches_the_pretraining_alone(ablation, capsys):
     override = "model.options={trainable: [flow_head]}"
     main([*ARGS, "--workdir", str(ablation), "--modes", "off", "--pretrain-override", override])
-    assert "original model: cached VAE" in capsys.readouterr().out  # the autoencoder does not depend on it
+    assert (
+        "original model: cached VAE" in capsys.readouterr().out
+    )  # the autoencoder does not depend on it
     data = json.loads((ablation / "ablation.json").read_text())
-    assert data["pretrained"]["overrides"] == [override] and f"`{override}`" in (ablation / "ablation.md").read_text()
-    pretrained = load_train_config(ablation / "pretrain" / data["pretrained"]["key"] / "run" / "config.yaml")
+    assert (
+        data["pretrained"]["overrides"] == [override]
+        and f"`{override}`" in (ablation / "ablation.md").read_text()
+    )
+    pretrained = load_train_config(
+        ablation / "pretrain" / data["pretrained"]["key"] / "run" / "config.yaml"
+    )
     options = pretrained.model.options
-    assert options["trainable"] == ["flow_head"] and options["vae"]["latents_mean"]  # merged with the VAE's options
+    assert (
+        options["trainable"] == ["flow_head"] and options["vae"]["latents_mean"]
+    )  # merged with the VAE's options
     finetuned = load_train_config(ablation / "finetune" / "off" / "config.yaml")
     assert "trainable" not in finetuned.model.options
     # the pretraining batch flags set each stream; the fine-tunings keep the recipe's batch

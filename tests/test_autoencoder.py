@@ -20,8 +20,11 @@ MODEL_LATENTS = {  # the latents each family feeds its generator, from pixels in
 
 def _tiny(family: str, tokenizer_dir, options: dict | None = None):
     torch.manual_seed(0)
-    return build_model(ModelConfig(family=family, preset="tiny", tokenizer_path=str(tokenizer_dir),
-                                   options=options or {}))
+    return build_model(
+        ModelConfig(
+            family=family, preset="tiny", tokenizer_path=str(tokenizer_dir), options=options or {}
+        )
+    )
 
 
 def _pixels(model, n: int = 6) -> torch.Tensor:
@@ -38,8 +41,11 @@ def test_autoencoder_pass_reconstructs_with_gradient_into_the_autoencoder(family
     assert reconstruction.shape == x.shape and kl.ndim == 0 and kl.item() >= 0
     ((reconstruction - x).square().mean() + kl).backward()
     for part in ("encoder.", "decoder."):  # the loss trains both halves
-        assert any(p.grad is not None and p.grad.abs().sum() > 0
-                   for name, p in model.vae.named_parameters() if name.startswith(part)), part
+        assert any(
+            p.grad is not None and p.grad.abs().sum() > 0
+            for name, p in model.vae.named_parameters()
+            if name.startswith(part)
+        ), part
     with torch.no_grad():
         first, _ = model.autoencoder_pass(x)
         second, _ = model.autoencoder_pass(x)
@@ -57,7 +63,9 @@ def test_autoencoder_options_normalise_the_model_latents(family, tokenizer_dir):
         before = MODEL_LATENTS[family](model, x).float()
         after = MODEL_LATENTS[family](normalised, x).float()
     assert after.std().item() == pytest.approx(1.0, rel=0.02)
-    assert abs(before.std().item() - 1.0) > 0.05  # the defaults (the released VAEs' numbers) do not fit
+    assert (
+        abs(before.std().item() - 1.0) > 0.05
+    )  # the defaults (the released VAEs' numbers) do not fit
     if family == "showo2":  # per-channel statistics, as the released latents_mean / latents_std
         per_channel = after.transpose(0, 1).flatten(1)
         assert per_channel.mean(1).abs().max().item() < 1e-3

@@ -41,8 +41,13 @@ def test_every_bench_script_is_covered() -> None:
 
 @pytest.mark.parametrize("script", sorted(RATIO_LINES))
 def test_smoke_mode_prints_ratio_lines(script: str) -> None:
-    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     for pattern in RATIO_LINES[script]:
         assert re.search(pattern, done.stdout, re.MULTILINE), f"{pattern!r} not in:\n{done.stdout}"

@@ -20,8 +20,10 @@ def test_biased_cka_of_one_feature_is_the_squared_correlation_by_hand():
 def _hsic_u_statistic(k: np.ndarray, l: np.ndarray) -> float:
     """HSIC = E[k_ij l_ij] + E[k_ij] E[l_qr] - 2 E[k_ij l_iq], averaged over distinct (i, j, q, r)."""
     n = k.shape[0]
-    total = sum(k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
-                for i, j, q, r in itertools.permutations(range(n), 4))
+    total = sum(
+        k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
+        for i, j, q, r in itertools.permutations(range(n), 4)
+    )
     return total / (n * (n - 1) * (n - 2) * (n - 3))
 
 
@@ -45,7 +47,9 @@ def test_invariant_to_orthogonal_transforms_and_isotropic_scaling(debiased):
     assert linear_cka(x @ q, y, debiased=debiased) == pytest.approx(base, rel=1e-9)
     assert linear_cka(3.7 * x, 0.01 * y, debiased=debiased) == pytest.approx(base, rel=1e-9)
     # not invariant to a non-isotropic scaling: the test can tell
-    assert linear_cka(x * np.linspace(0.1, 10, 12), y, debiased=debiased) != pytest.approx(base, rel=1e-3)
+    assert linear_cka(x * np.linspace(0.1, 10, 12), y, debiased=debiased) != pytest.approx(
+        base, rel=1e-3
+    )
 
 
 @pytest.mark.parametrize("debiased", [True, False])

@@ -36,7 +36,11 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_yaml_and_overrides_build_typed_nested_configs(tmp_path):
     path = write(tmp_path, "steps: 20\noptim:\n  lr: 3.0e-4\ninfotok:\n  mode: cs\n")
-    cfg = load_config(RunConfig, path, ["optim.lr=1e-5", "infotok.beta_u=2", "resume=auto", "optim.betas=[0.8, 0.9]"])
+    cfg = load_config(
+        RunConfig,
+        path,
+        ["optim.lr=1e-5", "infotok.beta_u=2", "resume=auto", "optim.betas=[0.8, 0.9]"],
+    )
     assert cfg.steps == 20
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.betas == [0.8, 0.9]
@@ -81,7 +85,10 @@ def test_out_of_range_values_fail_with_the_bound(tmp_path):
 
 
 def test_choices_are_enforced_with_a_suggestion():
-    with pytest.raises(ConfigError, match=r"infotok\.mode: expected one of 'off', 'cs', 'csa', got 'csaa'.*did you mean 'csa'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"infotok\.mode: expected one of 'off', 'cs', 'csa', got 'csaa'.*did you mean 'csa'",
+    ):
         load_config(RunConfig, None, ["infotok.mode=csaa"])
 
 
@@ -120,8 +127,11 @@ def _train_config(recipe: str, *overrides: str):
 
 
 def test_dotted_model_options_merge_into_the_recipe():
-    cfg = _train_config("configs/openuni_b_512.yaml", "model.options.trainable=[llm]",
-                        "model.options.gradient_checkpointing=true")
+    cfg = _train_config(
+        "configs/openuni_b_512.yaml",
+        "model.options.trainable=[llm]",
+        "model.options.gradient_checkpointing=true",
+    )
     recipe = _train_config("configs/openuni_b_512.yaml").model.options
     assert cfg.model.options == {**recipe, "trainable": ["llm"], "gradient_checkpointing": True}
     assert {"internvl_path", "sana_path"} <= set(recipe)
@@ -131,16 +141,35 @@ def test_dotted_model_options_merge_into_the_recipe():
     assert nested.model.options["llm"] == {"num_hidden_layers": 3}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.options.trainabel=[llm]",
-     r"model\.options\.trainabel: unknown key .*did you mean 'trainable'\?"),
-    ("model.options.trainable=[lm]", r"model\.options\.trainable\[0\]: expected one of 'llm', 'flow_head'"),
-    ("model.options.llm.hidden_size=wide", r"model\.options\.llm\.hidden_size: expected an integer"),
-    ("model.options.llm.hidden_size=-4", r"model\.options\.llm\.hidden_size: expected an integer > 0"),
-    ("model.preset=huge", r"model\.preset: unknown Show-o2 preset 'huge'"),
-    ("model.family=showo3", r"model\.family: unknown family 'showo3' \(available: harmon, openuni, showo2\)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.options.trainabel=[llm]",
+            r"model\.options\.trainabel: unknown key .*did you mean 'trainable'\?",
+        ),
+        (
+            "model.options.trainable=[lm]",
+            r"model\.options\.trainable\[0\]: expected one of 'llm', 'flow_head'",
+        ),
+        (
+            "model.options.llm.hidden_size=wide",
+            r"model\.options\.llm\.hidden_size: expected an integer",
+        ),
+        (
+            "model.options.llm.hidden_size=-4",
+            r"model\.options\.llm\.hidden_size: expected an integer > 0",
+        ),
+        ("model.preset=huge", r"model\.preset: unknown Show-o2 preset 'huge'"),
+        (
+            "model.family=showo3",
+            r"model\.family: unknown family 'showo3' \(available: harmon, openuni, showo2\)",
+        ),
+    ],
+)
 def test_model_options_are_validated_by_the_family_with_one_line_naming_the_key(override, message):
-    with pytest.raises(ConfigError, match=r"configs/tiny_showo2\.yaml \+ command line: " + message) as info:
+    with pytest.raises(
+        ConfigError, match=r"configs/tiny_showo2\.yaml \+ command line: " + message
+    ) as info:
         _train_config("configs/tiny_showo2.yaml", override)
     assert "\n" not in str(info.value)

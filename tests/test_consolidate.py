@@ -28,8 +28,11 @@ def test_locate_takes_a_run_its_checkpoints_or_one_step(run):
 
 
 def test_locate_names_what_is_missing(run, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"step_00000006 does not exist \(available: "
-                                                r"step_00000002, step_00000004\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"step_00000006 does not exist \(available: "
+        r"step_00000002, step_00000004\)",
+    ):
         locate(run, step=6)
     with pytest.raises(FileNotFoundError, match="nothing: not a run directory"):
         locate(tmp_path / "nothing")
@@ -39,6 +42,9 @@ def test_split_state_strips_the_prefixes_and_rejects_any_other_key():
     x, y = torch.zeros(1), torch.ones(1)
     adapter, regularizer = split_state({"adapter.a.w": x, "regularizer.b": y}, Path("ckpt"))
     assert adapter == {"a.w": x} and regularizer == {"b": y}
-    with pytest.raises(ValueError, match=r"ckpt: unexpected keys outside adapter\.\* and "
-                                         r"regularizer\.\*: \['module\.c'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"ckpt: unexpected keys outside adapter\.\* and "
+        r"regularizer\.\*: \['module\.c'\]",
+    ):
         split_state({"adapter.a.w": x, "module.c": y}, Path("ckpt"))

@@ -24,14 +24,24 @@ class TinyProcessor:
 
     def __call__(self, sample):
         image = sample["image"].resize((SIZE, SIZE))
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(SIZE, SIZE, 3)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
+            SIZE, SIZE, 3
+        )
         text = sample["prompt"] if sample["task"] == "t2i" else sample["messages"][-1]["content"]
-        return {"pixels": pixels, "task": sample["task"], "input_ids": list(text.encode()), "pid": os.getpid()}
+        return {
+            "pixels": pixels,
+            "task": sample["task"],
+            "input_ids": list(text.encode()),
+            "pid": os.getpid(),
+        }
 
 
 def collate(samples):
-    return {"pixels": torch.stack([s["pixels"] for s in samples]), "tasks": [s["task"] for s in samples],
-            "pids": [s["pid"] for s in samples]}
+    return {
+        "pixels": torch.stack([s["pixels"] for s in samples]),
+        "tasks": [s["task"] for s in samples],
+        "pids": [s["pid"] for s in samples],
+    }
 
 
 def make_dataset(root: Path, name: str, count: int, shard_size: int, seed: int) -> Path:
@@ -46,7 +56,9 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
     return {
         "a": make_dataset(root, "a", 90, 17, seed=1),  # uneven shards: 17, 17, ..., 5
-        "b": make_dataset(root, "b", 40, 40, seed=2),  # one shard: fewer shards than ranks x workers
+        "b": make_dataset(
+            root, "b", 40, 40, seed=2
+        ),  # one shard: fewer shards than ranks x workers
     }
 
 
@@ -55,10 +67,19 @@ def manifest_count(path: Path, task: str) -> int:
 
 
 def make_loader(datasets, rank=0, world=1, **overrides) -> TwoStreamLoader:
-    fields = dict(i2t=[str(datasets["a"])], t2i=[str(datasets["a"])], micro_batch_i2t=2, micro_batch_t2i=1,
-                  num_workers=0, shuffle_block=8, seed=5)
+    fields = dict(
+        i2t=[str(datasets["a"])],
+        t2i=[str(datasets["a"])],
+        micro_batch_i2t=2,
+        micro_batch_t2i=1,
+        num_workers=0,
+        shuffle_block=8,
+        seed=5,
+    )
     fields.update(overrides)
-    return TwoStreamLoader(DataConfig(**fields), TinyProcessor(), collate, rank=rank, world_size=world)
+    return TwoStreamLoader(
+        DataConfig(**fields), TinyProcessor(), collate, rank=rank, world_size=world
+    )
 
 
 def take(loader: TwoStreamLoader, steps: int) -> list[dict]:
@@ -66,7 +87,10 @@ def take(loader: TwoStreamLoader, steps: int) -> list[dict]:
 
 
 def keys_of(batches) -> list[tuple]:
-    return [(b["step"], tuple(b["keys"].get("i2t", ())), tuple(b["keys"].get("t2i", ()))) for b in batches]
+    return [
+        (b["step"], tuple(b["keys"].get("i2t", ())), tuple(b["keys"].get("t2i", ())))
+        for b in batches
+    ]
 
 
 def test_same_config_gives_the_same_batches(datasets):
@@ -91,15 +115,24 @@ def test_ranks_cover_an_epoch_disjointly_with_equal_counts(datasets, name, world
     per_rank = total // world
     seen = []
     for rank in range(world):
-        loader = make_loader({"a": datasets[name]}, rank=rank, world=world, t2i=[], micro_batch_t2i=0,
-                             micro_batch_i2t=1, num_workers=2 if name == "b" else 0)
+        loader = make_loader(
+            {"a": datasets[name]},
+            rank=rank,
+            world=world,
+            t2i=[],
+            micro_batch_t2i=0,
+            micro_batch_i2t=1,
+            num_workers=2 if name == "b" else 0,
+        )
         batches = take(loader, per_rank)
         assert loader.epochs() == {"i2t": [1]}  # every rank finishes its epoch at the same step
         keys = [k for b in batches for k in b["keys"]["i2t"]]
         assert len(keys) == len(set(keys)) == per_rank
         seen.append(set(keys))
     union = set().union(*seen)
-    assert len(union) == sum(len(s) for s in seen) == total - total % world  # disjoint; the remainder dropped
+    assert (
+        len(union) == sum(len(s) for s in seen) == total - total % world
+    )  # disjoint; the remainder dropped
 
 
 def test_the_next_epoch_reshuffles(datasets):
@@ -120,7 +153,9 @@ def test_resume_gives_exactly_the_uninterrupted_batches(datasets, workers, world
             interrupted = make_loader(datasets, rank=rank, world=world, **mixed)
             take(interrupted, stop)
             state = json.loads(json.dumps(interrupted.state_dict()))  # it goes into a checkpoint
-            resumed = make_loader(datasets, rank=rank, world=world, **{**mixed, "num_workers": workers})
+            resumed = make_loader(
+                datasets, rank=rank, world=world, **{**mixed, "num_workers": workers}
+            )
             resumed.load_state_dict(state)
             after = take(resumed, 14 - stop)
             assert keys_of(after) == keys_of(reference[stop:])
@@ -144,8 +179,13 @@ def test_the_order_does_not_depend_on_the_worker_count(datasets):
 
 
 def test_weights_mix_datasets_in_proportion(datasets):
-    loader = make_loader(datasets, i2t=[f"{datasets['a']}:3", f"{datasets['b']}:1"], t2i=[],
-                         micro_batch_t2i=0, micro_batch_i2t=8)
+    loader = make_loader(
+        datasets,
+        i2t=[f"{datasets['a']}:3", f"{datasets['b']}:1"],
+        t2i=[],
+        micro_batch_t2i=0,
+        micro_batch_i2t=8,
+    )
     sources = Counter(d for b in take(loader, 60) for d in b["sources"]["i2t"])
     share = sources[0] / (sources[0] + sources[1])
     assert abs(share - 0.75) < 0.05, sources
@@ -183,7 +223,9 @@ def test_corrupt_samples_are_skipped_counted_and_replaced(datasets, tmp_path):
     keys = {k for b in batches for stream in b["keys"].values() for k in stream}
     assert bad_image not in keys and bad_json not in keys
     skipped = loader.stats()["skipped"]
-    assert skipped["bad_image"] >= 1 and skipped["bad_json"] >= 1 and skipped["truncated_shard"] >= 1, skipped
+    assert (
+        skipped["bad_image"] >= 1 and skipped["bad_json"] >= 1 and skipped["truncated_shard"] >= 1
+    ), skipped
     assert sum(skipped.values()) == sum(sum(b["skipped"].values()) for b in batches)
 
 
@@ -193,7 +235,9 @@ def test_missing_files_fail_at_start(datasets, tmp_path):
     broken = tmp_path / "missing-shard"
     shutil.copytree(datasets["a"], broken)
     (broken / "shard-000001.tar").unlink()
-    with pytest.raises(FileNotFoundError, match=r"shard-000001\.tar: listed in .*manifest\.json but missing"):
+    with pytest.raises(
+        FileNotFoundError, match=r"shard-000001\.tar: listed in .*manifest\.json but missing"
+    ):
         make_loader({"a": broken})
 
 

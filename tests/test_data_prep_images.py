@@ -31,7 +31,11 @@ def test_unchanged_images_keep_their_bytes(fmt, check):
     data = encode(photo(96, 64), fmt)
     out = prepare(data, opts(check=check))
     assert out.data is data
-    assert (out.ext, out.width, out.height) == ({"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt], 96, 64)
+    assert (out.ext, out.width, out.height) == (
+        {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt],
+        96,
+        64,
+    )
 
 
 def test_large_jpeg_is_downscaled_keeping_aspect():
@@ -109,7 +113,11 @@ def test_first_frame_of_animation():
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
     out = prepare(data, OPTS)
     img = decoded(out.data)
-    assert out.ext == "png" and getattr(img, "n_frames", 1) == 1 and img.getpixel((5, 5)) == (255, 0, 0)
+    assert (
+        out.ext == "png"
+        and getattr(img, "n_frames", 1) == 1
+        and img.getpixel((5, 5)) == (255, 0, 0)
+    )
 
 
 def _skip_reason(data: bytes, **changes) -> str:
@@ -147,6 +155,8 @@ def test_below_min_side():
 
 
 def test_truncated_jpeg_with_an_embedded_thumbnail_is_caught_by_structure_check():
-    data = encode(photo(96, 64), comment=encode(photo(32, 32)))  # the thumbnail brings an early end marker
+    data = encode(
+        photo(96, 64), comment=encode(photo(32, 32))
+    )  # the thumbnail brings an early end marker
     assert prepare(data, opts(check="structure")).data is data
     assert _skip_reason(data[: len(data) * 3 // 4], check="structure") == "truncated_image"

@@ -34,8 +34,10 @@ N_A, N_B, SHARD_SIZE = 14, 10, 5
 def corpus(tmp_path_factory):
     """Two jsonl sources and a reference output written with one worker."""
     root = tmp_path_factory.mktemp("corpus")
-    sources = [f"jsonl:{caption_corpus(root, N_A, 'alpha', seed=1)}",
-               f"jsonl:{caption_corpus(root, N_B, 'beta', seed=2)}"]
+    sources = [
+        f"jsonl:{caption_corpus(root, N_A, 'alpha', seed=1)}",
+        f"jsonl:{caption_corpus(root, N_B, 'beta', seed=2)}",
+    ]
     out = root / "reference"
     shard(sources, out, shard_size=SHARD_SIZE, workers=1)
     return root, sources, out
@@ -76,7 +78,9 @@ def test_read_back_by_webdataset_and_tar_matches_manifest(corpus):
         read = list(wds.WebDataset(str(path), shardshuffle=False))
         assert len(read) == entry["samples"] == entry["tasks"]["i2t"]
         assert all(set(s) >= {"__key__", "jpg", "json"} and "." not in s["__key__"] for s in read)
-        listing = subprocess.run(["tar", "tf", str(path)], capture_output=True, text=True, check=True).stdout.split()
+        listing = subprocess.run(
+            ["tar", "tf", str(path)], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert len(listing) == 2 * entry["samples"]
         assert path.stat().st_size == entry["bytes"]
         with tarfile.open(path) as tar:
@@ -103,13 +107,31 @@ SLOW_WRITER = textwrap.dedent("""
 def test_resume_after_kill_9_mid_shard(corpus, tmp_path, workers):
     _, sources, reference = corpus
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", SLOW_WRITER, "shard", "--min-side", "16", *cli_args(sources),
-           "--output", str(out), "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-c",
+        SLOW_WRITER,
+        "shard",
+        "--min-side",
+        "16",
+        *cli_args(sources),
+        "--output",
+        str(out),
+        "--workers",
+        str(workers),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 60
-        while not ((out / "shard-000000.tar").exists() and any(p.stat().st_size for p in out.glob("*.tar.tmp"))):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        while not (
+            (out / "shard-000000.tar").exists()
+            and any(p.stat().st_size for p in out.glob("*.tar.tmp"))
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "the run ended before it could be killed"
+            )
             time.sleep(0.01)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the job and its workers, as SLURM would
@@ -158,7 +180,13 @@ def test_verify_passes_then_detects_tampering(corpus, tmp_path, capsys):
 def test_stats(corpus):
     _, _, out = corpus
     text = stats(out)
-    for expected in ("samples per task", "alpha", "beta", "image size (longer side, px)", "text length"):
+    for expected in (
+        "samples per task",
+        "alpha",
+        "beta",
+        "image size (longer side, px)",
+        "text length",
+    ):
         assert expected in text
 
 
@@ -189,7 +217,10 @@ def test_functions_return_their_result_and_check_their_arguments(corpus, tmp_pat
     assert shard(sources, reference, shard_size=SHARD_SIZE, resume=True) == manifest(reference)
     cases = [
         (lambda: shard([], tmp_path / "o"), "sources: at least one [NAME=]KIND:PATH"),
-        (lambda: shard(sources, tmp_path / "o", quality=101), "quality: 101 is above the maximum 100"),
+        (
+            lambda: shard(sources, tmp_path / "o", quality=101),
+            "quality: 101 is above the maximum 100",
+        ),
         (lambda: shard(sources, tmp_path / "o", task="vqa"), "task: 'vqa' is not one of i2t, t2i"),
         (lambda: synth(tmp_path / "s", 1, size=10), "size: 10 is below the minimum 64"),
         (lambda: verify(reference, workers=0), "workers: 0 is below the minimum 1"),
@@ -203,7 +234,11 @@ def test_functions_return_their_result_and_check_their_arguments(corpus, tmp_pat
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
     result = run_cli("shard", "--source", "folder:/no/such/dir", "--output", tmp_path / "o")
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr and "/no/such/dir" in result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and "Traceback" not in result.stderr
+        and "/no/such/dir" in result.stderr
+    )
     bad_flag = run_cli("shard", "--frobnicate")
     assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1
 

@@ -18,25 +18,29 @@ def test_each_bad_input_has_its_reason(tmp_path):
     photo(10, 10).save(tmp_path / "tiny.jpg")
     good = {"image": "good.jpg", "caption": "fine"}
     lines = [
-        json.dumps(good),                                                        # 1 written
-        json.dumps({"image": "nowhere.jpg", "caption": "x"}),                   # 2 missing file
-        json.dumps({"image": "zero.jpg", "caption": "x"}),                      # 3 zero bytes
-        json.dumps({"image": "truncated.jpg", "caption": "x"}),                 # 4 truncated JPEG
-        json.dumps({"image": "text.jpg", "caption": "x"}),                      # 5 text named .jpg
-        json.dumps({"image": "bomb.png", "caption": "x"}),                      # 6 decompression bomb
-        json.dumps({"image": "tiny.jpg", "caption": "x"}),                      # 7 below --min-side
-        json.dumps({"image": "good2.jpg", "caption": " \t "}),                  # 8 whitespace text
-        '{"image": "good2.jpg", "caption": "unterminated',                      # 9 malformed JSON
-        json.dumps({"caption": "no image field"}),                              # 10 missing field
-        json.dumps({"image": "good2.jpg"}),                                     # 11 no text field
-        json.dumps(good),                                                       # 12 duplicate of line 1
-        json.dumps({"image": "good2.jpg", "prompt": 42}),                       # 13 wrong type
-        json.dumps({"image": "good2.jpg", "conversations": [{"from": "gpt", "value": "a"}]}),  # 14 bad order
-        json.dumps({"image": ["good.jpg", "good2.jpg"], "caption": "two"}),     # 15 two images
-        "",                                                                      # blank: not a record
-        "[1, 2]",                                                                # 17 not an object
+        json.dumps(good),  # 1 written
+        json.dumps({"image": "nowhere.jpg", "caption": "x"}),  # 2 missing file
+        json.dumps({"image": "zero.jpg", "caption": "x"}),  # 3 zero bytes
+        json.dumps({"image": "truncated.jpg", "caption": "x"}),  # 4 truncated JPEG
+        json.dumps({"image": "text.jpg", "caption": "x"}),  # 5 text named .jpg
+        json.dumps({"image": "bomb.png", "caption": "x"}),  # 6 decompression bomb
+        json.dumps({"image": "tiny.jpg", "caption": "x"}),  # 7 below --min-side
+        json.dumps({"image": "good2.jpg", "caption": " \t "}),  # 8 whitespace text
+        '{"image": "good2.jpg", "caption": "unterminated',  # 9 malformed JSON
+        json.dumps({"caption": "no image field"}),  # 10 missing field
+        json.dumps({"image": "good2.jpg"}),  # 11 no text field
+        json.dumps(good),  # 12 duplicate of line 1
+        json.dumps({"image": "good2.jpg", "prompt": 42}),  # 13 wrong type
+        json.dumps(
+            {"image": "good2.jpg", "conversations": [{"from": "gpt", "value": "a"}]}
+        ),  # 14 bad order
+        json.dumps({"image": ["good.jpg", "good2.jpg"], "caption": "two"}),  # 15 two images
+        "",  # blank: not a record
+        "[1, 2]",  # 17 not an object
     ]
-    data = ("\n".join(lines) + "\n").encode() + b'{"image": "good2.jpg", "caption": "caf\xe9"}\n'  # 18 Latin-1
+    data = (
+        "\n".join(lines) + "\n"
+    ).encode() + b'{"image": "good2.jpg", "caption": "caf\xe9"}\n'  # 18 Latin-1
     (tmp_path / "bad.jsonl").write_bytes(data)
 
     folder = tmp_path / "folder"
@@ -48,11 +52,23 @@ def test_each_bad_input_has_its_reason(tmp_path):
     shard([f"jsonl:{tmp_path / 'bad.jsonl'}", f"folder:{folder}"], out, workers=1)
     skips = skips_by_at(out)
     expected = {
-        "line 2": "missing_image", "line 3": "empty_image", "line 4": "truncated_image",
-        "line 5": "not_an_image", "line 6": "decompression_bomb", "line 7": "too_small",
-        "line 8": "empty_text", "line 9": "bad_json", "line 10": "missing_field", "line 11": "missing_field",
-        "line 12": "duplicate", "line 13": "invalid_field", "line 14": "bad_conversation",
-        "line 15": "multiple_images", "line 17": "bad_json", "line 18": "bad_encoding", "x.jpg": "bad_encoding",
+        "line 2": "missing_image",
+        "line 3": "empty_image",
+        "line 4": "truncated_image",
+        "line 5": "not_an_image",
+        "line 6": "decompression_bomb",
+        "line 7": "too_small",
+        "line 8": "empty_text",
+        "line 9": "bad_json",
+        "line 10": "missing_field",
+        "line 11": "missing_field",
+        "line 12": "duplicate",
+        "line 13": "invalid_field",
+        "line 14": "bad_conversation",
+        "line 15": "multiple_images",
+        "line 17": "bad_json",
+        "line 18": "bad_encoding",
+        "x.jpg": "bad_encoding",
     }
     assert {at: e["reason"] for at, e in skips.items()} == expected
     assert "line 9" in skips["line 9"]["detail"]

@@ -27,7 +27,9 @@ def by_text(out) -> dict[str, dict]:
     found = {}
     for s in samples(out).values():
         sample = s["json"]
-        found[sample["prompt"] if sample["task"] == "t2i" else sample["messages"][-1]["content"]] = sample
+        found[
+            sample["prompt"] if sample["task"] == "t2i" else sample["messages"][-1]["content"]
+        ] = sample
     return found
 
 
@@ -43,25 +45,44 @@ def test_jsonl_field_kinds(tmp_path):
     for i in range(6):
         photo(64, 48, seed=i).save(tmp_path / f"{i}.jpg")
     parts = [{"type": "image"}, {"type": "text", "text": "What?"}]
-    llava_turns = [{"from": "human", "value": "Colors?\n<image>"}, {"from": "gpt", "value": "Blue."},
-                   {"from": "human", "value": "More?"}, {"from": "gpt", "value": "Green."}]
+    llava_turns = [
+        {"from": "human", "value": "Colors?\n<image>"},
+        {"from": "gpt", "value": "Blue."},
+        {"from": "human", "value": "More?"},
+        {"from": "gpt", "value": "Green."},
+    ]
     system = {"role": "system", "content": "Be brief."}
-    src = write_jsonl(tmp_path / "mix.jsonl", [
-        {"image": "0.jpg", "messages": [{"role": USER, "content": parts}, assistant("A gradient.")]},
-        {"image": "1.jpg", "conversations": llava_turns},
-        {"image": "2.jpg", "question": "Is it noisy?", "answer": "Yes."},
-        {"image": "3.jpg", "prompt": "a noisy gradient"},
-        {"image": "4.jpg", "caption": "  a plain caption  ", "meta": {"k": [1, 2]}},
-        {"image": ["5.jpg"], "messages": [system, user("<image>"), assistant("Noise.")]},
-    ])
+    src = write_jsonl(
+        tmp_path / "mix.jsonl",
+        [
+            {
+                "image": "0.jpg",
+                "messages": [{"role": USER, "content": parts}, assistant("A gradient.")],
+            },
+            {"image": "1.jpg", "conversations": llava_turns},
+            {"image": "2.jpg", "question": "Is it noisy?", "answer": "Yes."},
+            {"image": "3.jpg", "prompt": "a noisy gradient"},
+            {"image": "4.jpg", "caption": "  a plain caption  ", "meta": {"k": [1, 2]}},
+            {"image": ["5.jpg"], "messages": [system, user("<image>"), assistant("Noise.")]},
+        ],
+    )
     shard(f"src=jsonl:{src}", tmp_path / "out", workers=1)
     got = by_text(tmp_path / "out")
     assert got["A gradient."]["messages"] == [user("<image>\nWhat?"), assistant("A gradient.")]
     assert got["Green."]["messages"] == [
-        user("<image>\nColors?"), assistant("Blue."), user("More?"), assistant("Green.")]
+        user("<image>\nColors?"),
+        assistant("Blue."),
+        user("More?"),
+        assistant("Green."),
+    ]
     assert got["Yes."]["messages"][0] == user("<image>\nIs it noisy?")
-    assert got["a noisy gradient"] == {"task": "t2i", "prompt": "a noisy gradient", "source": "src",
-                                       "width": 64, "height": 48}
+    assert got["a noisy gradient"] == {
+        "task": "t2i",
+        "prompt": "a noisy gradient",
+        "source": "src",
+        "width": 64,
+        "height": 48,
+    }
     caption = got["a plain caption"]
     assert caption["task"] == "i2t" and caption["meta"] == {"k": [1, 2]}
     assert caption["messages"][0]["content"] in {f"<image>\n{p}" for p in CAPTION_PROMPTS}
@@ -82,12 +103,28 @@ def test_llava(tmp_path):
     (tmp_path / "images" / "coco").mkdir(parents=True)
     photo(80, 64).save(tmp_path / "images" / "coco" / "1.jpg")
     data = tmp_path / "llava_mix.json"
-    data.write_text(json.dumps([
-        {"id": "000001", "image": "coco/1.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A picture."}]},
-        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
-        "not an object",
-    ]))
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "000001",
+                    "image": "coco/1.jpg",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat is shown?"},
+                        {"from": "gpt", "value": "A picture."},
+                    ],
+                },
+                {
+                    "id": "text-only",
+                    "conversations": [
+                        {"from": "human", "value": "Hi"},
+                        {"from": "gpt", "value": "Hello"},
+                    ],
+                },
+                "not an object",
+            ]
+        )
+    )
     out = tmp_path / "out"
     shard(f"llava:{data}", out, image_root=tmp_path / "images")
     (sample,) = by_text(out).values()
@@ -125,8 +162,10 @@ def _hf_dataset(tmp_path, n=3, split_names=None):
     import datasets
 
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
-    rows = {"image": [{"bytes": encode(photo(64, 64, i)), "path": None} for i in range(n)],
-            "caption": [f"hf caption {i}" for i in range(n)]}
+    rows = {
+        "image": [{"bytes": encode(photo(64, 64, i)), "path": None} for i in range(n)],
+        "caption": [f"hf caption {i}" for i in range(n)],
+    }
     ds = datasets.Dataset.from_dict(rows, features=features)
     if split_names:
         return datasets.DatasetDict({name: ds for name in split_names})
@@ -148,7 +187,12 @@ def test_hf_dataset_dict_and_text_column(tmp_path):
     _hf_dataset(tmp_path, n=2, split_names=["train", "val"]).save_to_disk(str(tmp_path / "dd"))
     out = tmp_path / "out"
     shard(f"hf:{tmp_path / 'dd'}", out, text_column="caption", task="t2i")
-    assert sorted(e["at"] for e in ledger(out)) == ["train/row 0", "train/row 1", "val/row 0", "val/row 1"]
+    assert sorted(e["at"] for e in ledger(out)) == [
+        "train/row 0",
+        "train/row 1",
+        "val/row 0",
+        "val/row 1",
+    ]
     assert manifest(out)["totals"]["tasks"] == {"i2t": 0, "t2i": 4}
 
 
@@ -167,7 +211,9 @@ def test_hf_parquet_embedded_and_path_columns(tmp_path):
     assert set(by_text(out2)) == {"path caption"}
 
 
-@pytest.mark.parametrize("flag,message", [("--image-column", "is not a column"), ("--text-column", "no such column")])
+@pytest.mark.parametrize(
+    "flag,message", [("--image-column", "is not a column"), ("--text-column", "no such column")]
+)
 def test_hf_bad_columns_are_command_errors(tmp_path, capsys, flag, message):
     _hf_dataset(tmp_path, n=1).save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "out"

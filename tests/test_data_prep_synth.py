@@ -36,7 +36,10 @@ def test_the_grid_layout_centres_each_object_in_its_own_cell(size):
             assert x1 - x0 == y1 - y0 and low - 1 <= x1 - x0 <= high + 1, obj
             column, row = x0 // cell, y0 // cell
             assert (x1 - 1) // cell == column and (y1 - 1) // cell == row, obj  # inside one cell
-            assert abs(obj.center[0] - (column + 0.5) * cell) <= 1 and abs(obj.center[1] - (row + 0.5) * cell) <= 1
+            assert (
+                abs(obj.center[0] - (column + 0.5) * cell) <= 1
+                and abs(obj.center[1] - (row + 0.5) * cell) <= 1
+            )
             cells.add((column, row))
         assert len(cells) == len(items)
 
@@ -46,9 +49,13 @@ def test_deterministic_for_a_seed(corpus, tmp_path):
     synth(tmp_path / "a", 10, seed=3, size=SIZE, layout=layout)
     first_ten = (out / "synth.jsonl").read_text().splitlines()[:10]
     assert (tmp_path / "a" / "synth.jsonl").read_text().splitlines() == first_ten
-    assert files(tmp_path / "a" / "images") == {k: v for k, v in files(out / "images").items() if k < "000010"}
+    assert files(tmp_path / "a" / "images") == {
+        k: v for k, v in files(out / "images").items() if k < "000010"
+    }
     synth(tmp_path / "b", 10, seed=4, size=SIZE, layout=layout)
-    assert (tmp_path / "b" / "synth.jsonl").read_text() != (tmp_path / "a" / "synth.jsonl").read_text()
+    assert (tmp_path / "b" / "synth.jsonl").read_text() != (
+        tmp_path / "a" / "synth.jsonl"
+    ).read_text()
 
 
 def test_ground_truth_matches_pixels(corpus):
@@ -64,7 +71,10 @@ def test_ground_truth_matches_pixels(corpus):
 
 
 def _objects(record):
-    return [scenes.SceneObject(o["shape"], o["color"], tuple(o["bbox"])) for o in record["meta"]["scene"]["objects"]]
+    return [
+        scenes.SceneObject(o["shape"], o["color"], tuple(o["bbox"]))
+        for o in record["meta"]["scene"]["objects"]
+    ]
 
 
 def test_answers_and_prompts_follow_the_scene(corpus):
@@ -77,13 +87,17 @@ def test_answers_and_prompts_follow_the_scene(corpus):
             query, answer, qtype = meta["query"], record["answer"], meta["question_type"]
             qtypes.add(qtype)
             if qtype == "count":
-                assert int(answer) == sum(o.shape == query["shape"] and query["color"] in (None, o.color) for o in objs)
+                assert int(answer) == sum(
+                    o.shape == query["shape"] and query["color"] in (None, o.color) for o in objs
+                )
                 assert query["shape"] in record["question"]
             elif qtype == "color":
                 (obj,) = (o for o in objs if o.shape == query["shape"])
                 assert answer == obj.color and obj.shape in record["question"]
             elif qtype == "exists":
-                assert (answer == "yes") == any((o.shape, o.color) == (query["shape"], query["color"]) for o in objs)
+                assert (answer == "yes") == any(
+                    (o.shape, o.color) == (query["shape"], query["color"]) for o in objs
+                )
             else:
                 i, asked, j = query["relation"]
                 assert (answer == "yes") == (scenes.relation(objs[i], objs[j]) == asked)

@@ -68,8 +68,12 @@ def test_ground_truth_renders_pass_every_geneval_category_and_wrong_images_fail(
     assert set(table) == {*scenes.GENEVAL_CATEGORIES, "overall"}
     assert all(v["accuracy"] == 1.0 for v in table.values()), table
     blank = [Image.new("RGB", (64, 64), scenes.BACKGROUND_RGB)] * len(t2i)
-    assert accuracy_by(generation_results([m for m, _ in t2i], blank), "category", scenes.GENEVAL_CATEGORIES)[
-        "overall"]["accuracy"] == 0.0
+    assert (
+        accuracy_by(
+            generation_results([m for m, _ in t2i], blank), "category", scenes.GENEVAL_CATEGORIES
+        )["overall"]["accuracy"]
+        == 0.0
+    )
     mirrored = [image.transpose(Image.Transpose.ROTATE_180) for _, image in t2i]
     position = [(m, img) for (m, _), img in zip(t2i, mirrored) if m["category"] == "position"]
     assert position and not any(r["correct"] for r in generation_results(*zip(*position)))
@@ -88,14 +92,23 @@ def test_accuracy_carries_the_standard_error_of_each_group_and_of_their_mean():
     table = accuracy_by(results, "category", scenes.GENEVAL_CATEGORIES)
     colors_se = (0.25 * 0.75 / 4) ** 0.5  # binomial
     counting_se = (((1.0 - 0.75) ** 2 + (0.5 - 0.75) ** 2) / 2 / 2) ** 0.5
-    assert table["colors"]["se"] == pytest.approx(colors_se) and table["counting"]["se"] == pytest.approx(counting_se)
-    assert table["overall"]["se"] == pytest.approx((colors_se ** 2 + counting_se ** 2) ** 0.5 / 2)
-    assert accuracy_by([{"category": "colors", "correct": True}] * 3, "category", ["colors"])["colors"]["se"] == 0
+    assert table["colors"]["se"] == pytest.approx(colors_se) and table["counting"][
+        "se"
+    ] == pytest.approx(counting_se)
+    assert table["overall"]["se"] == pytest.approx((colors_se**2 + counting_se**2) ** 0.5 / 2)
+    assert (
+        accuracy_by([{"category": "colors", "correct": True}] * 3, "category", ["colors"])[
+            "colors"
+        ]["se"]
+        == 0
+    )
 
 
 def test_majority_baseline_answers_the_most_common_answer_of_each_type():
     results = [{"question_type": "count", "expected": e} for e in ("1", "1", "2", "0")]
-    results += [{"question_type": "exists", "expected": e} for e in ("Yes", "no")]  # a tie: "no" comes first
+    results += [
+        {"question_type": "exists", "expected": e} for e in ("Yes", "no")
+    ]  # a tie: "no" comes first
     results += [{"question_type": "color", "expected": "red"}]
     table = majority_baseline(results, scenes.QUESTION_TYPES)
     assert {k: table["count"][k] for k in ("accuracy", "n")} == {"accuracy": 0.5, "n": 4}
@@ -111,12 +124,17 @@ def test_the_prompt_agnostic_baseline_scores_each_prompt_against_every_other_rec
     results = prompt_agnostic_results(metas, [scenes.draw(scene) for scene in drawn])
     # each circle prompt is met by the other circle, not by the square; the square prompt by neither circle
     assert [r["correct"] for r in results] == [0.5, 0.5, 0.0]
-    assert accuracy_by(results, "category", scenes.GENEVAL_CATEGORIES)["single_object"]["accuracy"] == 1 / 3
+    assert (
+        accuracy_by(results, "category", scenes.GENEVAL_CATEGORIES)["single_object"]["accuracy"]
+        == 1 / 3
+    )
 
 
 def test_questions_are_grouped_by_how_many_objects_their_scene_holds():
     rng = random.Random(3)
     lone = scenes.place(rng, 64, [("circle", "red")]).to_json()
-    several = scenes.place(rng, 64, [("circle", "red"), ("square", "blue"), ("diamond", "red")]).to_json()
+    several = scenes.place(
+        rng, 64, [("circle", "red"), ("square", "blue"), ("diamond", "red")]
+    ).to_json()
     assert scene_group({"scene": lone}) == "one object"
     assert scene_group({"scene": several}) == "several objects"

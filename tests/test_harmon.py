@@ -53,7 +53,9 @@ def model(tokenizer_dir) -> Harmon:
 
 
 def _capture_kwargs(module, store):
-    return module.register_forward_pre_hook(lambda _, args, kwargs: store.append(kwargs), with_kwargs=True)
+    return module.register_forward_pre_hook(
+        lambda _, args, kwargs: store.append(kwargs), with_kwargs=True
+    )
 
 
 # ----------------------------------------------------------------------------- processor
@@ -65,15 +67,26 @@ def test_i2t_sequence_layout(model):
     ids, labels, offset = sample["input_ids"].tolist(), sample["labels"], sample["image_offset"]
     encode = lambda text: proc.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     answer = encode("two shapes<|im_end|>")
-    expected = (encode("<|im_start|>user\n") + [proc.ids.pad] * slots
-                + encode("\ndescribe<|im_end|>\n<|im_start|>assistant\n") + answer + encode("\n"))
+    expected = (
+        encode("<|im_start|>user\n")
+        + [proc.ids.pad] * slots
+        + encode("\ndescribe<|im_end|>\n<|im_start|>assistant\n")
+        + answer
+        + encode("\n")
+    )
     assert ids == expected and offset == len(encode("<|im_start|>user\n"))
     assert labels[labels != IGNORE].tolist() == answer and labels[-1] == IGNORE
     text = sample["text_mask"]
-    assert not text[offset: offset + slots].any() and text[:offset].all() and not text[labels != IGNORE].any()
+    assert (
+        not text[offset : offset + slots].any()
+        and text[:offset].all()
+        and not text[labels != IGNORE].any()
+    )
     assert sample["pixel_values"].shape == (3, 64, 64)
     # 80x64 drawing padded to 80x80 with grey (127) rows at top and bottom, then resized.
-    assert torch.allclose(sample["pixel_values"][:, 0, 0], torch.full((3,), 127 / 255 * 2 - 1), atol=0.02)
+    assert torch.allclose(
+        sample["pixel_values"][:, 0, 0], torch.full((3,), 127 / 255 * 2 - 1), atol=0.02
+    )
 
 
 def test_t2i_sequence_and_stateless_prompt_dropout(model):
@@ -82,11 +95,18 @@ def test_t2i_sequence_and_stateless_prompt_dropout(model):
     template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
     encode = lambda text: proc.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     dropped_ids = encode(template.format("Generate an image."))
-    assert sample["input_ids"].tolist() in (encode(template.format("Generate an image: a cat")), dropped_ids)
+    assert sample["input_ids"].tolist() in (
+        encode(template.format("Generate an image: a cat")),
+        dropped_ids,
+    )
     dropped = [proc(t2i_sample(i))["input_ids"].tolist() == dropped_ids for i in range(400)]
     assert dropped == [proc(t2i_sample(i))["input_ids"].tolist() == dropped_ids for i in range(400)]
     assert 0.05 < sum(dropped) / len(dropped) < 0.15
-    assert sample["pixel_values"].shape == (3, 64, 64) and set(sample) == {"task", "input_ids", "pixel_values"}
+    assert sample["pixel_values"].shape == (3, 64, 64) and set(sample) == {
+        "task",
+        "input_ids",
+        "pixel_values",
+    }
 
 
 def test_processor_rejects_bad_samples(model):
@@ -101,7 +121,12 @@ def test_processor_rejects_bad_samples(model):
 def test_collate_splits_the_branches(model):
     batch = collated_batch(model, "ugg")
     assert batch["u_input_ids"].shape[0] == 1 and batch["g_input_ids"].shape[0] == 2
-    assert batch["g_attention_mask"].dtype == torch.bool and batch["u_pixel_values"].shape == (1, 3, 64, 64)
+    assert batch["g_attention_mask"].dtype == torch.bool and batch["u_pixel_values"].shape == (
+        1,
+        3,
+        64,
+        64,
+    )
     assert not any(key.startswith("u_") for key in collated_batch(model, "g"))
 
 
@@ -122,7 +147,9 @@ def test_mask_ratio_is_the_truncated_normal():
     mean = 1 + 0.25 * (normal.pdf(alpha) - normal.pdf(0)) / (0.5 - normal.cdf(alpha))
     assert ratios.min() >= 0.7 and ratios.max() <= 1.0
     assert abs(ratios.mean() - mean) < 0.003
-    assert abs(np.median(ratios) - (1 + 0.25 * normal.inv_cdf((normal.cdf(alpha) + 0.5) / 2))) < 0.005
+    assert (
+        abs(np.median(ratios) - (1 + 0.25 * normal.inv_cdf((normal.cdf(alpha) + 0.5) / 2))) < 0.005
+    )
 
 
 def test_position_tables_resize_bilinearly(model):
@@ -130,8 +157,14 @@ def test_position_tables_resize_bilinearly(model):
     mar = model.mar
     table = mar.encoder_pos_embed_learned
     buffers, image = table[:, :4], table[:, 4:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
-    expected = F.interpolate(image, size=(8, 8), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(mar._positions(table, (8, 8), buffers=True), torch.cat([buffers, expected], 1))
+    expected = (
+        F.interpolate(image, size=(8, 8), mode="bilinear", align_corners=False)
+        .flatten(2)
+        .transpose(1, 2)
+    )
+    torch.testing.assert_close(
+        mar._positions(table, (8, 8), buffers=True), torch.cat([buffers, expected], 1)
+    )
     torch.testing.assert_close(mar._positions(table, (4, 4), buffers=True), table)
 
 
@@ -140,12 +173,20 @@ def test_position_tables_resize_bilinearly(model):
 
 def test_forward_backward_both_branches(model):
     out = model(collated_batch(model), generator=torch.Generator().manual_seed(0))
-    d, n, slots = model.config.llm.hidden_size, model.config.num_image_tokens, model.config.num_llm_image_tokens
+    d, n, slots = (
+        model.config.llm.hidden_size,
+        model.config.num_image_tokens,
+        model.config.num_llm_image_tokens,
+    )
     assert math.isfinite(out.loss_i2t.item()) and math.isfinite(out.loss_t2i.item())
     assert out.z_u.shape == out.z_g.shape == (2, slots, d)
     assert out.text_u.shape == out.text_g.shape == (2, d)
     assert out.target_patches.shape == (2, slots, 16) and out.target_mask.shape == (2, slots)
-    assert out.target_mask[:, :n].all() and not out.target_mask[:, n:].any() and not out.target_patches[:, n:].any()
+    assert (
+        out.target_mask[:, :n].all()
+        and not out.target_mask[:, n:].any()
+        and not out.target_patches[:, n:].any()
+    )
     assert out.answer_ids.shape == out.answer_mask.shape and out.answer_mask.dtype == torch.bool
     assert set(out.infotok_inputs()) == set(INFOTOK_INPUT_KEYS)
     assert out.num_image_tokens >= 2 * slots and out.num_text_tokens > 0
@@ -160,23 +201,31 @@ def test_single_branch_batches_leave_the_other_branch_empty(model):
     with torch.no_grad():
         u = model(collated_batch(model, "uu"))
         g = model(collated_batch(model, "g"), generator=torch.Generator().manual_seed(0))
-    assert u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
+    assert (
+        u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
+    )
     assert g.loss_i2t is None and g.z_u is None and g.answer_ids is None and g.loss_t2i is not None
 
 
 def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
     batch = collated_batch(model, "uu")
     store = []
-    handle = model.llm.model.register_forward_hook(lambda _, args, out: store.append(out.last_hidden_state))
+    handle = model.llm.model.register_forward_hook(
+        lambda _, args, out: store.append(out.last_hidden_state)
+    )
     with torch.no_grad():
         out = model(batch)
     handle.remove()
     logits = model.llm.lm_head(store[0])
     labels = batch["u_labels"]
     vocab = logits.shape[-1]
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(out.loss_i2t, expected)
-    answer = model.processor.tokenizer("a red circle on a blue square<|im_end|>", add_special_tokens=False)["input_ids"]
+    answer = model.processor.tokenizer(
+        "a red circle on a blue square<|im_end|>", add_special_tokens=False
+    )["input_ids"]
     assert out.answer_ids[0][out.answer_mask[0]].tolist() == answer
 
 
@@ -196,14 +245,25 @@ def reference_token_losses(net, x0, cond, t, noise):
     logvar = (v + 1) / 2 * col(np.log(betas)) + (1 - v) / 2 * col(post_logvar)
     mean = col(c1) * (col(np.sqrt(1 / ac)) * xt - col(np.sqrt(1 / ac - 1)) * eps) + col(c2) * xt
     true_mean, true_logvar = col(c1) * x0 + col(c2) * xt, col(post_logvar)
-    kl = 0.5 * (-1 + logvar - true_logvar + torch.exp(true_logvar - logvar)
-                + (true_mean - mean) ** 2 * torch.exp(-logvar))
+    kl = 0.5 * (
+        -1
+        + logvar
+        - true_logvar
+        + torch.exp(true_logvar - logvar)
+        + (true_mean - mean) ** 2 * torch.exp(-logvar)
+    )
     phi = lambda y: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))  # noqa: E731
     inv_std = torch.exp(-0.5 * logvar)
     upper, lower = phi(inv_std * (x0 - mean + 1 / 255)), phi(inv_std * (x0 - mean - 1 / 255))
-    log_p = torch.where(x0 < -0.999, torch.log(upper.clamp(min=1e-12)),
-                        torch.where(x0 > 0.999, torch.log((1 - lower).clamp(min=1e-12)),
-                                    torch.log((upper - lower).clamp(min=1e-12))))
+    log_p = torch.where(
+        x0 < -0.999,
+        torch.log(upper.clamp(min=1e-12)),
+        torch.where(
+            x0 > 0.999,
+            torch.log((1 - lower).clamp(min=1e-12)),
+            torch.log((upper - lower).clamp(min=1e-12)),
+        ),
+    )
     vb = torch.where(t == 0, -log_p.mean(1), kl.mean(1)) / math.log(2)
     return mse + vb
 
@@ -215,8 +275,12 @@ def test_diffusion_token_losses_match_the_formulas_at_every_timestep(model):
     cond = torch.randn(8, model.config.mar.decoder_embed_dim, generator=g)
     diffloss = model.mar.diffloss
     with torch.no_grad():
-        torch.testing.assert_close(diffloss.token_losses(x0, cond, t, noise),
-                                   reference_token_losses(diffloss.net, x0, cond, t, noise), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(
+            diffloss.token_losses(x0, cond, t, noise),
+            reference_token_losses(diffloss.net, x0, cond, t, noise),
+            rtol=2e-5,
+            atol=2e-5,
+        )
 
 
 class GaussianOracle(torch.nn.Module):
@@ -238,14 +302,19 @@ def test_the_sampler_draws_the_data_distribution_given_the_exact_noise_predictio
     head = DiffLoss(16, 8, harmon_config("tiny", {"mar": {"num_sampling_steps": steps}}).mar)
     head.net = GaussianOracle(0.5, 0.8, torch.cumprod(1 - cosine_betas(1000), 0))
     x = head.sample(torch.zeros(4000, 8), generator=torch.Generator().manual_seed(0))
-    assert abs(x.mean().item() - 0.5) < 0.04 and abs(x.std().item() - 0.8) < 0.04, (x.mean(), x.std())
+    assert abs(x.mean().item() - 0.5) < 0.04 and abs(x.std().item() - 0.8) < 0.04, (
+        x.mean(),
+        x.std(),
+    )
 
 
 def test_loss_t2i_is_the_masked_diffusion_formula_on_a_fixed_seed(model):
     batch = collated_batch(model, "gg")
     seen, llm_inputs = [], []
-    hooks = [model.mar.diffloss.register_forward_pre_hook(lambda _, args: seen.append(args)),
-             _capture_kwargs(model.llm.model, llm_inputs)]
+    hooks = [
+        model.mar.diffloss.register_forward_pre_hook(lambda _, args: seen.append(args)),
+        _capture_kwargs(model.llm.model, llm_inputs),
+    ]
     with torch.no_grad():
         out = model(batch, generator=torch.Generator().manual_seed(7))
     for hook in hooks:
@@ -255,7 +324,9 @@ def test_loss_t2i_is_the_masked_diffusion_formula_on_a_fixed_seed(model):
     g = torch.Generator().manual_seed(7)
     normal = NormalDist()
     low = normal.cdf((0.7 - 1) / 0.25)
-    ratio = 1 + 0.25 * normal.inv_cdf(low + float(torch.rand((), generator=g, dtype=torch.float64)) * (0.5 - low))
+    ratio = 1 + 0.25 * normal.inv_cdf(
+        low + float(torch.rand((), generator=g, dtype=torch.float64)) * (0.5 - low)
+    )
     orders = torch.rand(b, n, generator=g).argsort(dim=1)
     mask = torch.zeros(b, n, dtype=torch.bool).scatter(1, orders[:, : math.ceil(n * ratio)], True)
     assert torch.equal(mask_seen, mask.reshape(-1))
@@ -263,16 +334,22 @@ def test_loss_t2i_is_the_masked_diffusion_formula_on_a_fixed_seed(model):
     noise = torch.randn(mul * b * n, 16, generator=g)
     tokens = model.encode_latents(batch["g_pixel_values"]).reshape(b * n, 16)
     with torch.no_grad():
-        losses = reference_token_losses(model.mar.diffloss.net, tokens.repeat(mul, 1), cond.repeat(mul, 1), t, noise)
+        losses = reference_token_losses(
+            model.mar.diffloss.net, tokens.repeat(mul, 1), cond.repeat(mul, 1), t, noise
+        )
     weights = mask.reshape(-1).float().repeat(mul)
-    torch.testing.assert_close(out.loss_t2i, (losses * weights).sum() / weights.sum(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(
+        out.loss_t2i, (losses * weights).sum() / weights.sum(), rtol=2e-5, atol=2e-5
+    )
     # The LLM read the prompt, then the encoder tokens of the kept image tokens and the buffers.
     with torch.no_grad():
-        _, z = model.encode_shared_tokens(model.encode_latents(batch["g_pixel_values"]), mask, (8, 8))
+        _, z = model.encode_shared_tokens(
+            model.encode_latents(batch["g_pixel_values"]), mask, (8, 8)
+        )
     embeds = llm_inputs[0]["inputs_embeds"]
     prompt_len = batch["g_input_ids"].shape[1]
     assert embeds.shape[1] == prompt_len + z.shape[1] == prompt_len + 4 + int((~mask[0]).sum())
-    torch.testing.assert_close(embeds[:, -z.shape[1]:], z)
+    torch.testing.assert_close(embeds[:, -z.shape[1] :], z)
 
 
 def test_visual_tokens_put_the_buffers_last(model):
@@ -292,7 +369,7 @@ def test_z_u_is_the_tensor_the_llm_consumed_and_z_g_the_clean_encoding(model):
         out = model(batch, generator=torch.Generator().manual_seed(1))
     hook.remove()
     start, slots = int(batch["u_image_offset"][0]), model.config.num_llm_image_tokens
-    torch.testing.assert_close(llm_inputs[0]["inputs_embeds"][0, start: start + slots], out.z_u[0])
+    torch.testing.assert_close(llm_inputs[0]["inputs_embeds"][0, start : start + slots], out.z_u[0])
     with torch.no_grad():
         tokens = model.encode_latents(batch["g_pixel_values"])
         _, clean = model.encode_shared_tokens(tokens, torch.zeros(1, 64, dtype=torch.bool), (8, 8))
@@ -311,7 +388,10 @@ def test_gradients_reach_the_shared_encoder_from_both_losses(model):
         getattr(out, loss_name).backward()
         for prefix in model.ENCODER_PREFIXES:
             grads = [p.grad for name, p in model.named_parameters() if name.startswith(prefix)]
-            assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads), (loss_name, prefix)
+            assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads), (
+                loss_name,
+                prefix,
+            )
 
 
 def test_i2t_gradient_into_the_visual_features_is_scaled(model, tokenizer_dir):
@@ -322,8 +402,13 @@ def test_i2t_gradient_into_the_visual_features_is_scaled(model, tokenizer_dir):
     for m in (model, unscaled):
         m.zero_grad()
         m(batch).loss_i2t.backward()
-        grads.append((m.proj_in[0].weight.grad.clone(), m.mar.z_proj.weight.grad.clone(),
-                      m.llm.model.layers[0].mlp.up_proj.weight.grad.clone()))
+        grads.append(
+            (
+                m.proj_in[0].weight.grad.clone(),
+                m.mar.z_proj.weight.grad.clone(),
+                m.llm.model.layers[0].mlp.up_proj.weight.grad.clone(),
+            )
+        )
     torch.testing.assert_close(grads[0][0], 0.1 * grads[1][0])
     torch.testing.assert_close(grads[0][1], 0.1 * grads[1][1])
     torch.testing.assert_close(grads[0][2], grads[1][2])
@@ -334,7 +419,9 @@ def test_trainable_groups(tokenizer_dir):
     names = {name for name, _ in trained_parameters(frozen)}
     assert names and all(name.startswith(frozen.ENCODER_PREFIXES) for name in names)
     assert not any(p.requires_grad for p in frozen.vae.parameters())
-    decoder = Harmon(harmon_config("tiny", {"trainable": ["decoder"]}), load_tokenizer(tokenizer_dir))
+    decoder = Harmon(
+        harmon_config("tiny", {"trainable": ["decoder"]}), load_tokenizer(tokenizer_dir)
+    )
     names = {name for name, _ in trained_parameters(decoder)}
     assert "proj_out.0.weight" in names and "mar.diffloss.net.input_proj.weight" in names
     assert not any(name.startswith("llm.") for name in names)
@@ -362,15 +449,25 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(model, token
         m.zero_grad()
         out = m(batch, generator=torch.Generator().manual_seed(0))
         (out.loss_i2t + out.loss_t2i).backward()
-        grads.append((out.loss_i2t.item(), out.loss_t2i.item(), m.mar.encoder_blocks[0].mlp.fc1.weight.grad.clone(),
-                      m.mar.diffloss.net.res_blocks[0].mlp[0].weight.grad.clone()))
+        grads.append(
+            (
+                out.loss_i2t.item(),
+                out.loss_t2i.item(),
+                m.mar.encoder_blocks[0].mlp.fc1.weight.grad.clone(),
+                m.mar.diffloss.net.res_blocks[0].mlp[0].weight.grad.clone(),
+            )
+        )
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
 
 def test_infotok_dims(model):
-    assert model.infotok_dims() == {"token_dim": 64, "text_dim": 64, "vocab_size": len(model.processor.tokenizer),
-                                    "latent_patch_dim": 16}
+    assert model.infotok_dims() == {
+        "token_dim": 64,
+        "text_dim": 64,
+        "vocab_size": len(model.processor.tokenizer),
+        "latent_patch_dim": 16,
+    }
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -393,9 +490,15 @@ def test_save_then_load_gives_identical_outputs(model, saved_dir):
 @pytest.mark.parametrize("change", ["missing", "extra", "shape"])
 def test_checkpoint_mismatch_fails_naming_the_key(saved_dir, tmp_path, change):
     target = copy_checkpoint(saved_dir, tmp_path)
-    key = break_checkpoint(target, change, "mar.diffloss.net.res_blocks.1.adaLN_modulation.1.bias",
-                           "mar.encoder_blocks.7.norm1.weight")
-    assert_mismatch_named(lambda: Harmon.from_pretrained(target, vae_path=saved_dir / "vae"), key, change)
+    key = break_checkpoint(
+        target,
+        change,
+        "mar.diffloss.net.res_blocks.1.adaLN_modulation.1.bias",
+        "mar.encoder_blocks.7.norm1.weight",
+    )
+    assert_mismatch_named(
+        lambda: Harmon.from_pretrained(target, vae_path=saved_dir / "vae"), key, change
+    )
 
 
 @pytest.fixture(scope="module")
@@ -408,8 +511,11 @@ def released(model, saved_dir, tmp_path_factory):
     qwen = type(model.llm)(model.llm.config)
     qwen.save_pretrained(str(base))
     load_tokenizer(saved_dir).save_pretrained(str(base))
-    state = {k: v.clone() for k, v in model.checkpoint_state_dict().items()
-             if not k.startswith("llm.model.layers.1.")}
+    state = {
+        k: v.clone()
+        for k, v in model.checkpoint_state_dict().items()
+        if not k.startswith("llm.model.layers.1.")
+    }
     torch.save(state, root / "harmon_tiny.pth")
     torch.save({"model": ldm_state(model.vae, (1, 2, 2, 2), 8, 1), "epoch": 3}, root / "kl16.ckpt")
     return root, base, qwen
@@ -417,22 +523,32 @@ def released(model, saved_dir, tmp_path_factory):
 
 def test_loads_the_released_pth_on_top_of_the_base_llm(model, released):
     root, base, qwen = released
-    loaded = Harmon.from_pretrained(root / "harmon_tiny.pth", llm_path=base, vae_path=root / "kl16.ckpt", preset="tiny")
+    loaded = Harmon.from_pretrained(
+        root / "harmon_tiny.pth", llm_path=base, vae_path=root / "kl16.ckpt", preset="tiny"
+    )
     state = loaded.state_dict()
     for key, value in model.state_dict().items():
         if key.startswith("llm.model.layers.1."):
-            assert torch.equal(state[key], qwen.state_dict()[key[len("llm."):]]), key
+            assert torch.equal(state[key], qwen.state_dict()[key[len("llm.") :]]), key
         else:
             assert torch.equal(state[key], value), key
     pixels = collated_batch(model, "g")["g_pixel_values"]
-    torch.testing.assert_close(loaded.encode_latents(pixels), model.encode_latents(pixels), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        loaded.encode_latents(pixels), model.encode_latents(pixels), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_released_pth_without_the_base_llm_or_vae_fails_clearly(released):
     root, base, _ = released
-    with pytest.raises(CheckpointMismatchError, match=r"llm\.model\.layers\.1\.mlp\.up_proj\.weight(.|\n)*llm_path"):
-        Harmon.from_pretrained(root / "harmon_tiny.pth", tokenizer_path=base, vae_path=root / "kl16.ckpt",
-                               preset="tiny")
+    with pytest.raises(
+        CheckpointMismatchError, match=r"llm\.model\.layers\.1\.mlp\.up_proj\.weight(.|\n)*llm_path"
+    ):
+        Harmon.from_pretrained(
+            root / "harmon_tiny.pth",
+            tokenizer_path=base,
+            vae_path=root / "kl16.ckpt",
+            preset="tiny",
+        )
     with pytest.raises(FileNotFoundError, match="vae_path"):
         Harmon.from_pretrained(root / "harmon_tiny.pth", llm_path=base, preset="tiny")
     with pytest.raises(ConfigError, match="pass preset"):
@@ -454,13 +570,23 @@ def test_loads_a_transformers_format_directory_with_the_vae_inside(model, saved_
 
 
 def test_build_model_registry(tokenizer_dir, saved_dir, monkeypatch):
-    built = build_model(ModelConfig(family="harmon", preset="tiny", tokenizer_path=str(tokenizer_dir)))
+    built = build_model(
+        ModelConfig(family="harmon", preset="tiny", tokenizer_path=str(tokenizer_dir))
+    )
     assert isinstance(built, Harmon) and built.processor is not None
-    from_path = build_model(ModelConfig(family="harmon", path=str(saved_dir), options={"trainable": []}))
+    from_path = build_model(
+        ModelConfig(family="harmon", path=str(saved_dir), options={"trainable": []})
+    )
     assert from_path.config.trainable == []
     with pytest.raises(ConfigError, match="options.mar.encoder_dept"):
-        build_model(ModelConfig(family="harmon", preset="tiny", options={"mar": {"encoder_dept": 3}},
-                                tokenizer_path=str(tokenizer_dir)))
+        build_model(
+            ModelConfig(
+                family="harmon",
+                preset="tiny",
+                options={"mar": {"encoder_dept": 3}},
+                tokenizer_path=str(tokenizer_dir),
+            )
+        )
     with pytest.raises(ConfigError, match="unknown Harmon preset"):
         build_model(ModelConfig(family="harmon", preset="7b", tokenizer_path=str(tokenizer_dir)))
 
@@ -470,11 +596,19 @@ def test_build_model_registry(tokenizer_dir, saved_dir, monkeypatch):
 
 def test_generate_returns_images_of_the_configured_size(model):
     model.eval()
-    images = model.generate(["a cat", "two shapes"], num_iter=3, generator=torch.Generator().manual_seed(0))
-    again = model.generate(["a cat", "two shapes"], num_iter=3, generator=torch.Generator().manual_seed(0))
-    plain = model.generate(["a cat"], num_iter=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    images = model.generate(
+        ["a cat", "two shapes"], num_iter=3, generator=torch.Generator().manual_seed(0)
+    )
+    again = model.generate(
+        ["a cat", "two shapes"], num_iter=3, generator=torch.Generator().manual_seed(0)
+    )
+    plain = model.generate(
+        ["a cat"], num_iter=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)
+    )
     model.train()
-    assert [im.size for im in images + plain] == [(64, 64)] * 3 and all(im.mode == "RGB" for im in images)
+    assert [im.size for im in images + plain] == [(64, 64)] * 3 and all(
+        im.mode == "RGB" for im in images
+    )
     assert [np.asarray(im).tolist() for im in images] == [np.asarray(im).tolist() for im in again]
 
 
@@ -488,7 +622,9 @@ def test_generate_samples_every_token_once_with_guided_noise(model, monkeypatch)
 
     monkeypatch.setattr(model.mar.diffloss, "sample", spy)
     model.eval()
-    model.generate(["a cat"], num_iter=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    model.generate(
+        ["a cat"], num_iter=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0)
+    )
     model.train()
     # 64 tokens over 4 rounds: masked counts floor(64·cos(π/2·k/4)) = 59, 45, 24 → 5, 14, 21, 24 per round.
     assert [c[0] for c in calls] == [5, 14, 21, 24] and all(c[1] and c[2] == 3.0 for c in calls)
@@ -509,11 +645,18 @@ def test_answer_returns_one_string_per_image_and_matches_the_training_path(model
         single.append(model.answer([image], [question], max_new_tokens=4)[0])
         torch.testing.assert_close(first_batched[len(single) - 1], seen[0][0], rtol=1e-4, atol=1e-5)
     handle.remove()
-    sample = model.processor({"task": "i2t", "image": images[1],
-                              "messages": [{"role": "user", "content": f"<image>\n{questions[1]}"}]})
+    sample = model.processor(
+        {
+            "task": "i2t",
+            "image": images[1],
+            "messages": [{"role": "user", "content": f"<image>\n{questions[1]}"}],
+        }
+    )
     batch = model.collate([sample])
     store = []
-    hook = model.llm.model.register_forward_hook(lambda _, args, out: store.append(out.last_hidden_state))
+    hook = model.llm.model.register_forward_hook(
+        lambda _, args, out: store.append(out.last_hidden_state)
+    )
     with torch.no_grad():
         model(batch)
     hook.remove()

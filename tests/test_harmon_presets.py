@@ -40,10 +40,14 @@ from pipeline.models.harmon.config import VAEConfig, harmon_config
 from pipeline.models.harmon.vae import kl16_vae, ldm_to_diffusers
 
 VOCAB, LATENT, BUFFER, SEQ = 151936, 16, 64, (256 // 16) ** 2
-LLM = {"0.5b": dict(width=896, mlp=4864, layers=24, heads=14, kv=2),
-       "1.5b": dict(width=1536, mlp=8960, layers=28, heads=12, kv=2)}
-MAR = {"0.5b": dict(width=768, depth=12, diff_depth=6, diff_width=1024),
-       "1.5b": dict(width=1280, depth=20, diff_depth=12, diff_width=1536)}
+LLM = {
+    "0.5b": dict(width=896, mlp=4864, layers=24, heads=14, kv=2),
+    "1.5b": dict(width=1536, mlp=8960, layers=28, heads=12, kv=2),
+}
+MAR = {
+    "0.5b": dict(width=768, depth=12, diff_depth=6, diff_width=1024),
+    "1.5b": dict(width=1280, depth=20, diff_depth=12, diff_width=1536),
+}
 
 
 def linear(i: int, o: int, bias: bool = True) -> int:
@@ -53,14 +57,40 @@ def linear(i: int, o: int, bias: bool = True) -> int:
 def expected_counts(size: str) -> dict[str, int]:
     llm, mar = LLM[size], MAR[size]
     h, kv_dim = llm["width"], llm["kv"] * llm["width"] // llm["heads"]
-    qwen_layer = linear(h, h) + 2 * linear(h, kv_dim) + linear(h, h, False) + 3 * linear(h, llm["mlp"], False) + 2 * h
+    qwen_layer = (
+        linear(h, h)
+        + 2 * linear(h, kv_dim)
+        + linear(h, h, False)
+        + 3 * linear(h, llm["mlp"], False)
+        + 2 * h
+    )
     e = mar["width"]
     block = 2 * e + linear(e, 3 * e) + linear(e, e) + 2 * e + linear(e, 4 * e) + linear(4 * e, e)
     w, d = mar["diff_width"], mar["diff_depth"]
-    diffloss = (linear(256, w) + linear(w, w) + linear(e, w) + linear(LATENT, w)
-                + d * (2 * w + 2 * linear(w, w) + linear(w, 3 * w)) + linear(w, 2 * LATENT) + linear(w, 2 * w))
-    mar_total = (1000 * e + e + linear(LATENT, e) + 2 * e + (SEQ + BUFFER) * e + 2 * mar["depth"] * block + 2 * e
-                 + linear(e, e) + e + (SEQ + BUFFER) * e + 2 * e + SEQ * e + diffloss)
+    diffloss = (
+        linear(256, w)
+        + linear(w, w)
+        + linear(e, w)
+        + linear(LATENT, w)
+        + d * (2 * w + 2 * linear(w, w) + linear(w, 3 * w))
+        + linear(w, 2 * LATENT)
+        + linear(w, 2 * w)
+    )
+    mar_total = (
+        1000 * e
+        + e
+        + linear(LATENT, e)
+        + 2 * e
+        + (SEQ + BUFFER) * e
+        + 2 * mar["depth"] * block
+        + 2 * e
+        + linear(e, e)
+        + e
+        + (SEQ + BUFFER) * e
+        + 2 * e
+        + SEQ * e
+        + diffloss
+    )
     return {
         "llm": VOCAB * h + llm["layers"] * qwen_layer + h,
         "mar": mar_total,
@@ -83,11 +113,12 @@ def key_patterns(size: str) -> dict[str, int]:
         r"mar\.(class_emb\.weight|fake_latent|mask_token)": 3,
         r"mar\.(z_proj|z_proj_ln|decoder_embed|encoder_norm|decoder_norm)\.(weight|bias)": 10,
         r"mar\.(encoder|decoder|diffusion)_pos_embed_learned": 3,
-        r"mar\.(en|de)coder_blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)":
-            2 * 12 * depth,
+        r"mar\.(en|de)coder_blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)": 2
+        * 12
+        * depth,
         r"mar\.diffloss\.net\.(time_embed\.mlp\.[02]|cond_embed|input_proj)\.(weight|bias)": 8,
-        r"mar\.diffloss\.net\.res_blocks\.\d+\.(in_ln|mlp\.0|mlp\.2|adaLN_modulation\.1)\.(weight|bias)":
-            8 * diff_depth,
+        r"mar\.diffloss\.net\.res_blocks\.\d+\.(in_ln|mlp\.0|mlp\.2|adaLN_modulation\.1)\.(weight|bias)": 8
+        * diff_depth,
         r"mar\.diffloss\.net\.final_layer\.(linear|adaLN_modulation\.1)\.(weight|bias)": 4,
         r"proj_(in|out)\.[02]\.(weight|bias)": 8,
     }
@@ -131,8 +162,15 @@ def test_the_vae_stride_follows_its_levels():
     assert (tiny.vae.stride, tiny.grid_size, tiny.position_side) == (8, 8, 4)
     with torch.device("meta"):
         vae = kl16_vae(tiny.vae)
-    assert vae.encode(torch.empty(1, 3, 64, 64, device="meta")).latent_dist.mean.shape == (1, 16, 8, 8)
+    assert vae.encode(torch.empty(1, 3, 64, 64, device="meta")).latent_dist.mean.shape == (
+        1,
+        16,
+        8,
+        8,
+    )
     with pytest.raises(ConfigError, match="vae.block_out_channels needs at least 2 levels"):
         harmon_config("tiny", {"vae": {"block_out_channels": [8]}})
-    with pytest.raises(ConfigError, match="image_size 60 must be a multiple of VAE stride × patch = 8"):
+    with pytest.raises(
+        ConfigError, match="image_size 60 must be a multiple of VAE stride × patch = 8"
+    ):
         harmon_config("tiny", {"image_size": 60})

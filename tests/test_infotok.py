@@ -91,10 +91,21 @@ def test_terms_and_total_follow_eq_10():
     reg = make_regularizer(**cfg_kwargs)
     out = reg(**make_inputs())
     t = out.terms
-    expected = (t["kl_u"] + 2.0 * t["suff_u"] - 1.5 * t["align_u"]) + (t["kl_g"] + 0.5 * t["suff_g"] - 0.7 * t["align_g"])
+    expected = (t["kl_u"] + 2.0 * t["suff_u"] - 1.5 * t["align_u"]) + (
+        t["kl_g"] + 0.5 * t["suff_g"] - 0.7 * t["align_g"]
+    )
     torch.testing.assert_close(t["infotok"], expected)
     torch.testing.assert_close(out.total, 0.3 * expected)
-    assert {"kl_u", "suff_u", "align_u", "kl_g", "suff_g", "align_g", "nats_per_image_u", "nats_per_image_g"} <= set(t)
+    assert {
+        "kl_u",
+        "suff_u",
+        "align_u",
+        "kl_g",
+        "suff_g",
+        "align_g",
+        "nats_per_image_u",
+        "nats_per_image_g",
+    } <= set(t)
     assert t["align_u"] <= 0 and t["align_g"] <= 0
     assert t["kl_u"] > 0 and t["suff_u"] > 0
 
@@ -123,7 +134,9 @@ def test_sufficiency_terms_are_proper_likelihoods():
     z_g = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
     # Answer decoder: a distribution over the vocabulary at each position (sums to one).
     dec = reg.answer_decoder
-    torch.testing.assert_close(out.terms["suff_u"], dec(z_u, inputs["answer_ids"], inputs["answer_mask"]))
+    torch.testing.assert_close(
+        out.terms["suff_u"], dec(z_u, inputs["answer_ids"], inputs["answer_mask"])
+    )
     # Latent decoder: the Gaussian density of torch.distributions.
     lat = reg.latent_decoder
     std = (0.5 * lat.logvar).exp()
@@ -267,7 +280,9 @@ def test_answer_decoder_is_a_normalised_distribution_over_the_whole_vocabulary()
     dec = reg.answer_decoder
     z = torch.randn(1, 3, InfoTokConfig().latent_dim)
     with torch.no_grad():
-        nll = torch.stack([dec(z, torch.tensor([[7, y]]), torch.tensor([[False, True]])) for y in range(vocab)])
+        nll = torch.stack(
+            [dec(z, torch.tensor([[7, y]]), torch.tensor([[False, True]])) for y in range(vocab)]
+        )
     total = (-nll).exp().sum()
     assert 0.5 < total <= 1.0 + 1e-5
     assert dec.bucket**2 >= vocab

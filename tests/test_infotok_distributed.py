@@ -16,7 +16,9 @@ DIMS = InfoTokDims(token_dim=16, text_dim=12, vocab_size=50, latent_patch_dim=8)
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(WORLD * B, N, DIMS.token_dim, generator=g), torch.randn(WORLD * B, DIMS.text_dim, generator=g)
+    return torch.randn(WORLD * B, N, DIMS.token_dim, generator=g), torch.randn(
+        WORLD * B, DIMS.text_dim, generator=g
+    )
 
 
 def make_regularizer() -> InfoTokRegularizer:
@@ -30,11 +32,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         reg = make_regularizer()
         z, text = global_batch()
-        z_local = z[rank * B:(rank + 1) * B]
-        text_local = text[rank * B:(rank + 1) * B].clone().requires_grad_(True)
-        out = reg(z_g=z_local, text_g=text_local, target_patches=torch.zeros(B, N, DIMS.latent_patch_dim))
+        z_local = z[rank * B : (rank + 1) * B]
+        text_local = text[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+        out = reg(
+            z_g=z_local, text_g=text_local, target_patches=torch.zeros(B, N, DIMS.latent_patch_dim)
+        )
         out.terms["align_g"].backward()
-        torch.save({"align": out.terms["align_g"].detach(), "text_grad": text_local.grad}, f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"align": out.terms["align_g"].detach(), "text_grad": text_local.grad},
+            f"{out_dir}/rank{rank}.pt",
+        )
         dist.barrier()  # a rank tearing gloo down while its peer still communicates aborts the process
     finally:
         dist.destroy_process_group()
@@ -50,7 +57,9 @@ def test_gathered_negatives_and_their_gradients_match_a_single_process_reference
     text_emb = reg.text_proj["g"](text)
     image_emb = reg.posterior["g"](z)[0].mean(dim=1)
     per_rank = [
-        info_nce(image_emb[r * B:(r + 1) * B], text_emb, reg.cfg.tau, torch.arange(r * B, (r + 1) * B))
+        info_nce(
+            image_emb[r * B : (r + 1) * B], text_emb, reg.cfg.tau, torch.arange(r * B, (r + 1) * B)
+        )
         for r in range(WORLD)
     ]
     for r in range(WORLD):
@@ -59,7 +68,7 @@ def test_gathered_negatives_and_their_gradients_match_a_single_process_reference
     # is the sum over all ranks' losses (the gather's backward reduces across ranks).
     sum(per_rank).backward()
     for r in range(WORLD):
-        torch.testing.assert_close(results[r]["text_grad"], text.grad[r * B:(r + 1) * B])
+        torch.testing.assert_close(results[r]["text_grad"], text.grad[r * B : (r + 1) * B])
     # With only local negatives the value would differ: the gather really happened.
     local = info_nce(image_emb[:B], text_emb[:B], reg.cfg.tau)
     assert not torch.allclose(local, results[0]["align"])

@@ -11,7 +11,14 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from model_helpers import i2t_sample, t2i_sample, trained_parameters
-from pipeline.models import MLLMAdapter, MLLMOutput, ModelConfig, adapter_class, build_model, family_specs
+from pipeline.models import (
+    MLLMAdapter,
+    MLLMOutput,
+    ModelConfig,
+    adapter_class,
+    build_model,
+    family_specs,
+)
 from pipeline.models.common.latents import patchify
 from pipeline.models.common.text import answer_tokens, masked_mean
 from pipeline.models.common.weights import (
@@ -24,16 +31,36 @@ from pipeline.models.common.weights import (
 
 
 def _output(**fields) -> MLLMOutput:
-    defaults = dict(loss_i2t=None, loss_t2i=None, z_u=None, z_g=None, text_u=None, text_g=None, answer_ids=None,
-                    answer_mask=None, target_patches=None, target_mask=None, num_text_tokens=0, num_image_tokens=0)
+    defaults = dict(
+        loss_i2t=None,
+        loss_t2i=None,
+        z_u=None,
+        z_g=None,
+        text_u=None,
+        text_g=None,
+        answer_ids=None,
+        answer_mask=None,
+        target_patches=None,
+        target_mask=None,
+        num_text_tokens=0,
+        num_image_tokens=0,
+    )
     return MLLMOutput(**{**defaults, **fields})
 
 
 def test_infotok_inputs_are_exactly_the_regularizer_arguments():
     z = torch.zeros(2, 3, 4)
     inputs = _output(z_u=z, num_text_tokens=5).infotok_inputs()
-    assert list(inputs) == ["z_u", "z_g", "text_u", "text_g", "answer_ids", "answer_mask", "target_patches",
-                            "target_mask"]
+    assert list(inputs) == [
+        "z_u",
+        "z_g",
+        "text_u",
+        "text_g",
+        "answer_ids",
+        "answer_mask",
+        "target_patches",
+        "target_mask",
+    ]
     assert inputs["z_u"] is z and inputs["z_g"] is None
 
 
@@ -43,8 +70,16 @@ def test_adapter_contract_is_abstract():
 
     with pytest.raises(TypeError, match="abstract"):
         Incomplete()
-    assert {"forward", "build", "from_pretrained", "save_pretrained", "generate", "answer", "autoencoder_pass",
-            "autoencoder_options"} <= MLLMAdapter.__abstractmethods__
+    assert {
+        "forward",
+        "build",
+        "from_pretrained",
+        "save_pretrained",
+        "generate",
+        "answer",
+        "autoencoder_pass",
+        "autoencoder_options",
+    } <= MLLMAdapter.__abstractmethods__
 
 
 class _Adapter(MLLMAdapter):
@@ -59,7 +94,9 @@ class _Adapter(MLLMAdapter):
 
     def __init__(self, trainable: list[str]) -> None:
         super().__init__()
-        self.config = SimpleNamespace(llm=SimpleNamespace(hidden_size=4), trainable=trainable, latent_patch_dim=6)
+        self.config = SimpleNamespace(
+            llm=SimpleNamespace(hidden_size=4), trainable=trainable, latent_patch_dim=6
+        )
         self.vocab_size = self._vocab_size(None, ["a", "b", "c"])
         self.enc, self.head, self.other = nn.Linear(2, 4), nn.Linear(4, 3), nn.Linear(4, 4)
         self.vae = nn.Dropout()
@@ -68,14 +105,27 @@ class _Adapter(MLLMAdapter):
 
 def test_shared_adapter_code_follows_the_class_attributes():
     model = _Adapter(["head"])
-    assert [name for name, _ in trained_parameters(model)] == ["enc.weight", "enc.bias", "head.weight",
-                                                                  "head.bias"]
+    assert [name for name, _ in trained_parameters(model)] == [
+        "enc.weight",
+        "enc.bias",
+        "head.weight",
+        "head.bias",
+    ]
     assert not any(p.requires_grad for p in _Adapter([]).head.parameters())
     assert model.ENCODER_PREFIXES == ("enc.",)
-    assert model.infotok_dims() == {"token_dim": 4, "text_dim": 4, "vocab_size": 3, "latent_patch_dim": 6}
-    assert model.train() is model and model.training and model.enc.training and not model.vae.training
+    assert model.infotok_dims() == {
+        "token_dim": 4,
+        "text_dim": 4,
+        "vocab_size": 3,
+        "latent_patch_dim": 6,
+    }
+    assert (
+        model.train() is model and model.training and model.enc.training and not model.vae.training
+    )
     model.vae.register_buffer("scale", torch.ones(1))
-    assert "vae.scale" in model.state_dict() and not any(k.startswith("vae.") for k in model.checkpoint_state_dict())
+    assert "vae.scale" in model.state_dict() and not any(
+        k.startswith("vae.") for k in model.checkpoint_state_dict()
+    )
     with pytest.raises(ConfigError, match="vocab_size is null"):
         MLLMAdapter._vocab_size(None, None)
     with pytest.raises(ConfigError, match="tokenizer has 3 tokens but the embedding only 2 rows"):
@@ -94,7 +144,9 @@ def test_registry_dispatches_on_family_name():
     for family in ("showo2", "harmon", "openuni"):
         assert adapter_class(family).family == family
     assert set(family_specs()) == {"showo2", "harmon", "openuni"}
-    with pytest.raises(ConfigError, match="unknown family 'show02'.*available: harmon, openuni, showo2"):
+    with pytest.raises(
+        ConfigError, match="unknown family 'show02'.*available: harmon, openuni, showo2"
+    ):
         adapter_class("show02")
     assert ModelConfig().family == "showo2"
 
@@ -123,7 +175,9 @@ def test_bin_checkpoints_are_read(tmp_path):
 def test_missing_weights_and_shards_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no weights"):
         find_weight_files(tmp_path)
-    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a.weight": "gone.bin"}}))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "gone.bin"}})
+    )
     with pytest.raises(FileNotFoundError, match="gone.bin"):
         find_weight_files(tmp_path)
 
@@ -162,7 +216,9 @@ def test_patchify_maps_token_n_to_its_patch():
 @pytest.mark.parametrize("family", ["showo2", "harmon", "openuni"])
 def test_a_spec_names_the_repeated_blocks_of_its_tiny_model(family, tokenizer_dir):
     spec = family_specs()[family]
-    model = build_model(ModelConfig(family=family, preset="tiny", tokenizer_path=str(tokenizer_dir)))
+    model = build_model(
+        ModelConfig(family=family, preset="tiny", tokenizer_path=str(tokenizer_dir))
+    )
     for path in spec.repeated_blocks:
         blocks = model.get_submodule(path)
         assert isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0, path
@@ -174,7 +230,9 @@ def test_a_spec_names_the_repeated_blocks_of_its_tiny_model(family, tokenizer_di
 def test_without_infotok_inputs_the_clean_generation_pass_is_left_out(family, tokenizer_dir):
     """``infotok.mode=off`` trains without the ``V_enc`` pass over the clean T2I targets (only
     ``z_g`` needs it); the task losses and ``z_u`` are those of the full forward."""
-    model = build_model(ModelConfig(family=family, preset="tiny", tokenizer_path=str(tokenizer_dir)))
+    model = build_model(
+        ModelConfig(family=family, preset="tiny", tokenizer_path=str(tokenizer_dir))
+    )
     model.eval()
     samples = [i2t_sample(1), i2t_sample(2), t2i_sample(3), t2i_sample(4), t2i_sample(5)]
     batch = model.collate([model.processor(s) for s in samples])
@@ -190,8 +248,10 @@ def test_without_infotok_inputs_the_clean_generation_pass_is_left_out(family, to
     with torch.no_grad():
         for with_inputs in (True, False):
             encoded.clear()
-            outputs[with_inputs] = (model(batch, torch.Generator().manual_seed(0),
-                                          infotok_inputs=with_inputs), sum(encoded))
+            outputs[with_inputs] = (
+                model(batch, torch.Generator().manual_seed(0), infotok_inputs=with_inputs),
+                sum(encoded),
+            )
     (full, full_rows), (lean, lean_rows) = outputs[True], outputs[False]
     assert full_rows - lean_rows == 3, "the three T2I targets are encoded clean only for InfoTok"
     assert full.z_g is not None and lean.z_g is None

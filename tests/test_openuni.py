@@ -48,8 +48,10 @@ def test_i2t_sequence_is_the_internvl_chat_template(model):
     ids, labels = sample["input_ids"].tolist(), sample["labels"]
     text = proc.tokenizer.decode(ids)
     image = "<img>" + "<IMG_CONTEXT>" * n + "</img>"
-    assert text == (f"<|im_start|>system\n{model.config.system_message}<|im_end|>\n"
-                    f"<|im_start|>user\n{image}\ndescribe<|im_end|>\n<|im_start|>assistant\ntwo shapes<|im_end|>\n")
+    assert text == (
+        f"<|im_start|>system\n{model.config.system_message}<|im_end|>\n"
+        f"<|im_start|>user\n{image}\ndescribe<|im_end|>\n<|im_start|>assistant\ntwo shapes<|im_end|>\n"
+    )
     # Targets: the answer and <|im_end|>, not the assistant prefix nor the final newline.
     assert labels[labels != IGNORE].tolist() == _encode(model, "two shapes<|im_end|>")
     assert labels[-1] == IGNORE
@@ -62,7 +64,9 @@ def test_i2t_sequence_is_the_internvl_chat_template(model):
 def test_i2t_image_placeholder_is_added_when_absent_and_may_appear_once(model):
     proc = model.processor
     plain = proc.i2t_sequence([{"role": "user", "content": "describe"}])["input_ids"].tolist()
-    marked = proc.i2t_sequence([{"role": "user", "content": "<image>\ndescribe"}])["input_ids"].tolist()
+    marked = proc.i2t_sequence([{"role": "user", "content": "<image>\ndescribe"}])[
+        "input_ids"
+    ].tolist()
     assert plain == marked and proc.tokenizer.decode(plain).endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="one <image>"):
         proc.i2t_sequence([{"role": "user", "content": "<image> and <image>"}])
@@ -74,7 +78,9 @@ def test_i2t_image_vit_normalisation(model):
     image = draw_image(3, (56, 56))
     pixels = model.processor(i2t_sample(0) | {"image": image})["pixel_values"]
     raw = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255
-    expected = (raw - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (raw - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        3, 1, 1
+    )
     torch.testing.assert_close(pixels, expected)
 
 
@@ -82,11 +88,17 @@ def test_t2i_sequence_and_stateless_cfg_dropout(model):
     proc = model.processor
     sample = proc(t2i_sample(0, prompt=" a cat "))
     text = proc.tokenizer.decode(sample["input_ids"].tolist())
-    assert text == "<|im_start|>user\nGenerate an image: a cat<|im_end|>\n<|im_start|>assistant\n<img>"
+    assert (
+        text == "<|im_start|>user\nGenerate an image: a cat<|im_end|>\n<|im_start|>assistant\n<img>"
+    )
     assert sample["pixel_values"].shape == (3, 32, 32) and sample["pixel_values"].abs().max() <= 1
-    cfg = proc.tokenizer.decode(proc.t2i_sequence("x", message=model.config.cfg_prompt)["input_ids"].tolist())
+    cfg = proc.tokenizer.decode(
+        proc.t2i_sequence("x", message=model.config.cfg_prompt)["input_ids"].tolist()
+    )
     dropped = [proc(t2i_sample(i))["input_ids"].tolist() == _encode(model, cfg) for i in range(400)]
-    assert dropped == [proc(t2i_sample(i))["input_ids"].tolist() == _encode(model, cfg) for i in range(400)]
+    assert dropped == [
+        proc(t2i_sample(i))["input_ids"].tolist() == _encode(model, cfg) for i in range(400)
+    ]
     assert 0.05 < sum(dropped) / len(dropped) < 0.15
     long = proc.t2i_sequence("cat " * 400)["input_ids"]
     assert len(long) == model.config.max_prompt_len
@@ -95,8 +107,15 @@ def test_t2i_sequence_and_stateless_cfg_dropout(model):
 def test_collate_splits_the_tasks_into_right_padded_groups(model):
     b = collated_batch(model, "uggu")
     assert b["i2t_input_ids"].shape[0] == 2 and b["t2i_input_ids"].shape[0] == 2
-    assert b["t2i_attention_mask"].dtype == torch.bool and b["i2t_labels"].shape == b["i2t_input_ids"].shape
-    assert set(collated_batch(model, "g")) == {"t2i_input_ids", "t2i_attention_mask", "t2i_pixel_values"}
+    assert (
+        b["t2i_attention_mask"].dtype == torch.bool
+        and b["i2t_labels"].shape == b["i2t_input_ids"].shape
+    )
+    assert set(collated_batch(model, "g")) == {
+        "t2i_input_ids",
+        "t2i_attention_mask",
+        "t2i_pixel_values",
+    }
 
 
 # ----------------------------------------------------------------------------- V_enc geometry
@@ -107,8 +126,12 @@ def test_pixel_shuffle_token_covers_a_2x2_block_of_patches():
     tokens = pixel_shuffle(grid, 0.5)
     assert tokens.shape == (1, 4, 4, 4)
     i, j = 1, 2
-    assert tokens[0, i, j].tolist() == [(2 * i) * 8 + 2 * j, (2 * i) * 8 + 2 * j + 1,
-                                        (2 * i + 1) * 8 + 2 * j, (2 * i + 1) * 8 + 2 * j + 1]
+    assert tokens[0, i, j].tolist() == [
+        (2 * i) * 8 + 2 * j,
+        (2 * i) * 8 + 2 * j + 1,
+        (2 * i + 1) * 8 + 2 * j,
+        (2 * i + 1) * 8 + 2 * j + 1,
+    ]
 
 
 def test_target_patches_are_the_latents_under_each_token(model):
@@ -119,7 +142,9 @@ def test_target_patches_are_the_latents_under_each_token(model):
     p, grid = model.config.latent_patch, model.config.token_grid
     assert (p, grid) == (2, 4) and out.target_mask.all()
     row, col = 1, 3
-    patch = latents[0, :, row * p:(row + 1) * p, col * p:(col + 1) * p].permute(1, 2, 0).reshape(-1)
+    patch = (
+        latents[0, :, row * p : (row + 1) * p, col * p : (col + 1) * p].permute(1, 2, 0).reshape(-1)
+    )
     torch.testing.assert_close(out.target_patches[0, row * grid + col], patch)
 
 
@@ -142,7 +167,9 @@ def test_single_task_batches_leave_the_other_branch_empty(model):
     with torch.no_grad():
         u = model(collated_batch(model, "uu"))
         g = model(collated_batch(model, "g"))
-    assert u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
+    assert (
+        u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
+    )
     assert g.loss_i2t is None and g.z_u is None and g.answer_ids is None and g.loss_t2i is not None
 
 
@@ -152,8 +179,9 @@ def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
         out = model(b)
     logits = model.lmm.language_model.lm_head(llm.calls[0][2].last_hidden_state)
     labels = b["i2t_labels"]
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(out.loss_i2t, expected)
     answer = _encode(model, "a red circle on a blue square<|im_end|>")
     assert out.answer_ids[0][out.answer_mask[0]].tolist() == answer
@@ -182,7 +210,11 @@ def test_loss_t2i_is_the_openuni_flow_matching_formula_on_a_fixed_seed(model):
     args, kwargs, prediction = dit.calls[0]
     torch.testing.assert_close(args[0], (1 - sigma) * x + sigma * noise)
     torch.testing.assert_close(kwargs["timestep"], t)
-    assert kwargs["encoder_hidden_states"].shape == (2, model.config.num_queries, model.config.sana.caption_channels)
+    assert kwargs["encoder_hidden_states"].shape == (
+        2,
+        model.config.num_queries,
+        model.config.sana.caption_channels,
+    )
     torch.testing.assert_close(out.loss_t2i, ((prediction[0] - (noise - x)) ** 2).mean())
 
 
@@ -191,7 +223,9 @@ def test_z_g_is_v_enc_of_the_target_resized_for_the_vit(model):
     with torch.no_grad():
         out = model(b, generator=torch.Generator().manual_seed(0))
     pixels = (b["t2i_pixel_values"] + 1) / 2
-    pixels = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(1, 3, 1, 1)
     vit = F.interpolate(pixels, size=(56, 56), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out.z_g, model.lmm.extract_feature(vit))
 
@@ -227,7 +261,9 @@ def test_trainable_groups(tokenizer_dir):
     assert names and all(name.startswith(("lmm.vision_model.", "lmm.mlp1.")) for name in names)
     with_llm = tiny_openuni(tokenizer_dir, trainable=["llm"])
     assert all(p.requires_grad for p in with_llm.lmm.language_model.parameters())
-    assert not with_llm.meta_queries.requires_grad and not any(p.requires_grad for p in with_llm.vae.parameters())
+    assert not with_llm.meta_queries.requires_grad and not any(
+        p.requires_grad for p in with_llm.vae.parameters()
+    )
     with pytest.raises(ConfigError, match="trainable"):
         openuni_config("tiny", {"trainable": ["vae"]})
     with pytest.raises(ConfigError, match="connector.hidden_size"):
@@ -243,15 +279,25 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(model, token
         m.zero_grad()
         out = m(b, generator=torch.Generator().manual_seed(0))
         (out.loss_i2t + out.loss_t2i).backward()
-        results.append((out.loss_i2t, out.loss_t2i, m.lmm.vision_model.encoder.layers[0].attn.qkv.weight.grad,
-                        m.transformer.transformer_blocks[0].ff.conv_point.weight.grad))
+        results.append(
+            (
+                out.loss_i2t,
+                out.loss_t2i,
+                m.lmm.vision_model.encoder.layers[0].attn.qkv.weight.grad,
+                m.transformer.transformer_blocks[0].ff.conv_point.weight.grad,
+            )
+        )
     for a, c in zip(*results):
         torch.testing.assert_close(a, c)
 
 
 def test_infotok_dims(model):
-    assert model.infotok_dims() == {"token_dim": 64, "text_dim": 64, "vocab_size": len(model.processor.tokenizer),
-                                    "latent_patch_dim": 16}
+    assert model.infotok_dims() == {
+        "token_dim": 64,
+        "text_dim": 64,
+        "vocab_size": len(model.processor.tokenizer),
+        "latent_patch_dim": 16,
+    }
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -265,11 +311,21 @@ def saved_dir(model, tmp_path_factory):
 
 
 def test_save_then_load_gives_identical_outputs(model, saved_dir):
-    assert {p.name for p in saved_dir.iterdir()} == {"config.json", "internvl3", "sana", "vae", "openuni.pth"}
+    assert {p.name for p in saved_dir.iterdir()} == {
+        "config.json",
+        "internvl3",
+        "sana",
+        "vae",
+        "openuni.pth",
+    }
     internvl = json.loads((saved_dir / "internvl3" / "config.json").read_text())
-    assert internvl["vision_config"]["hidden_size"] == 32 and internvl["llm_config"]["hidden_size"] == 64
+    assert (
+        internvl["vision_config"]["hidden_size"] == 32
+        and internvl["llm_config"]["hidden_size"] == 64
+    )
     assert set(torch.load(saved_dir / "openuni.pth")) == {
-        k for k in model.state_dict() if k.startswith(("meta_queries", "connector.", "projector."))}
+        k for k in model.state_dict() if k.startswith(("meta_queries", "connector.", "projector."))
+    }
     loaded = OpenUni.from_pretrained(saved_dir).train()
     assert_same_outputs(model, loaded, collated_batch(model))
 
@@ -277,13 +333,20 @@ def test_save_then_load_gives_identical_outputs(model, saved_dir):
 def test_assembles_a_released_pth_on_top_of_the_base_models(model, saved_dir, tmp_path):
     """A fine-tuned ``openuni_*.pth`` carries the DiT too; its tensors win over the SANA directory's."""
     state = {k: v.clone() for k, v in torch.load(saved_dir / "openuni.pth").items()}
-    state.update({k: v + 1 for k, v in model.state_dict().items() if k.startswith("transformer.proj_out.")})
+    state.update(
+        {k: v + 1 for k, v in model.state_dict().items() if k.startswith("transformer.proj_out.")}
+    )
     released = tmp_path / "openuni_b_internvl3_1b_sana_0_6b_512_hf_blip3o60k.pth"
     torch.save(state, released)
     with pytest.raises(FileNotFoundError, match="internvl_path"):
         OpenUni.from_pretrained(released, sana_path=saved_dir / "sana", vae_path=saved_dir / "vae")
-    loaded = OpenUni.from_pretrained(released, internvl_path=saved_dir / "internvl3", sana_path=saved_dir / "sana",
-                                     vae_path=saved_dir / "vae", preset="tiny")
+    loaded = OpenUni.from_pretrained(
+        released,
+        internvl_path=saved_dir / "internvl3",
+        sana_path=saved_dir / "sana",
+        vae_path=saved_dir / "vae",
+        preset="tiny",
+    )
     expected = model.state_dict()
     for key, value in loaded.state_dict().items():
         shift = 1 if key.startswith("transformer.proj_out.") else 0
@@ -291,8 +354,13 @@ def test_assembles_a_released_pth_on_top_of_the_base_models(model, saved_dir, tm
 
 
 def test_base_models_alone_start_fresh_openuni_modules(model, saved_dir):
-    loaded = OpenUni.from_pretrained(None, internvl_path=saved_dir / "internvl3", sana_path=saved_dir / "sana",
-                                     vae_path=saved_dir / "vae", preset="tiny")
+    loaded = OpenUni.from_pretrained(
+        None,
+        internvl_path=saved_dir / "internvl3",
+        sana_path=saved_dir / "sana",
+        vae_path=saved_dir / "vae",
+        preset="tiny",
+    )
     assert torch.equal(loaded.lmm.mlp1[1].weight, model.lmm.mlp1[1].weight)
     assert loaded.meta_queries.std().item() == pytest.approx(1 / 8, rel=0.3)
     assert torch.isfinite(loaded.connector.layers[0].mlp.fc1.weight).all()
@@ -318,18 +386,32 @@ def test_checkpoint_mismatch_fails_naming_the_key(saved_dir, tmp_path, change):
         save_file(weights, internvl / "model.safetensors")
     torch.save(state, pth)
     message = assert_mismatch_named(
-        lambda: OpenUni.from_pretrained(pth, internvl_path=internvl, sana_path=saved_dir / "sana",
-                                        vae_path=saved_dir / "vae", preset="tiny"), key, change)
+        lambda: OpenUni.from_pretrained(
+            pth,
+            internvl_path=internvl,
+            sana_path=saved_dir / "sana",
+            vae_path=saved_dir / "vae",
+            preset="tiny",
+        ),
+        key,
+        change,
+    )
     assert source in message
 
 
 def test_build_model_registry(tokenizer_dir, saved_dir, monkeypatch):
-    built = build_model(ModelConfig(family="openuni", preset="tiny", tokenizer_path=str(tokenizer_dir)))
+    built = build_model(
+        ModelConfig(family="openuni", preset="tiny", tokenizer_path=str(tokenizer_dir))
+    )
     assert isinstance(built, OpenUni) and built.processor is not None
-    from_path = build_model(ModelConfig(family="openuni", path=str(saved_dir), options={"trainable": []}))
+    from_path = build_model(
+        ModelConfig(family="openuni", path=str(saved_dir), options={"trainable": []})
+    )
     assert from_path.config.trainable == [] and not from_path.meta_queries.requires_grad
     with pytest.raises(ConfigError, match="options.sana.num_layer"):
-        build_model(ModelConfig(family="openuni", preset="tiny", options={"sana": {"num_layer": 3}}))
+        build_model(
+            ModelConfig(family="openuni", preset="tiny", options={"sana": {"num_layer": 3}})
+        )
 
 
 # ----------------------------------------------------------------------------- inference
@@ -338,10 +420,16 @@ def test_build_model_registry(tokenizer_dir, saved_dir, monkeypatch):
 def test_generate_returns_images_of_the_configured_size(model):
     model.eval()
     with Capture(model.transformer) as dit:
-        guided = model.generate(["a cat", "two shapes"], num_steps=3, generator=torch.Generator().manual_seed(0))
-    plain = model.generate(["a cat"], num_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+        guided = model.generate(
+            ["a cat", "two shapes"], num_steps=3, generator=torch.Generator().manual_seed(0)
+        )
+    plain = model.generate(
+        ["a cat"], num_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)
+    )
     model.train()
-    assert [im.size for im in guided + plain] == [(32, 32)] * 3 and all(im.mode == "RGB" for im in guided)
+    assert [im.size for im in guided + plain] == [(32, 32)] * 3 and all(
+        im.mode == "RGB" for im in guided
+    )
     assert len(dit.calls) == 3 and dit.calls[0][0][0].shape[0] == 4  # conditional and CFG halves
 
 

@@ -36,16 +36,23 @@ from pipeline.models.openuni.config import openuni_config
 from pipeline.models.openuni.files import locate
 
 VIT = dict(width=1024, mlp=4096, layers=24, patch=14, size=448)
-LLM = {"1b": dict(width=896, mlp=4864, layers=24, heads=14, kv=2),
-       "2b": dict(width=1536, mlp=8960, layers=28, heads=12, kv=2)}
+LLM = {
+    "1b": dict(width=896, mlp=4864, layers=24, heads=14, kv=2),
+    "2b": dict(width=1536, mlp=8960, layers=28, heads=12, kv=2),
+}
 VOCAB = 151674
 CONNECTOR = {"b": dict(mlp=3072, layers=6), "l": dict(mlp=8960, layers=6)}
-SANA = {"600m": dict(heads=36, head_dim=32, layers=28, cross_heads=16, cross_head_dim=72),
-        "1600m": dict(heads=70, head_dim=32, layers=20, cross_heads=20, cross_head_dim=112)}
+SANA = {
+    "600m": dict(heads=36, head_dim=32, layers=28, cross_heads=16, cross_head_dim=72),
+    "1600m": dict(heads=70, head_dim=32, layers=20, cross_heads=20, cross_head_dim=112),
+}
 CAPTION, LATENT, QUERIES = 2304, 32, 256
 # size -> (InternVL3 LLM, connector, SANA, SANA 1.5 qk-norm)
-SIZES = {"b_512": ("1b", "b", "600m", False), "l_512": ("2b", "l", "1600m", False),
-         "l_1024": ("2b", "l", "1600m", True)}
+SIZES = {
+    "b_512": ("1b", "b", "600m", False),
+    "l_512": ("2b", "l", "1600m", False),
+    "l_1024": ("2b", "l", "1600m", True),
+}
 
 
 def linear(i: int, o: int, bias: bool = True) -> int:
@@ -56,10 +63,23 @@ def expected_counts(size: str) -> dict[str, int]:
     llm_name, connector_name, sana_name, qk_norm = SIZES[size]
     llm, con, sana = LLM[llm_name], CONNECTOR[connector_name], SANA[sana_name]
     v, h = VIT["width"], llm["width"]
-    vit_layer = linear(v, 3 * v) + linear(v, v) + linear(v, VIT["mlp"]) + linear(VIT["mlp"], v) + 4 * v + 2 * v
+    vit_layer = (
+        linear(v, 3 * v)
+        + linear(v, v)
+        + linear(v, VIT["mlp"])
+        + linear(VIT["mlp"], v)
+        + 4 * v
+        + 2 * v
+    )
     positions = (VIT["size"] // VIT["patch"]) ** 2 + 1
     kv = llm["kv"] * h // llm["heads"]
-    qwen_layer = linear(h, h) + 2 * linear(h, kv) + linear(h, h, False) + 3 * linear(h, llm["mlp"], False) + 2 * h
+    qwen_layer = (
+        linear(h, h)
+        + 2 * linear(h, kv)
+        + linear(h, h, False)
+        + 3 * linear(h, llm["mlp"], False)
+        + 2 * h
+    )
     connector_layer = 4 * linear(h, h) + linear(h, con["mlp"]) + linear(con["mlp"], h) + 4 * h
     d = sana["heads"] * sana["head_dim"]
     dc = sana["cross_heads"] * sana["cross_head_dim"]
@@ -67,10 +87,23 @@ def expected_counts(size: str) -> dict[str, int]:
     attention = 3 * linear(d, d, False) + linear(d, d) + 3 * linear(d, dc) + linear(dc, d)
     glumbconv = linear(d, 2 * ff) + (2 * ff * 9 + 2 * ff) + linear(ff, d, False)
     sana_layer = 6 * d + attention + glumbconv + (2 * d + 2 * dc if qk_norm else 0)
-    sana_rest = (linear(LATENT, d) + linear(256, d) + linear(d, d) + linear(d, 6 * d) + linear(CAPTION, d)
-                 + linear(d, d) + d + 2 * d + linear(d, LATENT))
+    sana_rest = (
+        linear(LATENT, d)
+        + linear(256, d)
+        + linear(d, d)
+        + linear(d, 6 * d)
+        + linear(CAPTION, d)
+        + linear(d, d)
+        + d
+        + 2 * d
+        + linear(d, LATENT)
+    )
     return {
-        "lmm.vision_model": v + 3 * VIT["patch"] ** 2 * v + v + positions * v + VIT["layers"] * vit_layer,
+        "lmm.vision_model": v
+        + 3 * VIT["patch"] ** 2 * v
+        + v
+        + positions * v
+        + VIT["layers"] * vit_layer,
         "lmm.mlp1": 2 * 4 * v + linear(4 * v, h) + linear(h, h),
         "lmm.language_model": 2 * VOCAB * h + llm["layers"] * qwen_layer + h,
         "meta_queries": QUERIES * h,
@@ -86,18 +119,21 @@ def key_patterns(size: str) -> dict[str, int]:
     vit, llm, sana = VIT["layers"], LLM[llm_name]["layers"], SANA[sana_name]["layers"]
     patterns = {
         r"lmm\.vision_model\.embeddings\.(class_embedding|position_embedding|patch_embedding\.(weight|bias))": 4,
-        r"lmm\.vision_model\.encoder\.layers\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12]|norm[12])\.(weight|bias)": 12 * vit,
+        r"lmm\.vision_model\.encoder\.layers\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12]|norm[12])\.(weight|bias)": 12
+        * vit,
         r"lmm\.vision_model\.encoder\.layers\.\d+\.ls[12]": 2 * vit,
         r"lmm\.mlp1\.[013]\.(weight|bias)": 6,
         r"lmm\.language_model\.model\.embed_tokens\.weight": 1,
         r"lmm\.language_model\.model\.layers\.\d+\.self_attn\.[qkv]_proj\.(weight|bias)": 6 * llm,
         r"lmm\.language_model\.model\.layers\.\d+\.self_attn\.o_proj\.weight": llm,
         r"lmm\.language_model\.model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight": 3 * llm,
-        r"lmm\.language_model\.model\.layers\.\d+\.(input|post_attention)_layernorm\.weight": 2 * llm,
+        r"lmm\.language_model\.model\.layers\.\d+\.(input|post_attention)_layernorm\.weight": 2
+        * llm,
         r"lmm\.language_model\.model\.norm\.weight": 1,
         r"lmm\.language_model\.lm_head\.weight": 1,
         r"meta_queries": 1,
-        r"connector\.layers\.\d+\.(layer_norm[12]|self_attn\.([qkv]|out)_proj|mlp\.fc[12])\.(weight|bias)": 16 * 6,
+        r"connector\.layers\.\d+\.(layer_norm[12]|self_attn\.([qkv]|out)_proj|mlp\.fc[12])\.(weight|bias)": 16
+        * 6,
         r"projector\.(weight|bias)": 2,
         r"transformer\.patch_embed\.proj\.(weight|bias)": 2,
         r"transformer\.time_embed\.(emb\.timestep_embedder\.linear_[12]|linear)\.(weight|bias)": 6,
@@ -107,8 +143,8 @@ def key_patterns(size: str) -> dict[str, int]:
         r"transformer\.transformer_blocks\.\d+\.attn1\.to_[qkv]\.weight": 3 * sana,
         r"transformer\.transformer_blocks\.\d+\.attn2\.to_[qkv]\.(weight|bias)": 6 * sana,
         r"transformer\.transformer_blocks\.\d+\.attn[12]\.to_out\.0\.(weight|bias)": 4 * sana,
-        r"transformer\.transformer_blocks\.\d+\.ff\.(conv_(inverted|depth)\.(weight|bias)|conv_point\.weight)":
-            5 * sana,
+        r"transformer\.transformer_blocks\.\d+\.ff\.(conv_(inverted|depth)\.(weight|bias)|conv_point\.weight)": 5
+        * sana,
         r"transformer\.(scale_shift_table|proj_out\.(weight|bias))": 3,
     }
     if qk_norm:
@@ -125,7 +161,11 @@ def released(request):
 def test_released_size_has_the_official_parameters(released):
     size, model = released
     counts = parameter_counts(
-        model, lambda name: ".".join(name.split(".")[:2]) if name.startswith("lmm.") else name.split(".")[0])
+        model,
+        lambda name: (
+            ".".join(name.split(".")[:2]) if name.startswith("lmm.") else name.split(".")[0]
+        ),
+    )
     assert counts == expected_counts(size)
 
 
@@ -140,14 +180,21 @@ def test_released_geometry(released):
     cfg = model.config
     assert cfg.num_image_tokens == 256 and cfg.num_queries == 256 and cfg.vision.image_size == 448
     assert cfg.image_size == int(size.split("_")[1]) and cfg.latent_size == cfg.image_size // 32
-    assert cfg.latent_patch == cfg.image_size // 512 and cfg.latent_patch_dim == cfg.latent_patch**2 * 32
+    assert (
+        cfg.latent_patch == cfg.image_size // 512
+        and cfg.latent_patch_dim == cfg.latent_patch**2 * 32
+    )
     assert model.meta_queries.shape == (QUERIES, LLM[SIZES[size][0]]["width"])
 
 
 def test_dc_ae_is_f32c32_sana_1_1():
     cfg = openuni_config("b_512").vae
     kwargs = cfg.diffusers_kwargs()
-    assert cfg.spatial_factor == 32 and kwargs["latent_channels"] == 32 and kwargs["scaling_factor"] == 0.41407
+    assert (
+        cfg.spatial_factor == 32
+        and kwargs["latent_channels"] == 32
+        and kwargs["scaling_factor"] == 0.41407
+    )
     assert kwargs["encoder_block_types"] == ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
     assert kwargs["encoder_block_out_channels"] == (128, 256, 512, 512, 1024, 1024)
     assert kwargs["encoder_layers_per_block"] == (2, 2, 2, 3, 3, 3)
@@ -165,40 +212,84 @@ def test_released_totals():
 def _internvl3_config(llm: dict[str, int]) -> dict:
     """The fields of InternVL3-{1B,2B} ``config.json`` that describe the architecture."""
     return {
-        "architectures": ["InternVLChatModel"], "downsample_ratio": 0.5, "force_image_size": 448, "ps_version": "v2",
-        "select_layer": -1, "template": "internvl2_5", "tie_word_embeddings": False,
-        "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": 1024, "intermediate_size": 4096,
-                          "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14, "image_size": 448,
-                          "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
-                          "layer_norm_eps": 1e-6, "initializer_factor": 0.1, "drop_path_rate": 0.1},
-        "llm_config": {"architectures": ["Qwen2ForCausalLM"], "hidden_size": llm["width"],
-                       "intermediate_size": llm["mlp"], "num_hidden_layers": llm["layers"],
-                       "num_attention_heads": llm["heads"], "num_key_value_heads": llm["kv"], "rms_norm_eps": 1e-6,
-                       "rope_theta": 1e6, "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
-                       "max_position_embeddings": 32768, "vocab_size": VOCAB, "tie_word_embeddings": False},
+        "architectures": ["InternVLChatModel"],
+        "downsample_ratio": 0.5,
+        "force_image_size": 448,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "internvl2_5",
+        "tie_word_embeddings": False,
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "patch_size": 14,
+            "image_size": 448,
+            "qkv_bias": True,
+            "qk_normalization": False,
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "initializer_factor": 0.1,
+            "drop_path_rate": 0.1,
+        },
+        "llm_config": {
+            "architectures": ["Qwen2ForCausalLM"],
+            "hidden_size": llm["width"],
+            "intermediate_size": llm["mlp"],
+            "num_hidden_layers": llm["layers"],
+            "num_attention_heads": llm["heads"],
+            "num_key_value_heads": llm["kv"],
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6,
+            "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+            "max_position_embeddings": 32768,
+            "vocab_size": VOCAB,
+            "tie_word_embeddings": False,
+        },
     }
 
 
 def _sana_config(name: str, image_size: int, qk_norm: bool) -> dict:
     """diffusers ``SanaTransformer2DModel`` kwargs as ``convert_sana_to_diffusers.py`` writes them."""
     s = SANA[name]
-    return {"in_channels": 32, "out_channels": 32, "num_attention_heads": s["heads"], "attention_head_dim": 32,
-            "num_layers": s["layers"], "num_cross_attention_heads": s["cross_heads"],
-            "cross_attention_head_dim": s["cross_head_dim"], "cross_attention_dim": s["heads"] * 32,
-            "caption_channels": CAPTION, "mlp_ratio": 2.5, "attention_bias": False, "sample_size": image_size // 32,
-            "patch_size": 1, "norm_elementwise_affine": False, "norm_eps": 1e-6, "interpolation_scale": None,
-            "qk_norm": "rms_norm_across_heads" if qk_norm else None}
+    return {
+        "in_channels": 32,
+        "out_channels": 32,
+        "num_attention_heads": s["heads"],
+        "attention_head_dim": 32,
+        "num_layers": s["layers"],
+        "num_cross_attention_heads": s["cross_heads"],
+        "cross_attention_head_dim": s["cross_head_dim"],
+        "cross_attention_dim": s["heads"] * 32,
+        "caption_channels": CAPTION,
+        "mlp_ratio": 2.5,
+        "attention_bias": False,
+        "sample_size": image_size // 32,
+        "patch_size": 1,
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "interpolation_scale": None,
+        "qk_norm": "rms_norm_across_heads" if qk_norm else None,
+    }
 
 
 DC_AE_CONFIG = {
-    "in_channels": 3, "latent_channels": 32, "attention_head_dim": 32,
+    "in_channels": 3,
+    "latent_channels": 32,
+    "attention_head_dim": 32,
     "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
     "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
     "encoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
     "decoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
-    "encoder_layers_per_block": [2, 2, 2, 3, 3, 3], "decoder_layers_per_block": [3, 3, 3, 3, 3, 3],
-    "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]], "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-    "downsample_block_type": "Conv", "upsample_block_type": "interpolate", "scaling_factor": 0.41407,
+    "encoder_layers_per_block": [2, 2, 2, 3, 3, 3],
+    "decoder_layers_per_block": [3, 3, 3, 3, 3, 3],
+    "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+    "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+    "downsample_block_type": "Conv",
+    "upsample_block_type": "interpolate",
+    "scaling_factor": 0.41407,
 }
 
 
@@ -207,11 +298,20 @@ def test_base_model_configs_give_the_preset(size, tmp_path):
     """A released assembly reads its dims from the base models' ``config.json`` files."""
     llm_name, _, sana_name, qk_norm = SIZES[size]
     image_size = int(size.split("_")[1])
-    files = {"internvl": _internvl3_config(LLM[llm_name]), "sana": _sana_config(sana_name, image_size, qk_norm),
-             "vae": DC_AE_CONFIG}
+    files = {
+        "internvl": _internvl3_config(LLM[llm_name]),
+        "sana": _sana_config(sana_name, image_size, qk_norm),
+        "vae": DC_AE_CONFIG,
+    }
     for name, raw in files.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(raw))
-    parts = locate(None, internvl_path=tmp_path / "internvl", sana_path=tmp_path / "sana",
-                   vae_path=tmp_path / "vae", preset=None, options={})
+    parts = locate(
+        None,
+        internvl_path=tmp_path / "internvl",
+        sana_path=tmp_path / "sana",
+        vae_path=tmp_path / "vae",
+        preset=None,
+        options={},
+    )
     assert parts.config == openuni_config(size) and parts.checkpoint is None

@@ -21,20 +21,38 @@ def workspace(tmp_path_factory):
 
 
 def base(workspace, run_dir: Path) -> list[str]:
-    return [f"run_dir={run_dir}", f"data.i2t=[{workspace['shards']}]", f"data.t2i=[{workspace['shards']}]",
-            f"model.tokenizer_path={workspace['tokenizer']}"]
+    return [
+        f"run_dir={run_dir}",
+        f"data.i2t=[{workspace['shards']}]",
+        f"data.t2i=[{workspace['shards']}]",
+        f"model.tokenizer_path={workspace['tokenizer']}",
+    ]
 
 
-def failure(workspace, tmp_path, *extra: str, recipe: str = RECIPE, family: str | None = None) -> str:
+def failure(
+    workspace, tmp_path, *extra: str, recipe: str = RECIPE, family: str | None = None
+) -> str:
     with pytest.raises(PreflightError) as caught:
         preflight(recipe, [*base(workspace, tmp_path / "run"), *extra], family)
     return str(caught.value)
 
 
-def test_a_good_setup_passes_with_one_line_and_reports_the_run_dir(workspace, tmp_path, capsys, monkeypatch):
+def test_a_good_setup_passes_with_one_line_and_reports_the_run_dir(
+    workspace, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(ROOT)
     env_out = tmp_path / "env"
-    code = main(["--config", RECIPE, "--family", "showo2", "--env-out", str(env_out), *base(workspace, tmp_path / "run")])
+    code = main(
+        [
+            "--config",
+            RECIPE,
+            "--family",
+            "showo2",
+            "--env-out",
+            str(env_out),
+            *base(workspace, tmp_path / "run"),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert out.out.startswith("preflight: ok: ") and out.out.count("\n") == 1, out.out
@@ -44,12 +62,25 @@ def test_a_good_setup_passes_with_one_line_and_reports_the_run_dir(workspace, tm
 
 
 def test_the_cli_prints_one_line_and_exits_78(workspace, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline.preflight", "--config", RECIPE,
-                             *base(workspace, tmp_path / "run"), "optim.lrr=1"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.preflight",
+            "--config",
+            RECIPE,
+            *base(workspace, tmp_path / "run"),
+            "optim.lrr=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == EXIT_FAILED
     assert result.stdout == ""
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("preflight: FAILED: "), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("preflight: FAILED: "), (
+        result.stderr
+    )
     assert "optim.lrr: unknown key" in result.stderr and "did you mean 'optim.lr'" in result.stderr
 
 
@@ -58,7 +89,9 @@ def test_bad_recipe_keys_and_values(workspace, tmp_path):
     assert "steps" in failure(workspace, tmp_path, "steps=0")
     assert "preset" in failure(workspace, tmp_path, "model.preset=huge")
     assert "cannot read config file" in failure(workspace, tmp_path, recipe="configs/nope.yaml")
-    assert "cannot read DeepSpeed config" in failure(workspace, tmp_path, "deepspeed=ds_configs/nope.json")
+    assert "cannot read DeepSpeed config" in failure(
+        workspace, tmp_path, "deepspeed=ds_configs/nope.json"
+    )
 
 
 def test_the_recipe_must_match_the_job_family(workspace, tmp_path):
@@ -83,12 +116,16 @@ def test_a_dataset_too_small_for_the_ranks(workspace, tmp_path, monkeypatch):
 
 def test_an_unwritable_run_dir(workspace, tmp_path):
     (tmp_path / "a_file").write_text("")  # tests may run as root, which can write anywhere else
-    assert "is not writable" in failure(workspace, tmp_path, f"run_dir={tmp_path / 'a_file' / 'run'}")
+    assert "is not writable" in failure(
+        workspace, tmp_path, f"run_dir={tmp_path / 'a_file' / 'run'}"
+    )
 
 
 def test_model_paths(workspace, tmp_path):
     assert "model.path" in failure(workspace, tmp_path, f"model.path={tmp_path / 'nope'}")
-    assert "model.vae_path" in failure(workspace, tmp_path, f"model.vae_path={tmp_path / 'nope.pth'}")
+    assert "model.vae_path" in failure(
+        workspace, tmp_path, f"model.vae_path={tmp_path / 'nope.pth'}"
+    )
     assert "no tokenizer.json" in failure(workspace, tmp_path, f"model.tokenizer_path={tmp_path}")
     assert "no tokenizer" in failure(workspace, tmp_path, "model.tokenizer_path=null")
     # A Show-o2 checkpoint directory needs config.json, weights and a VAE.
@@ -100,24 +137,44 @@ def test_model_paths(workspace, tmp_path):
     (ckpt / "model.safetensors").write_bytes(b"")
     assert "vae" in failure(workspace, tmp_path, f"model.path={ckpt}")
     (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"")
-    summary, _ = preflight(RECIPE, [*base(workspace, tmp_path / "run"), f"model.path={ckpt}",
-                                    f"model.vae_path={tmp_path / 'Wan2.1_VAE.pth'}"])
+    summary, _ = preflight(
+        RECIPE,
+        [
+            *base(workspace, tmp_path / "run"),
+            f"model.path={ckpt}",
+            f"model.vae_path={tmp_path / 'Wan2.1_VAE.pth'}",
+        ],
+    )
     assert f"showo2 from {ckpt}" in summary
 
 
 def test_openuni_assembly_paths(workspace, tmp_path):
     """A released OpenUni .pth needs the InternVL3 and SANA directories next to it."""
-    pth, internvl, vae = tmp_path / "openuni_l_512.pth", tmp_path / "InternVL3-2B", tmp_path / "dc-ae"
+    pth, internvl, vae = (
+        tmp_path / "openuni_l_512.pth",
+        tmp_path / "InternVL3-2B",
+        tmp_path / "dc-ae",
+    )
     pth.write_bytes(b"")
     internvl.mkdir()
     vae.mkdir()
-    message = failure(workspace, tmp_path, f"model.path={pth}", f"model.vae_path={vae}",
-                      f"model.options={{internvl_path: {internvl}, sana_path: null}}",
-                      recipe="configs/openuni_l_512.yaml")
+    message = failure(
+        workspace,
+        tmp_path,
+        f"model.path={pth}",
+        f"model.vae_path={vae}",
+        f"model.options={{internvl_path: {internvl}, sana_path: null}}",
+        recipe="configs/openuni_l_512.yaml",
+    )
     assert message.startswith("model: ") and "sana_path" in message
-    message = failure(workspace, tmp_path, f"model.path={pth}", f"model.vae_path={vae}",
-                      f"model.options={{internvl_path: {internvl}, sana_path: {tmp_path / 'nope'}}}",
-                      recipe="configs/openuni_l_512.yaml")
+    message = failure(
+        workspace,
+        tmp_path,
+        f"model.path={pth}",
+        f"model.vae_path={vae}",
+        f"model.options={{internvl_path: {internvl}, sana_path: {tmp_path / 'nope'}}}",
+        recipe="configs/openuni_l_512.yaml",
+    )
     assert "model.options.sana_path" in message and "does not exist" in message
 
 
@@ -141,7 +198,17 @@ def test_every_tiny_recipe_passes(workspace, tmp_path, family):
 def test_unexpected_errors_are_one_line_too(workspace, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     # Every check passes, then --env-out cannot be written: still one line and exit 78.
-    code = main(["--config", RECIPE, "--env-out", str(tmp_path / "missing" / "env"), *base(workspace, tmp_path / "run")])
+    code = main(
+        [
+            "--config",
+            RECIPE,
+            "--env-out",
+            str(tmp_path / "missing" / "env"),
+            *base(workspace, tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == EXIT_FAILED and err.startswith("preflight: FAILED: unexpected FileNotFoundError"), err
+    assert code == EXIT_FAILED and err.startswith(
+        "preflight: FAILED: unexpected FileNotFoundError"
+    ), err
     assert err.count("\n") == 1, err

@@ -34,7 +34,9 @@ def test_psnr_of_a_known_error():
 def test_ssim_of_constant_images_matches_the_formula():
     a, b = 0.3, 0.7
     c1 = 0.01**2
-    expected = (2 * a * b + c1) / (a * a + b * b + c1)  # variances are 0: the structure term is c2/c2 = 1
+    expected = (2 * a * b + c1) / (
+        a * a + b * b + c1
+    )  # variances are 0: the structure term is c2/c2 = 1
     value = ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
     assert value.item() == pytest.approx(expected, rel=1e-5)
 
@@ -56,7 +58,9 @@ def test_frechet_distance_against_hand_computations():
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
     x, y = rng.normal(1.0, 2.0, size=(400, 1)), rng.normal(-0.5, 0.5, size=(300, 1))
     s1, s2 = x.std(ddof=1), y.std(ddof=1)
-    assert frechet_distance(x, y) == pytest.approx((x.mean() - y.mean()) ** 2 + (s1 - s2) ** 2, rel=1e-9)
+    assert frechet_distance(x, y) == pytest.approx(
+        (x.mean() - y.mean()) ** 2 + (s1 - s2) ** 2, rel=1e-9
+    )
     # independent coordinates (diagonal covariances): the sum over dimensions
     u = np.stack([[1, 0], [-1, 0], [0, 2], [0, -2]], dtype=np.float64)
     v = u * np.array([3.0, 0.5]) + np.array([1.0, -1.0])
@@ -98,13 +102,23 @@ def test_the_decoder_reads_tokens_as_a_row_major_grid():
     blobs = torch.rand(48, 3, 4, 4, generator=g)
     images = torch.nn.functional.interpolate(blobs, size=16, mode="bilinear", align_corners=False)
     grid, p = 4, 4
-    patches = images.view(48, 3, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(48, grid * grid, 3 * p * p)
-    tokens = torch.cat([patches, torch.randn(48, 2, 3 * p * p, generator=g)], dim=1)  # like Harmon's buffers
-    decoder = train_decoder(tokens[:40], images[:40], ProbeConfig(steps=250, lr=3e-3, hidden=64, batch_size=16))
+    patches = (
+        images.view(48, 3, grid, p, grid, p)
+        .permute(0, 2, 4, 1, 3, 5)
+        .reshape(48, grid * grid, 3 * p * p)
+    )
+    tokens = torch.cat(
+        [patches, torch.randn(48, 2, 3 * p * p, generator=g)], dim=1
+    )  # like Harmon's buffers
+    decoder = train_decoder(
+        tokens[:40], images[:40], ProbeConfig(steps=250, lr=3e-3, hidden=64, batch_size=16)
+    )
     with torch.no_grad():
         recon = decoder(tokens[40:]).clamp(0, 1)
     baseline = images[:40].mean(0, keepdim=True).expand_as(images[40:])
-    assert psnr(recon, images[40:]).mean() > psnr(baseline, images[40:]).mean() + 4  # a transposed grid stays near the baseline
+    assert (
+        psnr(recon, images[40:]).mean() > psnr(baseline, images[40:]).mean() + 4
+    )  # a transposed grid stays near the baseline
 
 
 def test_probe_on_tiny_showo2_is_finite_and_deterministic(tmp_path):
@@ -115,7 +129,9 @@ def test_probe_on_tiny_showo2_is_finite_and_deterministic(tmp_path):
     first = run_probe(adapter, images, cfg, token_batch=5)
     second = run_probe(adapter, images, cfg, token_batch=3)
     m = first.metrics
-    assert m["token_grid"] == 8 and m["resolution"] == 32 and m["fid"] is None  # 64 px / (VAE 4 × patch 2)
+    assert (
+        m["token_grid"] == 8 and m["resolution"] == 32 and m["fid"] is None
+    )  # 64 px / (VAE 4 × patch 2)
     assert math.isfinite(m["psnr"]) and -1 <= m["ssim"] <= 1
     assert m["psnr"] == pytest.approx(second.metrics["psnr"], rel=1e-4)
     assert first.reconstructions.shape == first.originals.shape == (4, 3, 32, 32)

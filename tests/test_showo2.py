@@ -60,13 +60,17 @@ def test_i2t_sequence_layout(model):
     ids, labels, offset = sample["input_ids"].tolist(), sample["labels"], sample["image_offset"]
     assert ids[0] == proc.ids.bos
     assert ids[offset - 1] == proc.ids.boi and ids[offset + n + 1] == proc.ids.eoi
-    assert ids[offset: offset + n + 1] == [proc.ids.image_pad] * (n + 1)
+    assert ids[offset : offset + n + 1] == [proc.ids.image_pad] * (n + 1)
     answer = proc.tokenizer("two shapes<|im_end|>", add_special_tokens=False)["input_ids"]
-    assert labels[labels != IGNORE].tolist() == answer and ids[-len(answer):] == answer
+    assert labels[labels != IGNORE].tolist() == answer and ids[-len(answer) :] == answer
     decoded = proc.tokenizer.decode(ids[: offset - 1])
-    assert decoded == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert (
+        decoded == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    )
     text = sample["text_mask"]
-    assert not text[offset - 1: offset + n + 2].any() and text[0] and not text[labels != IGNORE].any()
+    assert (
+        not text[offset - 1 : offset + n + 2].any() and text[0] and not text[labels != IGNORE].any()
+    )
     assert sample["pixel_values"].shape == (3, 64, 64)
 
 
@@ -115,8 +119,8 @@ def test_llm_attends_bidirectionally_inside_the_image_only(model):
         after = model._run_llm(ids, offsets, changed, torch.ones(1))[0]
     moved = (before - after).abs().amax(-1)[0] > 1e-6
     assert not moved[:start].any()  # text before the image is causal
-    assert moved[start: start + n + 1].all()  # every slot of the image sees its last token
-    assert moved[start + n + 1:].all()  # text after the image sees it
+    assert moved[start : start + n + 1].all()  # every slot of the image sees its last token
+    assert moved[start + n + 1 :].all()  # text after the image sees it
 
 
 # ----------------------------------------------------------------------------- training step
@@ -129,20 +133,29 @@ def test_forward_backward_both_branches(model):
     assert math.isfinite(out.loss_i2t.item()) and math.isfinite(out.loss_t2i.item())
     assert out.z_u.shape == out.z_g.shape == (2, n, d)
     assert out.text_u.shape == out.text_g.shape == (2, d)
-    assert out.target_patches.shape == (2, n, model.infotok_dims()["latent_patch_dim"]) and out.target_mask.all()
+    assert (
+        out.target_patches.shape == (2, n, model.infotok_dims()["latent_patch_dim"])
+        and out.target_mask.all()
+    )
     assert out.answer_ids.shape == out.answer_mask.shape and out.answer_mask.dtype == torch.bool
     assert set(out.infotok_inputs()) == set(INFOTOK_INPUT_KEYS)
     assert out.num_image_tokens == 4 * n and out.num_text_tokens > 0
     model.zero_grad()
     (out.loss_i2t + out.loss_t2i).backward()
-    assert all(p.grad is not None for name, p in trained_parameters(model) if not name.startswith("showo.lm_head"))
+    assert all(
+        p.grad is not None
+        for name, p in trained_parameters(model)
+        if not name.startswith("showo.lm_head")
+    )
 
 
 def test_single_branch_batches_leave_the_other_branch_empty(model):
     with torch.no_grad():
         u = model(collated_batch(model, "uu"))
         g = model(collated_batch(model, "g"))
-    assert u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
+    assert (
+        u.loss_t2i is None and u.z_g is None and u.target_patches is None and u.loss_i2t is not None
+    )
     assert g.loss_i2t is None and g.z_u is None and g.answer_ids is None and g.loss_t2i is not None
 
 
@@ -156,9 +169,13 @@ def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
     logits = model.showo.lm_head(store["llm"].last_hidden_state)
     labels = batch["labels"]
     vocab = logits.shape[-1]
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(out.loss_i2t, expected)
-    answer = model.processor.tokenizer("a red circle on a blue square<|im_end|>", add_special_tokens=False)["input_ids"]
+    answer = model.processor.tokenizer(
+        "a red circle on a blue square<|im_end|>", add_special_tokens=False
+    )["input_ids"]
     assert out.answer_ids[0][out.answer_mask[0]].tolist() == answer
 
 
@@ -169,20 +186,35 @@ def _official_rows(u, p):
 
 def _patch_rows(u, p):
     """Row n holds the p x p patch under visual token n, raster inside the patch, channels last."""
-    rows = [u[i, :, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
-            for i in range(len(u)) for r in range(u.shape[2] // p) for c in range(u.shape[3] // p)]
+    rows = [
+        u[i, :, r * p : (r + 1) * p, c * p : (c + 1) * p].permute(1, 2, 0).reshape(-1)
+        for i in range(len(u))
+        for r in range(u.shape[2] // p)
+        for c in range(u.shape[3] // p)
+    ]
     return torch.stack(rows).reshape(len(u), -1, p * p * u.shape[1])
 
 
-@pytest.mark.parametrize("layout, rows, prediction, shift", [("official", _official_rows, "velocity", None),
-                                                             ("patch", _patch_rows, "velocity", None),
-                                                             ("patch", _patch_rows, "data", 3.0)])
-def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, layout, rows, prediction, shift):
-    model = _tiny(tokenizer_dir, flow_layout=layout, flow_prediction=prediction, train_time_shift=shift).train()
+@pytest.mark.parametrize(
+    "layout, rows, prediction, shift",
+    [
+        ("official", _official_rows, "velocity", None),
+        ("patch", _patch_rows, "velocity", None),
+        ("patch", _patch_rows, "data", 3.0),
+    ],
+)
+def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(
+    tokenizer_dir, layout, rows, prediction, shift
+):
+    model = _tiny(
+        tokenizer_dir, flow_layout=layout, flow_prediction=prediction, train_time_shift=shift
+    ).train()
     batch = collated_batch(model, "gg")
     store = {}
-    handles = [_capture(model.diffusion_head_b, store, "v"),
-               _capture(model.image_embedder_gen, store, "x", output=False)]
+    handles = [
+        _capture(model.diffusion_head_b, store, "v"),
+        _capture(model.image_embedder_gen, store, "x", output=False),
+    ]
     out = model(batch, generator=torch.Generator().manual_seed(7))
     for handle in handles:
         handle.remove()
@@ -190,7 +222,9 @@ def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, la
     x1 = model.encode_latents(batch["pixel_values"], sample=True, generator=g)
     x0 = torch.randn(x1.shape, generator=g)
     n, p = model.config.num_image_tokens, model.config.patch_size
-    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (n + 1 - 256)  # null: the official shift for n + 1 tokens
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (
+        n + 1 - 256
+    )  # null: the official shift for n + 1 tokens
     odds = math.exp(mu) if shift is None else shift
     t = torch.sigmoid(torch.randn(2, generator=g))
     t = 1 - odds / (odds + (1 / (1 - t) - 1))
@@ -198,7 +232,7 @@ def test_loss_t2i_is_the_flow_matching_formula_on_a_fixed_seed(tokenizer_dir, la
     torch.testing.assert_close(store["x"][0][:2], xt)
     u = rows(x1 - x0, p)
     offsets = batch["image_offset"]
-    v = torch.stack([store["v"][i, o + 1: o + 1 + n] for i, o in enumerate(offsets.tolist())])
+    v = torch.stack([store["v"][i, o + 1 : o + 1 + n] for i, o in enumerate(offsets.tolist())])
     if prediction == "data":
         v = (v - rows(xt, p)) / (1 - t).clamp(min=0.05).view(-1, 1, 1)
     torch.testing.assert_close(out.loss_t2i, ((v - u) ** 2).mean())
@@ -213,7 +247,10 @@ def test_velocity_layouts_round_trip(layout):
 
 
 def test_the_tiny_preset_predicts_the_patch_under_each_token_and_released_sizes_the_official_rows():
-    assert showo2_config("tiny").flow_layout == "patch" and showo2_config("tiny").train_time_shift == 3.0
+    assert (
+        showo2_config("tiny").flow_layout == "patch"
+        and showo2_config("tiny").train_time_shift == 3.0
+    )
     assert showo2_config("1.5b").train_time_shift is None
     assert showo2_config("1.5b").flow_layout == "official"
     assert showo2_config("7b").flow_layout == "official"
@@ -222,11 +259,16 @@ def test_the_tiny_preset_predicts_the_patch_under_each_token_and_released_sizes_
 def test_target_patches_are_the_patches_under_each_token(model):
     with torch.no_grad():
         out = model(collated_batch(model, "g"), generator=torch.Generator().manual_seed(1))
-    latents = model.encode_latents(collated_batch(model, "g")["pixel_values"], sample=True,
-                                   generator=torch.Generator().manual_seed(1))
+    latents = model.encode_latents(
+        collated_batch(model, "g")["pixel_values"],
+        sample=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     p, grid = model.config.patch_size, model.config.grid_size
     row, col = 1, 2
-    patch = latents[0, :, row * p:(row + 1) * p, col * p:(col + 1) * p].permute(1, 2, 0).reshape(-1)
+    patch = (
+        latents[0, :, row * p : (row + 1) * p, col * p : (col + 1) * p].permute(1, 2, 0).reshape(-1)
+    )
     torch.testing.assert_close(out.target_patches[0, row * grid + col], patch)
 
 
@@ -245,7 +287,7 @@ def test_z_u_is_the_tensor_the_llm_consumed(model):
     handle.remove()
     pre.remove()
     start, n = int(batch["image_offset"][0]), model.config.num_image_tokens
-    torch.testing.assert_close(embeds_seen["x"][0, start + 1: start + 1 + n], out.z_u[0])
+    torch.testing.assert_close(embeds_seen["x"][0, start + 1 : start + 1 + n], out.z_u[0])
 
 
 def test_gradients_reach_the_shared_tokenizer_from_both_losses(model):
@@ -278,8 +320,14 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(model, token
         m.zero_grad()
         out = m(batch, generator=torch.Generator().manual_seed(0))
         (out.loss_i2t + out.loss_t2i).backward()
-        grads.append((out.loss_i2t.item(), out.loss_t2i.item(), m.und_trans.layers[0].mlp.fc1.weight.grad.clone(),
-                      m.diffusion_head_a[0].mlp.up_proj.weight.grad.clone()))
+        grads.append(
+            (
+                out.loss_i2t.item(),
+                out.loss_t2i.item(),
+                m.und_trans.layers[0].mlp.fc1.weight.grad.clone(),
+                m.diffusion_head_a[0].mlp.up_proj.weight.grad.clone(),
+            )
+        )
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
@@ -293,8 +341,12 @@ def test_other_resolutions_resize_the_siglip_position_grid(tokenizer_dir):
 
 
 def test_infotok_dims(model):
-    assert model.infotok_dims() == {"token_dim": 64, "text_dim": 64, "vocab_size": len(model.processor.tokenizer),
-                                    "latent_patch_dim": 64}
+    assert model.infotok_dims() == {
+        "token_dim": 64,
+        "text_dim": 64,
+        "vocab_size": len(model.processor.tokenizer),
+        "latent_patch_dim": 64,
+    }
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -316,8 +368,12 @@ def test_save_then_load_gives_identical_outputs(model, saved_dir):
 @pytest.mark.parametrize("change", ["missing", "extra", "shape"])
 def test_checkpoint_mismatch_fails_naming_the_key(saved_dir, tmp_path, change):
     target = copy_checkpoint(saved_dir, tmp_path)
-    key = break_checkpoint(target, change, "diffusion_head_a.0.self_attn.q_norm.weight", "fusion_proj.9.weight")
-    assert_mismatch_named(lambda: Showo2.from_pretrained(target, vae_path=saved_dir / "vae"), key, change)
+    key = break_checkpoint(
+        target, change, "diffusion_head_a.0.self_attn.q_norm.weight", "fusion_proj.9.weight"
+    )
+    assert_mismatch_named(
+        lambda: Showo2.from_pretrained(target, vae_path=saved_dir / "vae"), key, change
+    )
 
 
 def test_loads_the_released_layout(model, saved_dir, tmp_path):
@@ -330,29 +386,48 @@ def test_loads_the_released_layout(model, saved_dir, tmp_path):
     (released / "config.json").write_text(json.dumps(config))
     state = {k: v.clone() for k, v in model.checkpoint_state_dict().items()}
     keys = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": keys[::2],
+        "pytorch_model-00002-of-00002.bin": keys[1::2],
+    }
     for name, names in shards.items():
         torch.save({k: state[k] for k in names}, released / name)
     index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
     (released / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="tokenizer_path"):
         Showo2.from_pretrained(released, vae_path=saved_dir / "vae", preset="tiny")
-    loaded = Showo2.from_pretrained(released, tokenizer_path=saved_dir, vae_path=saved_dir / "vae", preset="tiny")
+    loaded = Showo2.from_pretrained(
+        released, tokenizer_path=saved_dir, vae_path=saved_dir / "vae", preset="tiny"
+    )
     for key, value in state.items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_build_model_registry(tokenizer_dir, saved_dir):
-    built = build_model(ModelConfig(family="showo2", preset="tiny", tokenizer_path=str(tokenizer_dir)))
+    built = build_model(
+        ModelConfig(family="showo2", preset="tiny", tokenizer_path=str(tokenizer_dir))
+    )
     assert isinstance(built, Showo2) and built.processor is not None
-    from_path = build_model(ModelConfig(family="showo2", path=str(saved_dir), options={"trainable": []}))
+    from_path = build_model(
+        ModelConfig(family="showo2", path=str(saved_dir), options={"trainable": []})
+    )
     assert from_path.config.trainable == []
     with pytest.raises(ConfigError, match="unknown family 'nope'"):
         build_model(ModelConfig(family="nope"))
     with pytest.raises(ConfigError, match="options.llm.hidden_sise"):
-        build_model(ModelConfig(preset="tiny", options={"llm": {"hidden_sise": 3}}, tokenizer_path=str(tokenizer_dir)))
+        build_model(
+            ModelConfig(
+                preset="tiny",
+                options={"llm": {"hidden_sise": 3}},
+                tokenizer_path=str(tokenizer_dir),
+            )
+        )
     with pytest.raises(ConfigError, match="vae.latents_mean has 16 entries; vae.z_dim is 8"):
-        build_model(ModelConfig(preset="tiny", options={"vae": {"z_dim": 8}}, tokenizer_path=str(tokenizer_dir)))
+        build_model(
+            ModelConfig(
+                preset="tiny", options={"vae": {"z_dim": 8}}, tokenizer_path=str(tokenizer_dir)
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- inference
@@ -360,23 +435,39 @@ def test_build_model_registry(tokenizer_dir, saved_dir):
 
 def test_generate_returns_images_of_the_configured_size(model):
     model.eval()
-    images = model.generate(["a cat", "two shapes"], num_steps=3, generator=torch.Generator().manual_seed(0))
-    plain = model.generate(["a cat"], num_steps=3, guidance_scale=0.0, generator=torch.Generator().manual_seed(0))
+    images = model.generate(
+        ["a cat", "two shapes"], num_steps=3, generator=torch.Generator().manual_seed(0)
+    )
+    plain = model.generate(
+        ["a cat"], num_steps=3, guidance_scale=0.0, generator=torch.Generator().manual_seed(0)
+    )
     model.train()
     assert [im.size for im in images + plain] == [(64, 64)] * 3
     assert all(im.mode == "RGB" for im in images)
 
 
 @pytest.mark.parametrize("scale", [0.0, 3.0])
-def test_a_data_predicting_head_steers_the_sampler_onto_its_prediction(tokenizer_dir, monkeypatch, scale):
+def test_a_data_predicting_head_steers_the_sampler_onto_its_prediction(
+    tokenizer_dir, monkeypatch, scale
+):
     """x1 = (t_next − t)/(1 − t) blends toward the head's clean latent; the last step lands on it."""
     model = _tiny(tokenizer_dir, flow_prediction="data").eval()
-    clean_row = torch.randn(model.config.latent_patch_dim, generator=torch.Generator().manual_seed(3))
-    model.diffusion_head_b.register_forward_hook(lambda _, args, out: clean_row.expand_as(out).clone())
+    clean_row = torch.randn(
+        model.config.latent_patch_dim, generator=torch.Generator().manual_seed(3)
+    )
+    model.diffusion_head_b.register_forward_hook(
+        lambda _, args, out: clean_row.expand_as(out).clone()
+    )
     decoded = []
-    monkeypatch.setattr(model, "decode_latents", lambda z: decoded.append(z) or torch.zeros(len(z), 3, 64, 64))
-    model.generate(["a cat", "two shapes"], num_steps=4, guidance_scale=scale,
-                   generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(
+        model, "decode_latents", lambda z: decoded.append(z) or torch.zeros(len(z), 3, 64, 64)
+    )
+    model.generate(
+        ["a cat", "two shapes"],
+        num_steps=4,
+        guidance_scale=scale,
+        generator=torch.Generator().manual_seed(0),
+    )
     p, size = model.config.patch_size, model.config.latent_size
     expected = clean_row.reshape(p, p, -1).permute(2, 0, 1).repeat(1, size // p, size // p)
     torch.testing.assert_close(decoded[0], expected.expand(2, -1, -1, -1))
@@ -398,8 +489,13 @@ def test_answer_returns_one_string_per_image_and_matches_the_training_path(model
         torch.testing.assert_close(first_batched[len(single) - 1], seen[0][0], rtol=1e-4, atol=1e-5)
     handle.remove()
     sample = model.processor.i2t_sequence([{"role": "user", "content": f"<image>\n{questions[1]}"}])
-    pixels = model.processor({"task": "i2t", "image": images[1], "messages": [
-        {"role": "user", "content": f"<image>\n{questions[1]}"}]})["pixel_values"][None]
+    pixels = model.processor(
+        {
+            "task": "i2t",
+            "image": images[1],
+            "messages": [{"role": "user", "content": f"<image>\n{questions[1]}"}],
+        }
+    )["pixel_values"][None]
     with torch.no_grad():
         tokens = model.encode_shared_tokens(model.encode_latents(pixels, sample=False))
         offsets = torch.tensor([sample["image_offset"]])

@@ -35,8 +35,10 @@ from pipeline.models.showo2.model import Showo2
 from pipeline.models.showo2.config import showo2_config
 
 VOCAB = 151665 + 4
-LLM = {"1.5b": dict(width=1536, mlp=8960, layers=28, heads=12, kv=2, tied=True),
-       "7b": dict(width=3584, mlp=18944, layers=28, heads=28, kv=4, tied=False)}
+LLM = {
+    "1.5b": dict(width=1536, mlp=8960, layers=28, heads=12, kv=2, tied=True),
+    "7b": dict(width=3584, mlp=18944, layers=28, heads=28, kv=4, tied=False),
+}
 SIGLIP = dict(width=1152, mlp=4304, layers=27 - 1, positions=(384 // 14) ** 2)
 HEAD = dict(width=2048, mlp=8192, heads=32, kv=8, head_dim=64, layers=10, freq=256)
 LATENT, PATCH = 16, 2
@@ -49,12 +51,24 @@ def linear(i: int, o: int, bias: bool = True) -> int:
 def expected_counts(size: str) -> dict[str, int]:
     llm, sig, head = LLM[size], SIGLIP, HEAD
     d, kv_dim = llm["width"], llm["kv"] * llm["width"] // llm["heads"]
-    qwen_layer = (linear(d, d) + 2 * linear(d, kv_dim) + linear(d, d, False) + 3 * linear(d, llm["mlp"], False) + 2 * d)
+    qwen_layer = (
+        linear(d, d)
+        + 2 * linear(d, kv_dim)
+        + linear(d, d, False)
+        + 3 * linear(d, llm["mlp"], False)
+        + 2 * d
+    )
     s = sig["width"]
     siglip_layer = 4 * linear(s, s) + linear(s, sig["mlp"]) + linear(sig["mlp"], s) + 4 * s
     f, hd = head["width"], head["head_dim"]
-    head_layer = (2 * linear(f, f, False) + 2 * linear(f, head["kv"] * hd, False) + 2 * hd
-                  + 3 * linear(f, head["mlp"], False) + 2 * f + linear(f, 6 * f))
+    head_layer = (
+        2 * linear(f, f, False)
+        + 2 * linear(f, head["kv"] * hd, False)
+        + 2 * hd
+        + 3 * linear(f, head["mlp"], False)
+        + 2 * f
+        + linear(f, 6 * f)
+    )
     return {
         "showo": VOCAB * d * (1 if llm["tied"] else 2) + llm["layers"] * qwen_layer + d,
         "image_embedder_und": LATENT * PATCH * PATCH * s + s,
@@ -83,8 +97,8 @@ def key_patterns(size: str) -> dict[str, int]:
         r"showo\.lm_head\.weight": 1,
         r"image_embedder_(und|gen)\.proj\.(weight|bias)": 4,
         r"position_embedding\.weight": 1,
-        r"und_trans\.layers\.\d+\.(layer_norm[12]|self_attn\.([qkv]|out)_proj|mlp\.fc[12])\.(weight|bias)":
-            16 * sig["layers"],
+        r"und_trans\.layers\.\d+\.(layer_norm[12]|self_attn\.([qkv]|out)_proj|mlp\.fc[12])\.(weight|bias)": 16
+        * sig["layers"],
         r"fusion_proj\.0\.weight|fusion_proj\.[13]\.(weight|bias)": 5,
         r"time_embed\.mlp\.[02]\.(weight|bias)": 4,
         r"diff_proj\.[02]\.(weight|bias)": 4,
@@ -105,7 +119,9 @@ def test_released_size_has_the_official_parameters_and_keys(size):
     assert parameter_counts(model) == expected_counts(size)
     keys = list(model.checkpoint_state_dict())
     assert_keys_match(keys, key_patterns(size))
-    layer_ids = {int(m.group(1)) for k in keys if (m := re.match(r"showo\.model\.layers\.(\d+)\.", k))}
+    layer_ids = {
+        int(m.group(1)) for k in keys if (m := re.match(r"showo\.model\.layers\.(\d+)\.", k))
+    }
     assert layer_ids == set(range(LLM[size]["layers"]))
     shape = model.checkpoint_state_dict()["showo.model.embed_tokens.weight"].shape
     assert shape == (VOCAB, LLM[size]["width"])

@@ -13,7 +13,11 @@ from pipeline.config import to_dict
 from pipeline.models.showo2.model import Showo2
 from pipeline.models.showo2.config import showo2_config
 from pipeline.models.showo2.processor import load_tokenizer
-from pipeline.models.showo2.vae import SingleFrameCausalConv3d, SumOfSquaresRMSNorm, single_frame_fast_path
+from pipeline.models.showo2.vae import (
+    SingleFrameCausalConv3d,
+    SumOfSquaresRMSNorm,
+    single_frame_fast_path,
+)
 
 
 def _stock_and_fast() -> tuple[AutoencoderKLWan, AutoencoderKLWan]:
@@ -24,15 +28,22 @@ def _stock_and_fast() -> tuple[AutoencoderKLWan, AutoencoderKLWan]:
 
 def _counts(vae: AutoencoderKLWan) -> dict[type, int]:
     kinds = [type(m) for m in vae.modules()]
-    return {k: kinds.count(k) for k in (WanCausalConv3d, WanRMS_norm, SingleFrameCausalConv3d, SumOfSquaresRMSNorm)}
+    return {
+        k: kinds.count(k)
+        for k in (WanCausalConv3d, WanRMS_norm, SingleFrameCausalConv3d, SumOfSquaresRMSNorm)
+    }
 
 
 def test_every_causal_conv_and_rms_norm_is_switched_and_the_keys_stay():
     stock, fast = _stock_and_fast()
     before, after = _counts(stock), _counts(fast)
     assert before[WanCausalConv3d] > 0 and before[WanRMS_norm] > 0
-    assert after == {WanCausalConv3d: 0, WanRMS_norm: 0, SingleFrameCausalConv3d: before[WanCausalConv3d],
-                     SumOfSquaresRMSNorm: before[WanRMS_norm]}
+    assert after == {
+        WanCausalConv3d: 0,
+        WanRMS_norm: 0,
+        SingleFrameCausalConv3d: before[WanCausalConv3d],
+        SumOfSquaresRMSNorm: before[WanRMS_norm],
+    }
     assert list(fast.state_dict()) == list(stock.state_dict())
 
 

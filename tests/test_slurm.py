@@ -32,7 +32,9 @@ SMALL = ["--nodes=1", "--cpus-per-task=1", "--mem-per-cpu=500M"]
 @pytest.fixture(scope="module")
 def slurm():
     if not slurm_installed():
-        print("SKIP test_slurm: slurmctld/sbatch not installed (run: bash scripts/slurm_local.sh install)")
+        print(
+            "SKIP test_slurm: slurmctld/sbatch not installed (run: bash scripts/slurm_local.sh install)"
+        )
         pytest.skip("slurmctld is not installed (bash scripts/slurm_local.sh install)")
     cluster = LocalSlurm.acquire()
     yield cluster
@@ -47,25 +49,40 @@ def workspace(tmp_path_factory):
     source = synth(src, 48, seed=0, size=64)
     shard([f"jsonl:{source}"], shards, shard_size=16)
     tokenizer = root / "tokenizer"
-    subprocess.run([sys.executable, "-m", "pipeline.models.common.tiny_tokenizer", str(tokenizer)], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.models.common.tiny_tokenizer", str(tokenizer)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return {"root": root, "shards": shards, "tokenizer": tokenizer}
 
 
 def job_env(workspace, run_dir: Path, recipe: str = RECIPE, **extra: str) -> dict[str, str]:
     """The site settings a user would export before sbatch."""
-    return {"INFOTOK_RECIPE": recipe, "INFOTOK_RUN_DIR": str(run_dir), "INFOTOK_I2T": str(workspace["shards"]),
-            "INFOTOK_T2I": str(workspace["shards"]), "INFOTOK_TOKENIZER_PATH": str(workspace["tokenizer"]),
-            **extra}
+    return {
+        "INFOTOK_RECIPE": recipe,
+        "INFOTOK_RUN_DIR": str(run_dir),
+        "INFOTOK_I2T": str(workspace["shards"]),
+        "INFOTOK_T2I": str(workspace["shards"]),
+        "INFOTOK_TOKENIZER_PATH": str(workspace["tokenizer"]),
+        **extra,
+    }
 
 
 def test_job_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (bash scripts/slurm_local.sh install)")
-    scripts = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("jobs/*.sh"), *ROOT.glob("jobs/lib/*.sh")])
+    scripts = sorted(
+        str(p.relative_to(ROOT)) for p in [*ROOT.glob("jobs/*.sh"), *ROOT.glob("jobs/lib/*.sh")]
+    )
     assert "jobs/infotok_showo2.sh" in scripts and "jobs/lib/infotok_job.sh" in scripts
-    result = subprocess.run(["shellcheck", "-x", *scripts, "scripts/slurm_local.sh"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["shellcheck", "-x", *scripts, "scripts/slurm_local.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -73,7 +90,12 @@ def test_job_scripts_pass_shellcheck():
 
 PREFLIGHT_CASES = {
     # case: (script, extra args, how to break the setup, expected fragment of the one line)
-    "bad_recipe_key": ("jobs/infotok_showo2.sh", ["optim.lrr=1e-4"], None, "optim.lrr: unknown key"),
+    "bad_recipe_key": (
+        "jobs/infotok_showo2.sh",
+        ["optim.lrr=1e-4"],
+        None,
+        "optim.lrr: unknown key",
+    ),
     "missing_shards": ("jobs/infotok_showo2.sh", [], "missing_shard", "listed in"),
     "unwritable_run_dir": ("jobs/infotok_showo2.sh", [], "run_dir_under_file", "is not writable"),
     "recipe_of_another_family": ("jobs/infotok_harmon.sh", [], None, "but this job runs 'harmon'"),
@@ -99,7 +121,10 @@ def preflight_jobs(slurm, workspace):
         log = case_dir / "job.out"
         job = slurm.submit(script, [*SMALL, "--ntasks-per-node=1", f"--output={log}"], args, env)
         jobs[case] = (job, log)
-    return {case: (job, log, slurm.wait_done(job, timeout=120, log=log)) for case, (job, log) in jobs.items()}
+    return {
+        case: (job, log, slurm.wait_done(job, timeout=120, log=log))
+        for case, (job, log) in jobs.items()
+    }
 
 
 @pytest.mark.parametrize("case", PREFLIGHT_CASES)
@@ -130,17 +155,23 @@ FAKE_TRAINER = textwrap.dedent("""\
 """)
 
 
-def fake_job(slurm, workspace, name: str, script: str = "jobs/infotok_showo2.sh",
-             **env: str) -> tuple[dict[str, str], list[str], list[str], list[str]]:
+def fake_job(
+    slurm, workspace, name: str, script: str = "jobs/infotok_showo2.sh", **env: str
+) -> tuple[dict[str, str], list[str], list[str], list[str]]:
     """Run a job script with the stand-in trainer (and, by default, no preflight);
     returns (job info, log lines, attempts as "RESTART_COUNT PROCID", the trainer's argv)."""
     case_dir = workspace["root"] / name
     (case_dir / "fake").mkdir(parents=True)
     (case_dir / "fake" / "fake_trainer.py").write_text(FAKE_TRAINER)
     record, log = case_dir / "attempts.txt", case_dir / "job.out"
-    env = {**job_env(workspace, case_dir / "run"), "INFOTOK_SKIP_PREFLIGHT": "1",
-           "INFOTOK_TRAIN_MODULE": "fake_trainer", "PYTHONPATH": str(case_dir / "fake"),
-           "FAKE_TRAINER_RECORD": str(record), **env}
+    env = {
+        **job_env(workspace, case_dir / "run"),
+        "INFOTOK_SKIP_PREFLIGHT": "1",
+        "INFOTOK_TRAIN_MODULE": "fake_trainer",
+        "PYTHONPATH": str(case_dir / "fake"),
+        "FAKE_TRAINER_RECORD": str(record),
+        **env,
+    }
     job = slurm.submit(script, [*SMALL, "--ntasks-per-node=2", f"--output={log}"], [], env)
     info = slurm.wait_done(job, timeout=120, log=log)
     attempts = sorted(record.read_text().splitlines()) if record.exists() else []
@@ -152,35 +183,52 @@ def fake_job(slurm, workspace, name: str, script: str = "jobs/infotok_showo2.sh"
 @pytest.mark.parametrize("family", ["harmon", "openuni"])
 def test_the_harmon_and_openuni_scripts_preflight_and_launch_their_recipe(slurm, workspace, family):
     recipe = f"configs/tiny_{family}.yaml"
-    info, lines, attempts, argv = fake_job(slurm, workspace, f"launch-{family}", f"jobs/infotok_{family}.sh",
-                                           FAKE_TRAINER_MODE="finish", INFOTOK_SKIP_PREFLIGHT="0",
-                                           INFOTOK_RECIPE=recipe, INFOTOK_OVERRIDES="steps=7 seed=3")
+    info, lines, attempts, argv = fake_job(
+        slurm,
+        workspace,
+        f"launch-{family}",
+        f"jobs/infotok_{family}.sh",
+        FAKE_TRAINER_MODE="finish",
+        INFOTOK_SKIP_PREFLIGHT="0",
+        INFOTOK_RECIPE=recipe,
+        INFOTOK_OVERRIDES="steps=7 seed=3",
+    )
     text = "\n".join(lines)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", f"{info}\n{text}"
     assert f"preflight: ok: {recipe}: {family}/tiny random init" in text, text
     assert attempts == ["0 0", "0 1"], attempts
     assert argv[:3] == ["--config", recipe, "resume=auto"], argv
-    assert argv[-2:] == ["steps=7", "seed=3"] and "checkpoint.stop_signals=[SIGUSR2, SIGTERM]" in argv, argv
-    assert f"data.i2t=[\"{workspace['shards']}\"]" in argv, argv
+    assert (
+        argv[-2:] == ["steps=7", "seed=3"] and "checkpoint.stop_signals=[SIGUSR2, SIGTERM]" in argv
+    ), argv
+    assert f'data.i2t=["{workspace["shards"]}"]' in argv, argv
 
 
 def test_a_crash_is_not_requeued(slurm, workspace):
     info, lines, attempts, _ = fake_job(slurm, workspace, "crash", FAKE_TRAINER_MODE="crash")
-    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0" and info["Restarts"] == "0", info
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0" and info["Restarts"] == "0", (
+        info
+    )
     assert attempts == ["0 0", "0 1"], attempts  # one attempt, both ranks
     assert any("training FAILED (exit 3)" in line for line in lines), "\n".join(lines)
 
 
 def test_self_requeue_is_bounded_by_max_restarts(slurm, workspace):
-    info, lines, attempts, _ = fake_job(slurm, workspace, "bounded", FAKE_TRAINER_MODE="stop",
-                                     INFOTOK_MAX_RESTARTS="1")
+    info, lines, attempts, _ = fake_job(
+        slurm, workspace, "bounded", FAKE_TRAINER_MODE="stop", INFOTOK_MAX_RESTARTS="1"
+    )
     text = "\n".join(lines)
-    assert attempts == ["0 0", "0 1", "1 0", "1 1"], attempts  # the first run and exactly one restart
-    assert info["Restarts"] == "1" and info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", info
+    assert attempts == ["0 0", "0 1", "1 0", "1 1"], (
+        attempts
+    )  # the first run and exactly one restart
+    assert (
+        info["Restarts"] == "1" and info["JobState"] == "FAILED" and info["ExitCode"] == "75:0"
+    ), info
     assert "NOT requeueing" in text and "INFOTOK_MAX_RESTARTS=1" in text, text
 
 
 # ---------------------------------------------------------------------------------- end to end
+
 
 @pytest.mark.parametrize("family", ["showo2", "harmon", "openuni"])
 def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspace, family):
@@ -191,21 +239,39 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspac
     root = workspace["root"] / f"e2e-{family}"
     run_dir, log = root / "run", root / "job.out"
     args = [f"steps={STEPS}", f"checkpoint.every={EVERY}", "data.num_workers=1"]
-    job = slurm.submit(f"jobs/infotok_{family}.sh", [*SMALL, "--ntasks-per-node=2", f"--output={log}"], args,
-                       job_env(workspace, run_dir, recipe))
+    job = slurm.submit(
+        f"jobs/infotok_{family}.sh",
+        [*SMALL, "--ntasks-per-node=2", f"--output={log}"],
+        args,
+        job_env(workspace, run_dir, recipe),
+    )
     # The uninterrupted reference: the same config on 2 plain local ranks, while the job runs.
     reference_dir = root / "reference"
-    reference = LocalRun(recipe, [f"run_dir={reference_dir}", f"data.i2t=[{workspace['shards']}]",
-                                  f"data.t2i=[{workspace['shards']}]",
-                                  f"model.tokenizer_path={workspace['tokenizer']}", *args], root / "reference-logs")
+    reference = LocalRun(
+        recipe,
+        [
+            f"run_dir={reference_dir}",
+            f"data.i2t=[{workspace['shards']}]",
+            f"data.t2i=[{workspace['shards']}]",
+            f"model.tokenizer_path={workspace['tokenizer']}",
+            *args,
+        ],
+        root / "reference-logs",
+    )
     try:
         info = slurm.job(job)
-        assert "gpu:8" in info.get("TresPerNode", ""), info  # the header's --gres=gpu:8 was accepted
+        assert "gpu:8" in info.get("TresPerNode", ""), (
+            info
+        )  # the header's --gres=gpu:8 was accepted
 
         def stepped(i: dict[str, str]) -> bool:
             if i.get("JobState") != "RUNNING" and i.get("JobState") != "PENDING":
-                raise AssertionError(f"job ended before the signal: {i}\n" + "\n".join(log_lines(log)[-40:]))
-            metrics = run_dir / "metrics.jsonl"  # count complete lines only: rank 0 may be mid-write
+                raise AssertionError(
+                    f"job ended before the signal: {i}\n" + "\n".join(log_lines(log)[-40:])
+                )
+            metrics = (
+                run_dir / "metrics.jsonl"
+            )  # count complete lines only: rank 0 may be mid-write
             return metrics.exists() and metrics.read_text().count("\n") >= SIGNAL_AFTER
 
         slurm.wait_for(job, stepped, f"{SIGNAL_AFTER} logged steps", timeout=240, log=log, poll=0.1)
@@ -225,10 +291,16 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspac
     assert len(saved) == 1, text
     k = int(saved[0].split("saved step ")[1].split()[0])
     assert SIGNAL_AFTER <= k < STEPS, text
-    order = ["attempt 1 (SLURM_RESTART_COUNT=0)", "SIGUSR1: forwarding SIGUSR2 to the training step",
-             f"saved step {k}", "trainer saved a checkpoint and stopped (exit 75)", f"requeueing job {job}",
-             "attempt 2 (SLURM_RESTART_COUNT=1)", f"resumes from {run_dir / 'checkpoints'}/step_{k:08d}",
-             "training finished (exit 0): not requeueing"]
+    order = [
+        "attempt 1 (SLURM_RESTART_COUNT=0)",
+        "SIGUSR1: forwarding SIGUSR2 to the training step",
+        f"saved step {k}",
+        "trainer saved a checkpoint and stopped (exit 75)",
+        f"requeueing job {job}",
+        "attempt 2 (SLURM_RESTART_COUNT=1)",
+        f"resumes from {run_dir / 'checkpoints'}/step_{k:08d}",
+        "training finished (exit 0): not requeueing",
+    ]
     position = 0
     for expected in order:
         found = text.find(expected, position)

@@ -30,8 +30,11 @@ def _imports(path: Path) -> list[str]:
 
 
 def _outside_family_packages() -> list[Path]:
-    return [p for p in _modules("pipeline", "experiments", "data_prep")
-            if not any(p.is_relative_to(d) for d in FAMILY_DIRS)]
+    return [
+        p
+        for p in _modules("pipeline", "experiments", "data_prep")
+        if not any(p.is_relative_to(d) for d in FAMILY_DIRS)
+    ]
 
 
 def test_the_three_families_are_registered_from_their_packages():
@@ -48,7 +51,11 @@ def test_data_prep_imports_nothing_from_pipeline(path):
 def test_no_module_outside_a_family_package_imports_a_family_or_tests_for_one(path):
     prefixes = tuple(f"pipeline.models.{family}" for family in FAMILIES)
     assert not [n for n in _imports(path) if n.startswith(prefixes)]
-    compared = {operand.value for node in ast.walk(ast.parse(path.read_text()))
-                if isinstance(node, ast.Compare) for operand in [node.left, *node.comparators]
-                if isinstance(operand, ast.Constant)}
+    compared = {
+        operand.value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Compare)
+        for operand in [node.left, *node.comparators]
+        if isinstance(operand, ast.Constant)
+    }
     assert not compared & set(FAMILIES), "tests which family it has"

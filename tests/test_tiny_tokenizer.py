@@ -25,4 +25,6 @@ def test_special_tokens_and_determinism(tokenizer_dir, tmp_path):
     for token in QWEN_SPECIAL_TOKENS:
         assert tokenizer.convert_ids_to_tokens(tokenizer(token)["input_ids"]) == [token]
     again = make_tokenizer(tmp_path / "again")
-    assert (again / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+    assert (again / "tokenizer.json").read_bytes() == (
+        tokenizer_dir / "tokenizer.json"
+    ).read_bytes()

@@ -21,7 +21,9 @@ from pipeline.train import EXIT_STOPPED
 from train_helpers import ROOT, Run, loss_table, make_workspace, steps_logged, wait_for
 
 RECIPE = "configs/tiny_showo2.yaml"
-FAMILY_RECIPES = {family: f"configs/tiny_{family}.yaml" for family in ("showo2", "harmon", "openuni")}
+FAMILY_RECIPES = {
+    family: f"configs/tiny_{family}.yaml" for family in ("showo2", "harmon", "openuni")
+}
 STEPS = 8
 
 
@@ -31,14 +33,24 @@ def workspace(tmp_path_factory):
 
 
 def overrides(workspace, run_dir: Path, **extra) -> list[str]:
-    values = {"run_dir": str(run_dir), "steps": STEPS, "checkpoint.every": 2, "checkpoint.keep_last": 2,
-              "data.i2t": f"[{workspace['shards']}]", "data.t2i": f"[{workspace['shards']}]",
-              "model.tokenizer_path": str(workspace["tokenizer"]), "data.num_workers": 1, **extra}
+    values = {
+        "run_dir": str(run_dir),
+        "steps": STEPS,
+        "checkpoint.every": 2,
+        "checkpoint.keep_last": 2,
+        "data.i2t": f"[{workspace['shards']}]",
+        "data.t2i": f"[{workspace['shards']}]",
+        "model.tokenizer_path": str(workspace["tokenizer"]),
+        "data.num_workers": 1,
+        **extra,
+    }
     return [f"{k}={v}" for k, v in values.items()]
 
 
 def run_to_end(workspace, run_dir: Path, recipe: str = RECIPE, **extra) -> Run:
-    run = Run(recipe, overrides(workspace, run_dir, **extra), run_dir.parent / f"{run_dir.name}-logs")
+    run = Run(
+        recipe, overrides(workspace, run_dir, **extra), run_dir.parent / f"{run_dir.name}-logs"
+    )
     codes = run.wait()
     assert codes == [0, 0], run.output()
     return run
@@ -61,7 +73,9 @@ def reference(workspace, tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILY_RECIPES)
 def test_signal_then_resume_is_bit_identical(workspace, reference, tmp_path, family):
     recipe = FAMILY_RECIPES[family]
-    expected = reference if recipe == RECIPE else uninterrupted(workspace, tmp_path / "reference", recipe)
+    expected = (
+        reference if recipe == RECIPE else uninterrupted(workspace, tmp_path / "reference", recipe)
+    )
     run_dir = tmp_path / "run"
     run = Run(recipe, overrides(workspace, run_dir), tmp_path / "logs")
     wait_for(lambda: steps_logged(run_dir) >= 3, run, what="step 3")
@@ -73,7 +87,9 @@ def test_signal_then_resume_is_bit_identical(workspace, reference, tmp_path, fam
     assert loss_table(run_dir) == expected
 
 
-def test_checkpoints_by_time_agree_across_ranks_and_old_ones_are_pruned(workspace, reference, tmp_path):
+def test_checkpoints_by_time_agree_across_ranks_and_old_ones_are_pruned(
+    workspace, reference, tmp_path
+):
     """every_minutes far below a step's time: every step is saved (``every`` alone would save only
     the last); retention, running in the background, leaves the newest two; nothing changes the
     numbers, and resuming from a time-taken checkpoint reproduces the run."""
@@ -81,10 +97,14 @@ def test_checkpoints_by_time_agree_across_ranks_and_old_ones_are_pruned(workspac
     run_to_end(workspace, run_dir, **{"checkpoint.every": 1000, "checkpoint.every_minutes": 1e-5})
     root = run_dir / CHECKPOINT_DIR
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000007", "step_00000008"]
-    assert sorted(p.name for p in (root / "step_00000007").glob("rank_*.pt")) == ["rank_00000.pt",
-                                                                               "rank_00001.pt"]
+    assert sorted(p.name for p in (root / "step_00000007").glob("rank_*.pt")) == [
+        "rank_00000.pt",
+        "rank_00001.pt",
+    ]
     assert loss_table(run_dir) == reference
-    run_to_end(workspace, run_dir, **{"resume": str(root / "step_00000007"), "checkpoint.every": 1000})
+    run_to_end(
+        workspace, run_dir, **{"resume": str(root / "step_00000007"), "checkpoint.every": 1000}
+    )
     assert loss_table(run_dir) == reference
 
 
@@ -92,22 +112,37 @@ def test_kill_9_after_a_checkpoint_resumes_exactly(workspace, reference, tmp_pat
     run_dir = tmp_path / "run"
     run = Run(RECIPE, overrides(workspace, run_dir), tmp_path / "logs")
     marker = run_dir / CHECKPOINT_DIR / LATEST
-    wait_for(lambda: marker.exists() and marker.read_text() == "step_00000004", run, what="checkpoint 4")
+    wait_for(
+        lambda: marker.exists() and marker.read_text() == "step_00000004", run, what="checkpoint 4"
+    )
     run.kill()
     run_to_end(workspace, run_dir)
-    assert loss_table(run_dir) == reference  # steps logged after the checkpoint were replaced, not repeated
+    assert (
+        loss_table(run_dir) == reference
+    )  # steps logged after the checkpoint were replaced, not repeated
 
 
-def test_a_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(workspace, reference, tmp_path):
+def test_a_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(
+    workspace, reference, tmp_path
+):
     run_dir = tmp_path / "run"
-    run = Run(RECIPE, overrides(workspace, run_dir), tmp_path / "logs", extra_env={"INFOTOK_FAULT": "crash_in_save:6"})
+    run = Run(
+        RECIPE,
+        overrides(workspace, run_dir),
+        tmp_path / "logs",
+        extra_env={"INFOTOK_FAULT": "crash_in_save:6"},
+    )
     try:
-        run.procs[0].wait(timeout=600)  # rank 0 dies inside save(6), after DeepSpeed wrote its files
+        run.procs[0].wait(
+            timeout=600
+        )  # rank 0 dies inside save(6), after DeepSpeed wrote its files
     finally:
         run.kill()  # the other rank waits at the barrier
     root = run_dir / CHECKPOINT_DIR
     assert (root / "step_00000006").is_dir()  # the partial save is there...
-    assert latest_tag(root) == "step_00000004"  # ...but latest still names the previous complete one
+    assert (
+        latest_tag(root) == "step_00000004"
+    )  # ...but latest still names the previous complete one
     run_to_end(workspace, run_dir)
     assert loss_table(run_dir) == reference
 
@@ -124,14 +159,27 @@ def test_every_mode_trains(workspace, tmp_path, mode):
 
 
 def test_csa_logs_every_term(reference, workspace, tmp_path):
-    assert all(v is not None for row in reference for v in row), "a term is missing from metrics.jsonl"
+    assert all(v is not None for row in reference for v in row), (
+        "a term is missing from metrics.jsonl"
+    )
 
 
 def test_non_finite_losses_stop_the_run_without_a_corrupt_checkpoint(workspace, tmp_path):
     run_dir = tmp_path / "run"
-    run = Run(RECIPE, overrides(workspace, run_dir, **{"optim.lr": 1e30, "optim.warmup_steps": 0,
-                                                       "optim.grad_clip": 0.0, "max_nonfinite_steps": 3}),
-              tmp_path / "logs")
+    run = Run(
+        RECIPE,
+        overrides(
+            workspace,
+            run_dir,
+            **{
+                "optim.lr": 1e30,
+                "optim.warmup_steps": 0,
+                "optim.grad_clip": 0.0,
+                "max_nonfinite_steps": 3,
+            },
+        ),
+        tmp_path / "logs",
+    )
     codes = run.wait()
     assert all(c not in (0, EXIT_STOPPED) for c in codes), codes
     assert "consecutive steps with a non-finite loss" in run.output()
@@ -146,8 +194,20 @@ def test_export_drops_the_infotok_heads_and_matches_the_training_module(workspac
     run_dir = tmp_path / "run"
     run_to_end(workspace, run_dir, **{"steps": 2, "checkpoint.every": 2})
     out = tmp_path / "exported"
-    result = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(run_dir), "--output",
-                             str(out)], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.export",
+            "--checkpoint",
+            str(run_dir),
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "InfoTok tensors dropped" in result.stdout
 
@@ -156,13 +216,17 @@ def test_export_drops_the_infotok_heads_and_matches_the_training_module(workspac
     module_state = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert any(k.startswith("regularizer.") for k in module_state)
     trained = build_model(cfg.model)
-    trained.load_state_dict({k.removeprefix("adapter."): v for k, v in module_state.items()
-                             if k.startswith("adapter.")})
+    trained.load_state_dict(
+        {k.removeprefix("adapter."): v for k, v in module_state.items() if k.startswith("adapter.")}
+    )
     exported = adapter_class(cfg.model.family).from_pretrained(out)
     assert not any("regularizer" in k for k in exported.state_dict())
     loader = TwoStreamLoader(cfg.data, exported.processor, exported.collate)
     batch = next(iter(loader))["inputs"]
-    outputs = [model.eval()(batch, generator=torch.Generator().manual_seed(0)) for model in (trained, exported)]
+    outputs = [
+        model.eval()(batch, generator=torch.Generator().manual_seed(0))
+        for model in (trained, exported)
+    ]
     for name in ("loss_i2t", "loss_t2i", "z_u", "z_g"):
         assert torch.equal(getattr(outputs[0], name), getattr(outputs[1], name)), name
 
@@ -172,8 +236,11 @@ def test_the_deepspeed_json_cannot_disagree_with_the_recipe(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"gradient_clipping": 5.0, "zero_optimization": {"stage": 2}}))
     cfg.deepspeed = str(ds)
-    with pytest.raises(ConfigError, match=r"ds\.json: gradient_clipping is 5\.0 but the recipe gives 1\.0 "
-                                          r"\(from optim\.grad_clip\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"ds\.json: gradient_clipping is 5\.0 but the recipe gives 1\.0 "
+        r"\(from optim\.grad_clip\)",
+    ):
         deepspeed_config(cfg, world_size=2)
     ds.write_text(json.dumps({"train_batch_size": 64}))
     with pytest.raises(ConfigError, match="train_batch_size is 64 but the recipe gives 8 "):
@@ -181,12 +248,16 @@ def test_the_deepspeed_json_cannot_disagree_with_the_recipe(tmp_path):
     ds.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
     with pytest.raises(ConfigError, match="the LR schedule comes from the recipe"):
         deepspeed_config(cfg, world_size=2)
-    filled = deepspeed_config(load_train_config(RECIPE, ["data.i2t=[x]", "data.t2i=[x]"]), world_size=2)
+    filled = deepspeed_config(
+        load_train_config(RECIPE, ["data.i2t=[x]", "data.t2i=[x]"]), world_size=2
+    )
     assert filled["train_batch_size"] == 8 and filled["optimizer"]["params"]["lr"] == cfg.optim.lr
     assert filled["bf16"]["enabled"] is False and filled["zero_optimization"]["stage"] == 2
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml"))
+)
 def test_every_recipe_loads_and_validates(recipe):
     cfg = load_train_config(recipe, [])
     assert cfg.steps > 0 and cfg.model.family in ("showo2", "harmon", "openuni")

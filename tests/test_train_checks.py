@@ -25,17 +25,35 @@ def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("train_checks"))
 
 
-def run_train(workspace, tmp_path: Path, extra: list[str], recipe: str = RECIPE,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_train(
+    workspace,
+    tmp_path: Path,
+    extra: list[str],
+    recipe: str = RECIPE,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """One plain trainer process (no launcher); a run that gets past the checks trains 1 step."""
-    overrides = [f"run_dir={tmp_path / 'run'}", f"data.i2t=[{workspace['shards']}]",
-                 f"data.t2i=[{workspace['shards']}]", "steps=1", "data.num_workers=0",
-                 f"model.tokenizer_path={workspace['tokenizer']}", *extra]
-    clean = {k: v for k, v in os.environ.items()
-             if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.i2t=[{workspace['shards']}]",
+        f"data.t2i=[{workspace['shards']}]",
+        "steps=1",
+        "data.num_workers=0",
+        f"model.tokenizer_path={workspace['tokenizer']}",
+        *extra,
+    ]
+    clean = {
+        k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")
+    }
     clean.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pipeline.train", "--config", recipe, *overrides],
-                          cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--config", recipe, *overrides],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def deepspeed_json(tmp_path: Path, text: str) -> Path:
@@ -59,26 +77,57 @@ def empty_dir(tmp_path: Path) -> Path:
 Case = Callable[[Path], tuple[list[str], list[str]]]
 OPENUNI = "configs/tiny_openuni.yaml"
 CASES: dict[str, tuple[str, Case]] = {
-    "model.path": (RECIPE, lambda t: (
-        [f"model.path={t / 'no-model'}"], ["model.path", str(t / "no-model")])),
-    "model.tokenizer_path": (RECIPE, lambda t: (
-        [f"model.tokenizer_path={t / 'no-tok'}"], ["model.tokenizer_path", str(t / "no-tok")])),
-    "model.vae_path": (RECIPE, lambda t: (
-        [f"model.vae_path={t / 'no-vae.pth'}"], ["model.vae_path", str(t / "no-vae.pth")])),
-    "model.options.internvl_path": (OPENUNI, lambda t: (
-        [f"model.options.internvl_path={t / 'no-internvl'}"],
-        ["model.options.internvl_path", str(t / "no-internvl")])),
-    "data without manifest.json": (RECIPE, lambda t: (
-        [f"data.t2i=[{empty_dir(t)}]"], ["data.t2i", str(t / "empty" / "manifest.json")])),
-    "unreadable deepspeed JSON": (RECIPE, lambda t: (
-        [f"deepspeed={deepspeed_json(t, '{not json')}"], ["deepspeed: ", str(t / "ds.json")])),
-    "contradictory deepspeed JSON": (RECIPE, lambda t: (
-        [f"deepspeed={deepspeed_json(t, json.dumps({'gradient_clipping': 5.0}))}"],
-        ["deepspeed: ", str(t / "ds.json"), "gradient_clipping is 5.0", "optim.grad_clip"])),
-    "unwritable run_dir": (RECIPE, lambda t: (
-        [f"run_dir={file_under_a_file(t)}"], ["run_dir: ", str(t / "afile" / "run")])),
-    "resume path": (RECIPE, lambda t: (
-        [f"resume={t / 'no-run'}"], ["resume=", str(t / "no-run")])),
+    "model.path": (
+        RECIPE,
+        lambda t: ([f"model.path={t / 'no-model'}"], ["model.path", str(t / "no-model")]),
+    ),
+    "model.tokenizer_path": (
+        RECIPE,
+        lambda t: (
+            [f"model.tokenizer_path={t / 'no-tok'}"],
+            ["model.tokenizer_path", str(t / "no-tok")],
+        ),
+    ),
+    "model.vae_path": (
+        RECIPE,
+        lambda t: (
+            [f"model.vae_path={t / 'no-vae.pth'}"],
+            ["model.vae_path", str(t / "no-vae.pth")],
+        ),
+    ),
+    "model.options.internvl_path": (
+        OPENUNI,
+        lambda t: (
+            [f"model.options.internvl_path={t / 'no-internvl'}"],
+            ["model.options.internvl_path", str(t / "no-internvl")],
+        ),
+    ),
+    "data without manifest.json": (
+        RECIPE,
+        lambda t: (
+            [f"data.t2i=[{empty_dir(t)}]"],
+            ["data.t2i", str(t / "empty" / "manifest.json")],
+        ),
+    ),
+    "unreadable deepspeed JSON": (
+        RECIPE,
+        lambda t: (
+            [f"deepspeed={deepspeed_json(t, '{not json')}"],
+            ["deepspeed: ", str(t / "ds.json")],
+        ),
+    ),
+    "contradictory deepspeed JSON": (
+        RECIPE,
+        lambda t: (
+            [f"deepspeed={deepspeed_json(t, json.dumps({'gradient_clipping': 5.0}))}"],
+            ["deepspeed: ", str(t / "ds.json"), "gradient_clipping is 5.0", "optim.grad_clip"],
+        ),
+    ),
+    "unwritable run_dir": (
+        RECIPE,
+        lambda t: ([f"run_dir={file_under_a_file(t)}"], ["run_dir: ", str(t / "afile" / "run")]),
+    ),
+    "resume path": (RECIPE, lambda t: ([f"resume={t / 'no-run'}"], ["resume=", str(t / "no-run")])),
     "unknown key": (RECIPE, lambda t: (["optim.lrr=1"], ["command line: optim.lrr: unknown key"])),
 }
 
@@ -96,8 +145,10 @@ def test_a_bad_input_is_one_line_naming_the_key_and_exit_2(workspace, tmp_path, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-RANK_1 = {"torchrun": {"RANK": "1", "WORLD_SIZE": "2"},
-          "srun": {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}}
+RANK_1 = {
+    "torchrun": {"RANK": "1", "WORLD_SIZE": "2"},
+    "srun": {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"},
+}
 
 
 @pytest.mark.parametrize("env", RANK_1.values(), ids=RANK_1.keys())

@@ -28,8 +28,19 @@ def wait_for(predicate, run: Run, timeout: float = 300, what: str = "condition")
         raise AssertionError(str(e)) from None
 
 
-LOSS_KEYS = ("loss", "loss_i2t", "loss_t2i", "kl_u", "suff_u", "align_u", "kl_g", "suff_g", "align_g", "lr",
-             "grad_norm")
+LOSS_KEYS = (
+    "loss",
+    "loss_i2t",
+    "loss_t2i",
+    "kl_u",
+    "suff_u",
+    "align_u",
+    "kl_g",
+    "suff_g",
+    "align_g",
+    "lr",
+    "grad_norm",
+)
 
 
 def loss_table(run_dir: Path) -> list[tuple]:

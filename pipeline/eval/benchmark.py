@@ -36,13 +36,22 @@ def score_generation(meta: Mapping[str, Any], found: Sequence[Detection]) -> boo
     if category == "two_object":
         return _has(found, first["shape"]) and _has(found, second["shape"])
     if category == "color_attr":
-        return _has(found, first["shape"], first["color"]) and _has(found, second["shape"], second["color"])
+        return _has(found, first["shape"], first["color"]) and _has(
+            found, second["shape"], second["color"]
+        )
     if category == "position":
         i, wanted, j = meta["relation"]
         a_shape, b_shape = objects[i]["shape"], objects[j]["shape"]
-        return any(relation(a.as_scene_object(), b.as_scene_object()) == wanted
-                   for a in found if a.shape == a_shape for b in found if b.shape == b_shape and b is not a)
-    raise ValueError(f"meta.category: unknown GenEval category {category!r} (expected one of {GENEVAL_CATEGORIES})")
+        return any(
+            relation(a.as_scene_object(), b.as_scene_object()) == wanted
+            for a in found
+            if a.shape == a_shape
+            for b in found
+            if b.shape == b_shape and b is not a
+        )
+    raise ValueError(
+        f"meta.category: unknown GenEval category {category!r} (expected one of {GENEVAL_CATEGORIES})"
+    )
 
 
 def normalise_answer(text: str) -> str:
@@ -51,22 +60,32 @@ def normalise_answer(text: str) -> str:
 
 def score_answer(meta: Mapping[str, Any], expected: str, predicted: str) -> bool:
     if meta.get("question_type") not in QUESTION_TYPES:
-        raise ValueError(f"meta.question_type: {meta.get('question_type')!r} is not one of {QUESTION_TYPES}")
+        raise ValueError(
+            f"meta.question_type: {meta.get('question_type')!r} is not one of {QUESTION_TYPES}"
+        )
     return normalise_answer(predicted) == normalise_answer(expected)
 
 
-def generation_results(metas: Sequence[Mapping[str, Any]], images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+def generation_results(
+    metas: Sequence[Mapping[str, Any]], images: Sequence[Image.Image]
+) -> list[dict[str, Any]]:
     """Per generated image: category, correctness and what the detector found."""
     out = []
     for meta, image in zip(metas, images, strict=True):
         found = detect(image)
-        out.append({"category": meta["category"], "correct": score_generation(meta, found),
-                    "detections": [d.to_json() for d in found]})
+        out.append(
+            {
+                "category": meta["category"],
+                "correct": score_generation(meta, found),
+                "detections": [d.to_json() for d in found],
+            }
+        )
     return out
 
 
-def prompt_agnostic_results(metas: Sequence[Mapping[str, Any]],
-                            truths: Sequence[Image.Image]) -> list[dict[str, Any]]:
+def prompt_agnostic_results(
+    metas: Sequence[Mapping[str, Any]], truths: Sequence[Image.Image]
+) -> list[dict[str, Any]]:
     """Per record, the fraction of the other records' ground-truth images that satisfy its prompt: what
     a painter scores that draws flawless corpus scenes but ignores the prompt. The chance level of
     generation accuracy, as the majority answer is for understanding."""
@@ -78,7 +97,9 @@ def prompt_agnostic_results(metas: Sequence[Mapping[str, Any]],
     return out
 
 
-def accuracy_by(results: Iterable[Mapping[str, Any]], key: str, order: Sequence[str]) -> dict[str, dict[str, float]]:
+def accuracy_by(
+    results: Iterable[Mapping[str, Any]], key: str, order: Sequence[str]
+) -> dict[str, dict[str, float]]:
     """``{group: {"accuracy", "n", "se"}}`` in ``order`` (groups with no sample are left out), plus
     ``overall`` as the mean over groups (GenEval's convention).
 
@@ -91,9 +112,11 @@ def accuracy_by(results: Iterable[Mapping[str, Any]], key: str, order: Sequence[
         groups[r[key]].append(float(r["correct"]))
     table = {g: _mean_and_se(groups[g]) for g in order if groups[g]}
     if table:
-        table["overall"] = {"accuracy": sum(v["accuracy"] for v in table.values()) / len(table),
-                            "n": sum(v["n"] for v in table.values()),
-                            "se": math.sqrt(sum(v["se"] ** 2 for v in table.values())) / len(table)}
+        table["overall"] = {
+            "accuracy": sum(v["accuracy"] for v in table.values()) / len(table),
+            "n": sum(v["n"] for v in table.values()),
+            "se": math.sqrt(sum(v["se"] ** 2 for v in table.values())) / len(table),
+        }
     return table
 
 
@@ -103,7 +126,9 @@ def _mean_and_se(values: Sequence[float]) -> dict[str, float]:
     return {"accuracy": mean, "n": len(values), "se": math.sqrt(variance / len(values))}
 
 
-def majority_baseline(results: Sequence[Mapping[str, Any]], order: Sequence[str]) -> dict[str, dict[str, float]]:
+def majority_baseline(
+    results: Sequence[Mapping[str, Any]], order: Sequence[str]
+) -> dict[str, dict[str, float]]:
     """What answering every question with the most common expected answer of its type scores on
     these items (an optimistic prior-only reference: the majority is taken on the items themselves;
     ties go to the alphabetically first answer). Same layout as :func:`accuracy_by`."""
@@ -111,6 +136,14 @@ def majority_baseline(results: Sequence[Mapping[str, Any]], order: Sequence[str]
     for r in results:
         answers[r["question_type"]][normalise_answer(r["expected"])] += 1
     majority = {t: min(c, key=lambda a: (-c[a], a)) for t, c in answers.items()}
-    return accuracy_by([{"question_type": r["question_type"],
-                         "correct": normalise_answer(r["expected"]) == majority[r["question_type"]]}
-                        for r in results], "question_type", order)
+    return accuracy_by(
+        [
+            {
+                "question_type": r["question_type"],
+                "correct": normalise_answer(r["expected"]) == majority[r["question_type"]],
+            }
+            for r in results
+        ],
+        "question_type",
+        order,
+    )

@@ -48,7 +48,9 @@ def linear_cka(x: np.ndarray, y: np.ndarray, *, debiased: bool = True) -> float:
     """Linear CKA of ``x`` [n, p] and ``y`` [n, q] (same examples, row by row)."""
     x, y = _as_matrix(x, "x"), _as_matrix(y, "y")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y hold different numbers of examples: {x.shape[0]} vs {y.shape[0]}")
+        raise ValueError(
+            f"x and y hold different numbers of examples: {x.shape[0]} vs {y.shape[0]}"
+        )
     if x.shape[0] < 2:
         raise ValueError("CKA needs at least 2 examples")
     k, l = x @ x.T, y @ y.T
@@ -69,12 +71,25 @@ class CKAEstimate:
     debiased: bool
 
     def to_json(self) -> dict[str, float | int | bool]:
-        return {"value": self.value, "ci_low": self.low, "ci_high": self.high, "confidence": self.confidence,
-                "resamples": self.resamples, "debiased": self.debiased}
+        return {
+            "value": self.value,
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "confidence": self.confidence,
+            "resamples": self.resamples,
+            "debiased": self.debiased,
+        }
 
 
-def bootstrap_cka(x: np.ndarray, y: np.ndarray, *, debiased: bool = True, resamples: int = 200,
-                  confidence: float = 0.95, seed: int = 0) -> CKAEstimate:
+def bootstrap_cka(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    debiased: bool = True,
+    resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> CKAEstimate:
     """CKA with a percentile bootstrap CI over examples (resampled pairs, a seeded RNG).
 
     A resample draws examples with replacement; duplicated rows would make the unbiased estimator's

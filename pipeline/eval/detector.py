@@ -48,8 +48,14 @@ class Detection:
         return SceneObject(self.shape, self.color, self.box)
 
     def to_json(self) -> dict[str, Any]:
-        return {"shape": self.shape, "color": self.color, "bbox": list(self.box), "center": list(self.center),
-                "iou": round(self.iou, 4), "area": self.area}
+        return {
+            "shape": self.shape,
+            "color": self.color,
+            "bbox": list(self.box),
+            "center": list(self.center),
+            "iou": round(self.iou, 4),
+            "area": self.area,
+        }
 
 
 def colour_labels(image: Image.Image, max_distance: float = MAX_DISTANCE) -> np.ndarray:
@@ -70,8 +76,9 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     labels = np.where(mask, np.arange(big).reshape(h, w), big)
     while True:
         pad = np.pad(labels, 1, constant_values=big)
-        neighbours = np.minimum.reduce([pad[1:-1, 1:-1], pad[:-2, 1:-1], pad[2:, 1:-1], pad[1:-1, :-2],
-                                        pad[1:-1, 2:]])
+        neighbours = np.minimum.reduce(
+            [pad[1:-1, 1:-1], pad[:-2, 1:-1], pad[2:, 1:-1], pad[1:-1, :-2], pad[1:-1, 2:]]
+        )
         updated = np.where(mask, neighbours, big)
         if np.array_equal(updated, labels):
             break
@@ -101,7 +108,9 @@ def classify(mask: np.ndarray) -> tuple[str, float, tuple[int, int, int, int]]:
     return best[0], best[1], box
 
 
-def detect(image: Image.Image, *, max_distance: float = MAX_DISTANCE, min_iou: float = MIN_IOU) -> list[Detection]:
+def detect(
+    image: Image.Image, *, max_distance: float = MAX_DISTANCE, min_iou: float = MIN_IOU
+) -> list[Detection]:
     """The shapes drawn in ``image``, left to right then top to bottom."""
     labels = colour_labels(image, max_distance)
     low, high = (side * min(image.size) for side in scenes.SIDE_FRACTION)
@@ -124,15 +133,25 @@ def detect(image: Image.Image, *, max_distance: float = MAX_DISTANCE, min_iou: f
     return sorted(found, key=lambda d: (d.center[0], d.center[1], d.color))
 
 
-def matches_scene(detections: Sequence[Detection], scene: Mapping[str, Any], tolerance: int = 1) -> bool:
+def matches_scene(
+    detections: Sequence[Detection], scene: Mapping[str, Any], tolerance: int = 1
+) -> bool:
     """Every object of a ``Scene.to_json()`` found once with its shape, colour and box (± ``tolerance`` px),
     and nothing else."""
     wanted = list(scene["objects"])
     if len(wanted) != len(detections):
         return False
     for d in detections:
-        hit = next((o for o in wanted if o["shape"] == d.shape and o["color"] == d.color
-                    and max(abs(a - b) for a, b in zip(o["bbox"], d.box)) <= tolerance), None)
+        hit = next(
+            (
+                o
+                for o in wanted
+                if o["shape"] == d.shape
+                and o["color"] == d.color
+                and max(abs(a - b) for a, b in zip(o["bbox"], d.box)) <= tolerance
+            ),
+            None,
+        )
         if hit is None:
             return False
         wanted.remove(hit)

@@ -39,15 +39,23 @@ def load_run(path: Path, step: int | None = None) -> EvalModel:
     return EvalModel(objective, cfg, run_dir, ckpt.step, str(ckpt.source))
 
 
-def load_model_dir(path: Path, tokenizer_path: str | None = None, vae_path: str | None = None) -> EvalModel:
+def load_model_dir(
+    path: Path, tokenizer_path: str | None = None, vae_path: str | None = None
+) -> EvalModel:
     config_file = path / "config.json"
     try:
         family = read_adapter_record(config_file)["family"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise FileNotFoundError(f"{path}: neither a training run (no {CHECKPOINT_DIR}/{LATEST}) nor a "
-                                f"model directory written by pipeline.export ({config_file} without "
-                                f"{ADAPTER_CONFIG_KEY})") from None
-    kwargs = {k: v for k, v in {"tokenizer_path": tokenizer_path, "vae_path": vae_path}.items() if v is not None}
+        raise FileNotFoundError(
+            f"{path}: neither a training run (no {CHECKPOINT_DIR}/{LATEST}) nor a "
+            f"model directory written by pipeline.export ({config_file} without "
+            f"{ADAPTER_CONFIG_KEY})"
+        ) from None
+    kwargs = {
+        k: v
+        for k, v in {"tokenizer_path": tokenizer_path, "vae_path": vae_path}.items()
+        if v is not None
+    }
     adapter = adapter_class(family).from_pretrained(path, **kwargs)
     return EvalModel(wrap_adapter(adapter, InfoTokConfig(mode="off")), None, None, None, str(path))
 

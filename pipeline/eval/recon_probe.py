@@ -46,13 +46,21 @@ class ProbeConfig:
 
 def probe_sample(image: Image.Image, index: int) -> dict[str, Any]:
     """A minimal I2T record around ``image``, so the family processor prepares it as in training."""
-    return {"__key__": f"probe{index:06d}", "task": "i2t", "image": image.convert("RGB"),
-            "messages": [{"role": "user", "content": "<image>\nDescribe the image."},
-                         {"role": "assistant", "content": "An image."}]}
+    return {
+        "__key__": f"probe{index:06d}",
+        "task": "i2t",
+        "image": image.convert("RGB"),
+        "messages": [
+            {"role": "user", "content": "<image>\nDescribe the image."},
+            {"role": "assistant", "content": "An image."},
+        ],
+    }
 
 
 @torch.no_grad()
-def shared_tokens(adapter: MLLMAdapter, images: Sequence[Image.Image], batch_size: int, seed: int = 0) -> Tensor:
+def shared_tokens(
+    adapter: MLLMAdapter, images: Sequence[Image.Image], batch_size: int, seed: int = 0
+) -> Tensor:
     """``z_u`` [n, N, D] (float32) of ``images`` from the frozen adapter in eval mode."""
     if adapter.processor is None:
         raise ValueError("the reconstruction probe needs the model's processor (a tokenizer)")
@@ -60,8 +68,10 @@ def shared_tokens(adapter: MLLMAdapter, images: Sequence[Image.Image], batch_siz
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     for start in range(0, len(images), batch_size):
-        samples = [adapter.processor(probe_sample(im, start + i))
-                   for i, im in enumerate(images[start:start + batch_size])]
+        samples = [
+            adapter.processor(probe_sample(im, start + i))
+            for i, im in enumerate(images[start : start + batch_size])
+        ]
         out = adapter(adapter.collate(samples), generator=generator)
         chunks.append(out.z_u.float())
     return torch.cat(chunks)
@@ -73,7 +83,11 @@ def targets(images: Sequence[Image.Image], size: int) -> Tensor:
     for im in images:
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
-        square = im.convert("RGB").crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        square = (
+            im.convert("RGB")
+            .crop((left, top, left + side, top + side))
+            .resize((size, size), Image.BICUBIC)
+        )
         out.append(torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(out)
 
@@ -87,9 +101,15 @@ class TokenDecoder(nn.Module):
     def __init__(self, dim: int, grid: int, patch: int, hidden: int):
         super().__init__()
         self.grid, self.patch = grid, patch
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, 3 * patch * patch))
-        self.refine = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 3, 3, padding=1))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 3 * patch * patch),
+        )
+        self.refine = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 3, 3, padding=1)
+        )
 
     def forward(self, tokens: Tensor) -> Tensor:
         g, p = self.grid, self.patch
@@ -134,7 +154,7 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
 
 def gaussian_window(size: int, sigma: float) -> Tensor:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords**2 / (2 * sigma**2))
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
     g = g / g.sum()
     return g[:, None] * g[None, :]
 
@@ -157,7 +177,9 @@ def ssim(x: Tensor, y: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
     var_x = filt(x * x) - mu_x**2
     var_y = filt(y * y) - mu_y**2
     cov = filt(x * y) - mu_x * mu_y
-    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
     return index.flatten(1).mean(1).float()
 
 
@@ -171,20 +193,26 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     ``|μa − μb|² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½)`` (the trace term is symmetric and real this way)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two feature sets [n >= 2, F] of one width, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"need two feature sets [n >= 2, F] of one width, got {a.shape} and {b.shape}"
+        )
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     root_a = _sqrtm_psd(cov_a)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
-    return float(max(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross, 0.0))
+    return float(
+        max(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross, 0.0)
+    )
 
 
 def load_inception(path: Path) -> FeatureExtractor:
     """A local TorchScript Inception feature network in the StyleGAN/clean-fid convention
     (``inception-2015-12-05.pt``): ``net(uint8 images [B, 3, H, W], return_features=True)`` → [B, 2048]."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--inception {path}: no such file (a TorchScript Inception network; nothing is "
-                                f"downloaded)")
+        raise FileNotFoundError(
+            f"--inception {path}: no such file (a TorchScript Inception network; nothing is "
+            f"downloaded)"
+        )
     net = torch.jit.load(str(path), map_location="cpu").eval()
 
     @torch.no_grad()
@@ -197,7 +225,9 @@ def load_inception(path: Path) -> FeatureExtractor:
 def fid(extractor: FeatureExtractor, real: Tensor, fake: Tensor, batch_size: int = 32) -> float:
     def features(images: Tensor) -> np.ndarray:
         with torch.no_grad():
-            return torch.cat([extractor(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
+            return torch.cat(
+                [extractor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+            ).numpy()
 
     return frechet_distance(features(real), features(fake))
 
@@ -212,28 +242,41 @@ class ProbeResult:
     reconstructions: Tensor  # the decoder's output for them
 
 
-def run_probe(adapter: MLLMAdapter, images: Sequence[Image.Image], cfg: ProbeConfig,
-              inception: FeatureExtractor | None = None, token_batch: int = 8) -> ProbeResult:
+def run_probe(
+    adapter: MLLMAdapter,
+    images: Sequence[Image.Image],
+    cfg: ProbeConfig,
+    inception: FeatureExtractor | None = None,
+    token_batch: int = 8,
+) -> ProbeResult:
     """Train on the first ``cfg.train_images`` images, report on the next ``cfg.test_images``."""
     need = cfg.train_images + cfg.test_images
     if len(images) < need or cfg.test_images < 2:
-        raise ValueError(f"reconstruction probe: needs {cfg.train_images} + {cfg.test_images} images (test >= 2), "
-                         f"the data has {len(images)}")
+        raise ValueError(
+            f"reconstruction probe: needs {cfg.train_images} + {cfg.test_images} images (test >= 2), "
+            f"the data has {len(images)}"
+        )
     tokens = shared_tokens(adapter, images[:need], token_batch, cfg.seed)
     grid = token_grid(tokens.shape[1])
     size = max(cfg.size // grid, 1) * grid
     pixels = targets(images[:need], size)
-    train_x, test_x = tokens[: cfg.train_images], tokens[cfg.train_images:]
-    train_y, test_y = pixels[: cfg.train_images], pixels[cfg.train_images:]
+    train_x, test_x = tokens[: cfg.train_images], tokens[cfg.train_images :]
+    train_y, test_y = pixels[: cfg.train_images], pixels[cfg.train_images :]
     decoder = train_decoder(train_x, train_y, cfg)
     with torch.no_grad():
         recon = decoder(test_x).clamp(0, 1)
     baseline = train_y.mean(0, keepdim=True).expand_as(test_y)
     metrics: dict[str, Any] = {
-        "psnr": float(psnr(recon, test_y).mean()), "ssim": float(ssim(recon, test_y).mean()),
-        "baseline_mean_image": {"psnr": float(psnr(baseline, test_y).mean()),
-                                "ssim": float(ssim(baseline, test_y).mean())},
-        "fid": None, "token_grid": grid, "num_tokens": int(tokens.shape[1]), "resolution": size,
+        "psnr": float(psnr(recon, test_y).mean()),
+        "ssim": float(ssim(recon, test_y).mean()),
+        "baseline_mean_image": {
+            "psnr": float(psnr(baseline, test_y).mean()),
+            "ssim": float(ssim(baseline, test_y).mean()),
+        },
+        "fid": None,
+        "token_grid": grid,
+        "num_tokens": int(tokens.shape[1]),
+        "resolution": size,
         "config": asdict(cfg),
     }
     if inception is not None:

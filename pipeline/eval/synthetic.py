@@ -28,19 +28,35 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 @torch.no_grad()
-def understanding(adapter: MLLMAdapter, datasets: Sequence[str], limit: int, batch_size: int) -> dict[str, Any]:
+def understanding(
+    adapter: MLLMAdapter, datasets: Sequence[str], limit: int, batch_size: int
+) -> dict[str, Any]:
     samples = benchmark_samples(datasets, "i2t", limit)
     results = []
     for chunk in _chunks(samples, batch_size):
         qa = [question_and_answer(s) for s in chunk]
         predicted = adapter.answer([s["image"] for s in chunk], [q for q, _ in qa])
         for s, (question, expected), answer in zip(chunk, qa, predicted, strict=True):
-            results.append({"key": s["__key__"], "question_type": s["meta"]["question_type"],
-                            "scene": scene_group(s["meta"]), "question": question, "expected": expected,
-                            "predicted": answer, "correct": score_answer(s["meta"], expected, answer)})
-    by_scene = {g: v for g, v in accuracy_by(results, "scene", SCENE_GROUPS).items() if g != "overall"}
-    return {"accuracy": accuracy_by(results, "question_type", QUESTION_TYPES),
-            "majority_baseline": majority_baseline(results, QUESTION_TYPES), "by_scene": by_scene, "results": results}
+            results.append(
+                {
+                    "key": s["__key__"],
+                    "question_type": s["meta"]["question_type"],
+                    "scene": scene_group(s["meta"]),
+                    "question": question,
+                    "expected": expected,
+                    "predicted": answer,
+                    "correct": score_answer(s["meta"], expected, answer),
+                }
+            )
+    by_scene = {
+        g: v for g, v in accuracy_by(results, "scene", SCENE_GROUPS).items() if g != "overall"
+    }
+    return {
+        "accuracy": accuracy_by(results, "question_type", QUESTION_TYPES),
+        "majority_baseline": majority_baseline(results, QUESTION_TYPES),
+        "by_scene": by_scene,
+        "results": results,
+    }
 
 
 def scene_group(meta: dict[str, Any]) -> str:
@@ -51,8 +67,9 @@ def scene_group(meta: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def generation(adapter: MLLMAdapter, datasets: Sequence[str], limit: int, batch_size: int,
-               seed: int = 0) -> dict[str, Any]:
+def generation(
+    adapter: MLLMAdapter, datasets: Sequence[str], limit: int, batch_size: int, seed: int = 0
+) -> dict[str, Any]:
     samples = benchmark_samples(datasets, "t2i", limit)
     generator = torch.Generator().manual_seed(seed)
     results, images = [], []
@@ -63,6 +80,9 @@ def generation(adapter: MLLMAdapter, datasets: Sequence[str], limit: int, batch_
             results.append({"key": s["__key__"], "prompt": s["prompt"], **r})
         images.extend(generated)
     chance = prompt_agnostic_results([s["meta"] for s in samples], [s["image"] for s in samples])
-    return {"accuracy": accuracy_by(results, "category", GENEVAL_CATEGORIES),
-            "prompt_agnostic_baseline": accuracy_by(chance, "category", GENEVAL_CATEGORIES),
-            "results": results, "images": images}
+    return {
+        "accuracy": accuracy_by(results, "category", GENEVAL_CATEGORIES),
+        "prompt_agnostic_baseline": accuracy_by(chance, "category", GENEVAL_CATEGORIES),
+        "results": results,
+        "images": images,
+    }

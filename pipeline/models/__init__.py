@@ -28,8 +28,9 @@ def family_specs() -> dict[str, FamilySpec]:
 def family_spec(family: str, *, source: str = "model", key: str = "model.family") -> FamilySpec:
     specs = family_specs()
     if family not in specs:
-        raise ConfigError(f"{source}: {key}: unknown family {family!r} "
-                          f"(available: {', '.join(sorted(specs))})")
+        raise ConfigError(
+            f"{source}: {key}: unknown family {family!r} (available: {', '.join(sorted(specs))})"
+        )
     return specs[family]
 
 
@@ -42,5 +43,14 @@ def build_model(config: ModelConfig) -> MLLMAdapter:
     return adapter_class(config.family).build(config)
 
 
-__all__ = ["FamilySpec", "MLLMAdapter", "MLLMOutput", "ModelConfig", "Requirement", "adapter_class",
-           "build_model", "family_spec", "family_specs"]
+__all__ = [
+    "FamilySpec",
+    "MLLMAdapter",
+    "MLLMOutput",
+    "ModelConfig",
+    "Requirement",
+    "adapter_class",
+    "build_model",
+    "family_spec",
+    "family_specs",
+]

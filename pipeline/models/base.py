@@ -22,8 +22,16 @@ from pipeline.models.common.presets import preset_config
 from pipeline.models.common.qwen import QwenConfig
 from pipeline.models.common.weights import save_state_dict
 
-INFOTOK_INPUT_KEYS = ("z_u", "z_g", "text_u", "text_g", "answer_ids", "answer_mask", "target_patches",
-                      "target_mask")
+INFOTOK_INPUT_KEYS = (
+    "z_u",
+    "z_g",
+    "text_u",
+    "text_g",
+    "answer_ids",
+    "answer_mask",
+    "target_patches",
+    "target_mask",
+)
 
 
 @dataclass
@@ -31,21 +39,34 @@ class ModelConfig:
     """Which model to build: the family, its preset, local weights and family-specific options."""
 
     family: str = param("showo2", help="model family: showo2, harmon or openuni")
-    preset: str = param("1.5b", help="named size of the family (e.g. 1.5b, 7b, tiny); a path's config wins")
-    path: str | None = param(None, help="local checkpoint directory (released or exported); null = random init")
-    vae_path: str | None = param(None, help="local VAE weights (file or diffusers directory) when not in path")
+    preset: str = param(
+        "1.5b", help="named size of the family (e.g. 1.5b, 7b, tiny); a path's config wins"
+    )
+    path: str | None = param(
+        None, help="local checkpoint directory (released or exported); null = random init"
+    )
+    vae_path: str | None = param(
+        None, help="local VAE weights (file or diffusers directory) when not in path"
+    )
     tokenizer_path: str | None = param(None, help="local tokenizer directory when not in path")
-    options: dict[str, Any] = param(default_factory=dict,
-                                    help="the family's options on top of the preset, validated "
-                                         "against the family's typed options (its config.py)")
+    options: dict[str, Any] = param(
+        default_factory=dict,
+        help="the family's options on top of the preset, validated "
+        "against the family's typed options (its config.py)",
+    )
 
     def check(self, source: str, prefix: str) -> None:
         """The family exists and ``options`` are valid for it (called by ``from_dict``)."""
         from pipeline.models import family_spec
 
         spec = family_spec(self.family, source=source, key=f"{prefix}family")
-        spec.resolve_options(self.preset, self.options, source=source, prefix=prefix,
-                             pretrained=self.path is not None)
+        spec.resolve_options(
+            self.preset,
+            self.options,
+            source=source,
+            prefix=prefix,
+            pretrained=self.path is not None,
+        )
 
 
 @dataclass(frozen=True)
@@ -86,8 +107,15 @@ class FamilySpec:
     """Dotted paths of the ``nn.ModuleList``s of repeated blocks (for activation checkpointing
     and an FSDP2 wrap)."""
 
-    def resolve_options(self, preset: str, options: Mapping[str, Any], *, source: str = "model",
-                        prefix: str = "model.", pretrained: bool = False) -> Any:
+    def resolve_options(
+        self,
+        preset: str,
+        options: Mapping[str, Any],
+        *,
+        source: str = "model",
+        prefix: str = "model.",
+        pretrained: bool = False,
+    ) -> Any:
         """The typed options: ``preset`` with ``options`` on top, validated.
 
         A pretrained model takes its size from its own files, so an unknown ``preset`` then only
@@ -95,8 +123,9 @@ class FamilySpec:
         """
         if preset not in self.presets and pretrained:
             preset = next(iter(self.presets))
-        return preset_config(self.options, self.presets, self.title, preset, dict(options), source,
-                             prefix=prefix)
+        return preset_config(
+            self.options, self.presets, self.title, preset, dict(options), source, prefix=prefix
+        )
 
 
 @dataclass
@@ -186,8 +215,13 @@ class MLLMAdapter(nn.Module, ABC):
     processor: Processor
 
     @abstractmethod
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
-                infotok_inputs: bool = True) -> MLLMOutput:
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        *,
+        infotok_inputs: bool = True,
+    ) -> MLLMOutput:
         """Task losses and InfoTok inputs for a collated batch; ``generator`` drives all noise.
 
         ``infotok_inputs=False`` skips the work only InfoTok needs (the clean ``V_enc`` pass over
@@ -214,11 +248,15 @@ class MLLMAdapter(nn.Module, ABC):
         """Text-to-image sampling with classifier-free guidance."""
 
     @abstractmethod
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], **kwargs: Any) -> list[str]:
+    def answer(
+        self, images: Sequence[Image.Image], questions: Sequence[str], **kwargs: Any
+    ) -> list[str]:
         """Greedy answers to one question per image."""
 
     @abstractmethod
-    def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def autoencoder_pass(
+        self, pixels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The frozen autoencoder as an autoencoder, for training it when a tiny original model is made
         (``experiments.ablate``): pixels [B, 3, H, W] in [-1, 1] → (reconstruction in the same layout,
         mean KL of the posterior to N(0, I), 0 for a deterministic autoencoder). The latents are a
@@ -237,14 +275,20 @@ class MLLMAdapter(nn.Module, ABC):
         """The embedding rows: ``llm.vocab_size``, or the tokenizer's length when that is null."""
         vocab = configured or (len(tokenizer) if tokenizer is not None else None)
         if vocab is None:
-            raise ConfigError("model.options.llm.vocab_size is null and no tokenizer was given to size it")
+            raise ConfigError(
+                "model.options.llm.vocab_size is null and no tokenizer was given to size it"
+            )
         if tokenizer is not None and len(tokenizer) > vocab:
-            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {vocab} rows")
+            raise ConfigError(
+                f"tokenizer has {len(tokenizer)} tokens but the embedding only {vocab} rows"
+            )
         return vocab
 
     def _set_trainable(self) -> None:
         """``requires_grad`` by name: ``ENCODER_PREFIXES`` plus the ``config.trainable`` groups."""
-        trained = self.ENCODER_PREFIXES + tuple(p for g in self.config.trainable for p in self.TRAINABLE_GROUPS[g])
+        trained = self.ENCODER_PREFIXES + tuple(
+            p for g in self.config.trainable for p in self.TRAINABLE_GROUPS[g]
+        )
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(name.startswith(trained))
 
@@ -252,8 +296,12 @@ class MLLMAdapter(nn.Module, ABC):
         """``{"token_dim": D, "text_dim": T, "vocab_size": V, "latent_patch_dim": P}``; tokens and
         pooled text both live in the LLM width."""
         width = self.config.llm.hidden_size
-        return {"token_dim": width, "text_dim": width, "vocab_size": self.vocab_size,
-                "latent_patch_dim": self.config.latent_patch_dim}
+        return {
+            "token_dim": width,
+            "text_dim": width,
+            "vocab_size": self.vocab_size,
+            "latent_patch_dim": self.config.latent_patch_dim,
+        }
 
     def saved_config(self) -> dict[str, Any]:
         """The config as ``save_pretrained`` records it: ``llm.vocab_size`` resolved."""
@@ -261,12 +309,16 @@ class MLLMAdapter(nn.Module, ABC):
         config["llm"]["vocab_size"] = self.vocab_size
         return config
 
-    def _save_weights(self, path: Path, *, tied_lm_head: str | None = None,
-                      prefix: str = "") -> None:
+    def _save_weights(
+        self, path: Path, *, tied_lm_head: str | None = None, prefix: str = ""
+    ) -> None:
         """The tensors under ``prefix`` (stripped) as safetensors in ``path``, without the tied
         ``lm_head`` weight when the config ties it, and the tokenizer beside them."""
-        state = {k.removeprefix(prefix): v for k, v in self.checkpoint_state_dict().items()
-                 if k.startswith(prefix)}
+        state = {
+            k.removeprefix(prefix): v
+            for k, v in self.checkpoint_state_dict().items()
+            if k.startswith(prefix)
+        }
         if tied_lm_head is not None and self.config.llm.tie_word_embeddings:
             state.pop(tied_lm_head)
         save_state_dict(state, path)

@@ -10,8 +10,13 @@ from transformers import PreTrainedTokenizerBase
 
 
 @torch.no_grad()
-def greedy_decode(hidden: Tensor, step: Callable[[Tensor], Tensor], lm_head: nn.Module, eos: int,
-                  max_new_tokens: int) -> list[list[int]]:
+def greedy_decode(
+    hidden: Tensor,
+    step: Callable[[Tensor], Tensor],
+    lm_head: nn.Module,
+    eos: int,
+    max_new_tokens: int,
+) -> list[list[int]]:
     """Token ids of each row up to (without) ``eos``.
 
     ``hidden`` [B, L, D] are the last hidden states of the (cached) prompts; ``step(next_ids [B])``

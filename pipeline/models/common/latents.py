@@ -22,8 +22,9 @@ def patchify(latents: Tensor, patch: int, order: PatchOrder) -> Tensor:
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
-def unpatchify(rows: Tensor, channels: int, patch: int, grid: tuple[int, int],
-               order: PatchOrder) -> Tensor:
+def unpatchify(
+    rows: Tensor, channels: int, patch: int, grid: tuple[int, int], order: PatchOrder
+) -> Tensor:
     """Inverse of :func:`patchify`: [B, h·w, C·p·p] → [B, C, h·p, w·p] for the token ``grid``
     (h, w)."""
     b, (h, w) = rows.shape[0], grid

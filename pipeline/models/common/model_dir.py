@@ -11,8 +11,9 @@ from typing import Any
 ADAPTER_CONFIG_KEY = "_infotok_adapter"
 
 
-def write_config_json(path: Path, official: dict[str, Any], family: str,
-                      config: dict[str, Any]) -> None:
+def write_config_json(
+    path: Path, official: dict[str, Any], family: str, config: dict[str, Any]
+) -> None:
     """``path/config.json``: the released model's own fields, then the adapter record."""
     record = {**official, ADAPTER_CONFIG_KEY: {"family": family, "config": config}}
     (path / "config.json").write_text(json.dumps(record, indent=2) + "\n")

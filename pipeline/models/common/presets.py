@@ -22,14 +22,24 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def preset_config(cls: type[T], presets: Mapping[str, Mapping[str, Any]], family: str, preset: str,
-                  options: dict[str, Any] | None, source: str, *, prefix: str = "") -> T:
+def preset_config(
+    cls: type[T],
+    presets: Mapping[str, Mapping[str, Any]],
+    family: str,
+    preset: str,
+    options: dict[str, Any] | None,
+    source: str,
+    *,
+    prefix: str = "",
+) -> T:
     """A validated ``cls``: the named preset with ``options`` (nested, same keys) on top.
 
     Errors name ``{prefix}preset`` or ``{prefix}options.<key>`` (``prefix`` e.g. ``"model."``).
     """
     if preset not in presets:
-        raise ConfigError(f"{source}: {prefix}preset: unknown {family} preset {preset!r} "
-                          f"(valid: {', '.join(presets)})")
+        raise ConfigError(
+            f"{source}: {prefix}preset: unknown {family} preset {preset!r} "
+            f"(valid: {', '.join(presets)})"
+        )
     merged = deep_merge(dict(presets[preset]), options or {})
     return from_dict(cls, merged, source=source, prefix=f"{prefix}options.")

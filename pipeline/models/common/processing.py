@@ -27,5 +27,11 @@ def prompt_dropped(sample: Mapping[str, Any], seed: int, probability: float) -> 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] → PIL images (Harmon's and OpenUni's ``clamp(127.5·x + 128, 0, 255)``)."""
-    array = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    array = (
+        torch.clamp(127.5 * images.float() + 128.0, 0, 255)
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     return [Image.fromarray(a) for a in array]

@@ -30,8 +30,12 @@ class QwenConfig:
     tie_word_embeddings: bool = param(True, help="whether lm_head shares embed_tokens' weight")
 
 
-def qwen2_config(llm: QwenConfig, vocab_size: int, attn_implementation: str,
-                 rope_parameters: dict[str, Any] | None = None) -> Qwen2Config:
+def qwen2_config(
+    llm: QwenConfig,
+    vocab_size: int,
+    attn_implementation: str,
+    rope_parameters: dict[str, Any] | None = None,
+) -> Qwen2Config:
     """``Qwen2Config`` for ``Qwen2ForCausalLM``; RoPE is the default kind unless
     ``rope_parameters`` says."""
     return Qwen2Config(

@@ -47,8 +47,9 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
-def left_pad_prompts(sequences: Sequence[dict[str, Tensor | int]], pad_id: int,
-                     device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def left_pad_prompts(
+    sequences: Sequence[dict[str, Tensor | int]], pad_id: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
     """Prompts of one image each, left-padded for batched decoding: token ids [B, L], each
     prompt's ``image_offset`` moved by its padding [B], and the mask of real tokens [B, L]."""
     rows = [s["input_ids"] for s in sequences]

@@ -21,10 +21,17 @@ from transformers import PreTrainedTokenizerFast
 from data_prep.synthetic import TEXT_FIELDS, make_record
 
 QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
     "<|video_pad|>",
 ]
-TEMPLATE_TEXT = "system\nYou are a helpful assistant.\nuser\nassistant\nGenerate an image: Generate an image."
+TEMPLATE_TEXT = (
+    "system\nYou are a helpful assistant.\nuser\nassistant\nGenerate an image: Generate an image."
+)
 
 
 def corpus_text(records: int = 3000, seed: int = 0) -> list[str]:
@@ -42,7 +49,9 @@ def make_tokenizer(directory: str | Path, vocab_size: int = 512) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(corpus_text() + [TEMPLATE_TEXT], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
@@ -52,7 +61,9 @@ def make_tokenizer(directory: str | Path, vocab_size: int = 512) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("output", help="directory to write the tokenizer files to")
     print(f"wrote {make_tokenizer(parser.parse_args().output)}")
 

@@ -16,7 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 # Searched in this order; the first name present wins.
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.safetensors.index.json", "pytorch_model.bin.index.json")
+_INDEX_FILES = (
+    "model.safetensors.index.json",
+    "pytorch_model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin")
 
 
@@ -36,7 +40,9 @@ def find_weight_files(directory: str | Path) -> list[Path]:
             files = [directory / f for f in sorted(set(weight_map.values()))]
             absent = [str(f) for f in files if not f.is_file()]
             if absent:
-                raise FileNotFoundError(f"{index} names shards that do not exist: {', '.join(absent)}")
+                raise FileNotFoundError(
+                    f"{index} names shards that do not exist: {', '.join(absent)}"
+                )
             return files
     for name in _SINGLE_FILES:
         if (directory / name).is_file():
@@ -61,7 +67,9 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_state_dict(state: dict[str, torch.Tensor], directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_state_dict(
+    state: dict[str, torch.Tensor], directory: str | Path, max_shard_bytes: int = 5 * 2**30
+) -> None:
     """Write ``state`` as safetensors, sharded with a standard index when larger than one shard."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -84,7 +92,9 @@ def save_state_dict(state: dict[str, torch.Tensor], directory: str | Path, max_s
         weight_map.update({key: name for key in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True)
+    )
 
 
 def load_strict(
@@ -111,7 +121,11 @@ def load_strict(
     )
     if missing or unexpected or mis_shaped:
         parts = [f"checkpoint {source} does not match the model:"]
-        sections = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped))
+        sections = (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mis_shaped),
+        )
         for title, keys in sections:
             if keys:
                 parts.append(f"  {title} ({len(keys)}): " + ", ".join(keys))

@@ -39,11 +39,19 @@ class MARConfig:
     decoder_depth: int = param(20, gt=0)
     decoder_num_heads: int = param(16, gt=0)
     mlp_ratio: float = param(4.0, gt=0)
-    img_size: int = param(256, gt=0, help="resolution of the learned position tables (interpolated otherwise)")
+    img_size: int = param(
+        256, gt=0, help="resolution of the learned position tables (interpolated otherwise)"
+    )
     patch_size: int = param(1, gt=0, help="VAE latent pixels per token side")
-    buffer_size: int = param(64, ge=0, help="buffer tokens before the image tokens (filled with fake_latent)")
-    class_num: int = param(1000, gt=0, help="rows of MAR's unused ImageNet class_emb (kept for the checkpoint keys)")
-    mask_ratio_min: float = param(0.7, ge=0, le=1, help="T2I mask ratio ~ N(1, 0.25) truncated to [min, 1]")
+    buffer_size: int = param(
+        64, ge=0, help="buffer tokens before the image tokens (filled with fake_latent)"
+    )
+    class_num: int = param(
+        1000, gt=0, help="rows of MAR's unused ImageNet class_emb (kept for the checkpoint keys)"
+    )
+    mask_ratio_min: float = param(
+        0.7, ge=0, le=1, help="T2I mask ratio ~ N(1, 0.25) truncated to [min, 1]"
+    )
     attn_dropout: float = param(0.1, ge=0, lt=1)
     proj_dropout: float = param(0.1, ge=0, lt=1)
     diffloss_d: int = param(12, gt=0, help="residual blocks of the diffusion MLP")
@@ -57,12 +65,16 @@ class MARConfig:
 class VAEConfig:
     """The frozen KL-16 VAE of MAR (LDM ``AutoencoderKL``, as ``diffusers`` ``AutoencoderKL``)."""
 
-    block_out_channels: list[int] = param(default_factory=lambda: [128, 128, 256, 256, 512],
-                                          help="ch × ch_mult; L levels downsample 2^(L-1)x (five: KL-16)")
+    block_out_channels: list[int] = param(
+        default_factory=lambda: [128, 128, 256, 256, 512],
+        help="ch × ch_mult; L levels downsample 2^(L-1)x (five: KL-16)",
+    )
     layers_per_block: int = param(2, gt=0)
     latent_channels: int = param(16, gt=0)
     norm_num_groups: int = param(32, gt=0)
-    scaling_factor: float = param(0.2325, gt=0, help="official vae_scale applied to the posterior mode")
+    scaling_factor: float = param(
+        0.2325, gt=0, help="official vae_scale applied to the posterior mode"
+    )
 
     @property
     def stride(self) -> int:
@@ -76,12 +88,24 @@ class HarmonConfig:
     mar: MARConfig = field(default_factory=MARConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     image_size: int = param(512, gt=0, help="square training/inference resolution in pixels")
-    grad_scale: float = param(0.1, ge=0, help="gradient scale from the I2T loss into the visual features")
-    uncond_prob: float = param(0.1, ge=0, le=1, help="T2I prompts replaced by the unconditional prompt")
-    t2i_prompt: str = param("Generate an image: {prompt}", help="T2I instruction; {prompt} is the caption")
-    uncond_prompt: str = param("Generate an image.", help="the dropped / classifier-free-guidance prompt")
-    i2t_max_text_tokens: int = param(512, gt=0, help="text tokens of an I2T sample (image tokens not counted)")
-    t2i_max_prompt_tokens: int = param(128, gt=0, help="tokens of a templated T2I prompt (truncated)")
+    grad_scale: float = param(
+        0.1, ge=0, help="gradient scale from the I2T loss into the visual features"
+    )
+    uncond_prob: float = param(
+        0.1, ge=0, le=1, help="T2I prompts replaced by the unconditional prompt"
+    )
+    t2i_prompt: str = param(
+        "Generate an image: {prompt}", help="T2I instruction; {prompt} is the caption"
+    )
+    uncond_prompt: str = param(
+        "Generate an image.", help="the dropped / classifier-free-guidance prompt"
+    )
+    i2t_max_text_tokens: int = param(
+        512, gt=0, help="text tokens of an I2T sample (image tokens not counted)"
+    )
+    t2i_max_prompt_tokens: int = param(
+        128, gt=0, help="tokens of a templated T2I prompt (truncated)"
+    )
     trainable: list[Literal["llm", "decoder"]] = param(
         default_factory=lambda: ["llm", "decoder"],
         help="trained besides the shared MAR encoder + proj_in; decoder = MAR decoder, diffloss, proj_out",
@@ -91,16 +115,22 @@ class HarmonConfig:
     num_iter: int = param(64, gt=0, help="MAR unmasking iterations when sampling")
     temperature: float = param(1.0, gt=0)
     attn_implementation: Literal["sdpa", "eager"] = param("sdpa")
-    gradient_checkpointing: bool = param(False, help="the official training enables it for the LLM and MAR")
+    gradient_checkpointing: bool = param(
+        False, help="the official training enables it for the LLM and MAR"
+    )
     seed: int = param(0, help="salt of the deterministic per-sample prompt dropout and crops")
 
     def __post_init__(self) -> None:
         if len(self.vae.block_out_channels) < 2:
-            raise ConfigError("vae.block_out_channels needs at least 2 levels (the released KL-16 VAE has 5)")
+            raise ConfigError(
+                "vae.block_out_channels needs at least 2 levels (the released KL-16 VAE has 5)"
+            )
         unit = self.pixels_per_token
         for name, size in (("image_size", self.image_size), ("mar.img_size", self.mar.img_size)):
             if size % unit:
-                raise ConfigError(f"{name} {size} must be a multiple of VAE stride × patch = {unit}")
+                raise ConfigError(
+                    f"{name} {size} must be a multiple of VAE stride × patch = {unit}"
+                )
         for part in ("encoder", "decoder"):
             if getattr(self.mar, f"{part}_embed_dim") % getattr(self.mar, f"{part}_num_heads"):
                 raise ConfigError(f"mar.{part}_embed_dim must be divisible by mar.{part}_num_heads")
@@ -139,22 +169,54 @@ class HarmonConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "1.5b": {},
     "0.5b": {
-        "llm": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                "num_key_value_heads": 2},
-        "mar": {"encoder_embed_dim": 768, "encoder_depth": 12, "encoder_num_heads": 12, "decoder_embed_dim": 768,
-                "decoder_depth": 12, "decoder_num_heads": 12, "diffloss_d": 6, "diffloss_w": 1024},
+        "llm": {
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+        },
+        "mar": {
+            "encoder_embed_dim": 768,
+            "encoder_depth": 12,
+            "encoder_num_heads": 12,
+            "decoder_embed_dim": 768,
+            "decoder_depth": 12,
+            "decoder_num_heads": 12,
+            "diffloss_d": 6,
+            "diffloss_w": 1024,
+        },
     },
     "tiny": {
-        "llm": {"vocab_size": None, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048},
+        "llm": {
+            "vocab_size": None,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+        },
         # Four VAE levels (8x, an 8x8 latent at 64 px): at 16x the 4x4 latent loses the shapes' outlines.
         # The position tables cover half the image side, as 256-px tables serve 512-px images.
         # The sampler's first step multiplies the head's error in ε at t = 999, the more the fewer
         # steps: a 128-wide head sampling all 1000 steps keeps the data's scale where a 32-wide one
         # did not (README, "The models"). One noise draw per token pays for the width.
-        "mar": {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 4, "decoder_embed_dim": 32,
-                "decoder_depth": 2, "decoder_num_heads": 4, "img_size": 32, "buffer_size": 4, "class_num": 10,
-                "diffloss_d": 2, "diffloss_w": 128, "diffusion_batch_mul": 1, "num_sampling_steps": 1000},
+        "mar": {
+            "encoder_embed_dim": 32,
+            "encoder_depth": 2,
+            "encoder_num_heads": 4,
+            "decoder_embed_dim": 32,
+            "decoder_depth": 2,
+            "decoder_num_heads": 4,
+            "img_size": 32,
+            "buffer_size": 4,
+            "class_num": 10,
+            "diffloss_d": 2,
+            "diffloss_w": 128,
+            "diffusion_batch_mul": 1,
+            "num_sampling_steps": 1000,
+        },
         "vae": {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 4},
         "image_size": 64,
         "i2t_max_text_tokens": 96,

@@ -22,11 +22,18 @@ from pipeline.models.harmon.config import MARConfig
 
 def cosine_betas(steps: int, max_beta: float = 0.999) -> Tensor:
     """Betas from ``alpha_bar(t) = cos²((t + 0.008)/1.008 · π/2)`` (float64)."""
+
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    return torch.tensor([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta) for i in range(steps)],
-                        dtype=torch.float64, device="cpu")
+    return torch.tensor(
+        [
+            min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta)
+            for i in range(steps)
+        ],
+        dtype=torch.float64,
+        device="cpu",
+    )
 
 
 def spaced_steps(steps: int, count: int) -> list[int]:
@@ -50,11 +57,18 @@ def respaced_betas(betas: Tensor, keep: list[int]) -> Tensor:
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
     """Log-probability of the 1/255-wide bin around ``x`` (tanh approximation of the normal CDF)."""
+
     def cdf(v: Tensor) -> Tensor:
         return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
 
@@ -63,7 +77,9 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
 
 
 class Schedule:
@@ -78,7 +94,9 @@ class Schedule:
         prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)
         self.num_steps = len(betas)
-        self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(betas)), device="cpu")
+        self.timestep_map = torch.tensor(
+            timestep_map if timestep_map is not None else range(len(betas)), device="cpu"
+        )
         self.tables = {
             "sqrt_ac": alphas_cumprod.sqrt(),
             "sqrt_1m_ac": (1 - alphas_cumprod).sqrt(),
@@ -99,7 +117,9 @@ class Schedule:
     def posterior_mean(self, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         return self.at("coef_x0", t) * x0 + self.at("coef_xt", t) * xt
 
-    def p_mean_logvar(self, xt: Tensor, t: Tensor, eps: Tensor, var_values: Tensor) -> tuple[Tensor, Tensor]:
+    def p_mean_logvar(
+        self, xt: Tensor, t: Tensor, eps: Tensor, var_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Model mean (through the predicted x0) and learned-range log-variance of p(x_{t−1}|x_t)."""
         frac = (var_values + 1) / 2
         logvar = frac * self.at("log_betas", t) + (1 - frac) * self.at("post_logvar", t)
@@ -109,7 +129,9 @@ class Schedule:
     def vb_bits(self, x0: Tensor, xt: Tensor, t: Tensor, eps: Tensor, var_values: Tensor) -> Tensor:
         """Per-row variational bound term in bits (KL for t > 0, decoder NLL at t = 0)."""
         mean, logvar = self.p_mean_logvar(xt, t, eps, var_values)
-        kl = normal_kl(self.posterior_mean(x0, xt, t), self.at("post_logvar", t), mean, logvar).mean(1)
+        kl = normal_kl(
+            self.posterior_mean(x0, xt, t), self.at("post_logvar", t), mean, logvar
+        ).mean(1)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(1)
         return torch.where(t == 0, nll, kl) / math.log(2.0)
 
@@ -120,13 +142,19 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, width: int, frequency_dim: int = 256) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width)
+        )
 
     def forward(self, t: Tensor) -> Tensor:
         half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+        return self.mlp(
+            torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype)
+        )
 
 
 class ResBlock(nn.Module):
@@ -156,7 +184,9 @@ class FinalLayer(nn.Module):
 class SimpleMLPAdaLN(nn.Module):
     """ε and variance predictor: x_t [N, C], t [N], condition c [N, D] → [N, 2C]."""
 
-    def __init__(self, channels: int, width: int, z_channels: int, depth: int, gradient_checkpointing: bool) -> None:
+    def __init__(
+        self, channels: int, width: int, z_channels: int, depth: int, gradient_checkpointing: bool
+    ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         self.time_embed = TimestepEmbedder(width)
@@ -175,7 +205,9 @@ class SimpleMLPAdaLN(nn.Module):
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
         for layer in [block.adaLN_modulation[1] for block in self.res_blocks] + [
-                self.final_layer.adaLN_modulation[1], self.final_layer.linear]:
+            self.final_layer.adaLN_modulation[1],
+            self.final_layer.linear,
+        ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -194,11 +226,15 @@ class SimpleMLPAdaLN(nn.Module):
 class DiffLoss(nn.Module):
     """The diffusion head: training loss over tokens and the per-token DDPM sampler."""
 
-    def __init__(self, channels: int, z_channels: int, cfg: MARConfig, gradient_checkpointing: bool = False) -> None:
+    def __init__(
+        self, channels: int, z_channels: int, cfg: MARConfig, gradient_checkpointing: bool = False
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.batch_mul = cfg.diffusion_batch_mul
-        self.net = SimpleMLPAdaLN(channels, cfg.diffloss_w, z_channels, cfg.diffloss_d, gradient_checkpointing)
+        self.net = SimpleMLPAdaLN(
+            channels, cfg.diffloss_w, z_channels, cfg.diffloss_d, gradient_checkpointing
+        )
         betas = cosine_betas(cfg.diffusion_steps)
         self.train_schedule = Schedule(betas)
         keep = spaced_steps(cfg.diffusion_steps, cfg.num_sampling_steps)
@@ -212,7 +248,9 @@ class DiffLoss(nn.Module):
         mse = ((noise - eps) ** 2).mean(1)
         return mse + schedule.vb_bits(target, xt, t, eps.detach(), var_values)
 
-    def forward(self, target: Tensor, cond: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self, target: Tensor, cond: Tensor, mask: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Masked mean loss over tokens [M, C] with conditions [M, D], each drawn ``batch_mul`` times.
 
         Draws from ``generator``: the timesteps, then the noise.
@@ -220,13 +258,26 @@ class DiffLoss(nn.Module):
         target = target.float().repeat(self.batch_mul, 1)
         cond = cond.repeat(self.batch_mul, 1)
         weights = mask.float().repeat(self.batch_mul)
-        t = torch.randint(0, self.train_schedule.num_steps, (len(target),), generator=generator, device=target.device)
+        t = torch.randint(
+            0,
+            self.train_schedule.num_steps,
+            (len(target),),
+            generator=generator,
+            device=target.device,
+        )
         noise = torch.randn(target.shape, generator=generator, device=target.device)
         return (self.token_losses(target, cond, t, noise) * weights).sum() / weights.sum()
 
     @torch.no_grad()
-    def sample(self, cond: Tensor, uncond: Tensor | None = None, *, scale: float = 1.0, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self,
+        cond: Tensor,
+        uncond: Tensor | None = None,
+        *,
+        scale: float = 1.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Token latents [M, C] by ancestral sampling; with ``uncond`` the noise prediction is guided:
         ``ε = ε_u + scale·(ε_c − ε_u)`` (the variance stays the conditional one).
 
@@ -240,8 +291,13 @@ class DiffLoss(nn.Module):
             if uncond is None:
                 eps, var_values = self.net(x, model_t, cond).float().split(self.channels, dim=1)
             else:
-                out = self.net(torch.cat([x, x]), torch.cat([model_t, model_t]), torch.cat([cond, uncond])).float()
-                (eps_c, var_values), eps_u = out[: len(x)].split(self.channels, dim=1), out[len(x):, : self.channels]
+                out = self.net(
+                    torch.cat([x, x]), torch.cat([model_t, model_t]), torch.cat([cond, uncond])
+                ).float()
+                (eps_c, var_values), eps_u = (
+                    out[: len(x)].split(self.channels, dim=1),
+                    out[len(x) :, : self.channels],
+                )
                 eps = eps_u + scale * (eps_c - eps_u)
             mean, logvar = schedule.p_mean_logvar(x, t, eps, var_values)
             noise = torch.randn(x.shape, generator=generator, device=x.device)

@@ -33,8 +33,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        q, k, v = (
+            self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
+        )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
 
 
@@ -53,7 +57,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block (LayerNorm eps 1e-6, qkv bias, GELU MLP, dropout on attention and projections)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_drop: float, proj_drop: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, attn_drop: float, proj_drop: float
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
@@ -79,14 +85,18 @@ def keep_mask(mask: Tensor, buffer_size: int) -> Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], buffer_size), ~mask], dim=1)
 
 
-def sample_mask_ratio(mask_ratio_min: float, generator: torch.Generator | None, device: torch.device) -> float:
+def sample_mask_ratio(
+    mask_ratio_min: float, generator: torch.Generator | None, device: torch.device
+) -> float:
     """One draw of N(1, 0.25²) truncated to [mask_ratio_min, 1] (official ``stats.truncnorm``), by inverse CDF."""
     low = torch.special.ndtr(torch.tensor((mask_ratio_min - 1.0) / 0.25, dtype=torch.float64))
     u = torch.rand((), generator=generator, dtype=torch.float64, device=device).cpu()
     return float(1.0 + 0.25 * torch.special.ndtri(low + u * (0.5 - low)))
 
 
-def random_orders(batch: int, length: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def random_orders(
+    batch: int, length: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     """A uniformly random permutation of the token indices per sample [B, N]."""
     return torch.rand(batch, length, generator=generator, device=device).argsort(dim=1)
 
@@ -97,8 +107,13 @@ def mask_first(orders: Tensor, count: int) -> Tensor:
     return mask.scatter(1, orders[:, :count], True)
 
 
-def training_mask(batch: int, length: int, mask_ratio_min: float, generator: torch.Generator | None,
-                  device: torch.device) -> Tensor:
+def training_mask(
+    batch: int,
+    length: int,
+    mask_ratio_min: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
     """The T2I training mask: one ratio per batch, ``ceil(N·ratio)`` random tokens masked per sample.
 
     Draws from ``generator``: the ratio, then the orders.
@@ -113,8 +128,13 @@ class MAR(nn.Module):
     is part of the released checkpoints; it is frozen. The learned position tables hold
     ``position_side``² image positions (resized to each image's token grid)."""
 
-    def __init__(self, cfg: MARConfig, token_dim: int, position_side: int,
-                 gradient_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: MARConfig,
+        token_dim: int,
+        position_side: int,
+        gradient_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.position_side = position_side
@@ -145,8 +165,14 @@ class MAR(nn.Module):
 
     def _init_weights(self) -> None:
         """Official ``initialize_weights``: N(0, 0.02) embeddings, xavier linears, unit LayerNorms."""
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+        for p in (
+            self.class_emb.weight,
+            self.fake_latent,
+            self.mask_token,
+            self.encoder_pos_embed_learned,
+            self.decoder_pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+        ):
             nn.init.normal_(p, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -158,7 +184,9 @@ class MAR(nn.Module):
 
     def _positions(self, table: Tensor, grid: tuple[int, int], buffers: bool) -> Tensor:
         """Position embeddings for a token grid; the image part is resized, buffers are kept."""
-        buffer, image = table.split([self.cfg.buffer_size if buffers else 0, self.position_side**2], dim=1)
+        buffer, image = table.split(
+            [self.cfg.buffer_size if buffers else 0, self.position_side**2], dim=1
+        )
         return torch.cat([buffer, resize_grid(image, self.position_side, grid)], dim=1)
 
     def _run(self, blocks: nn.ModuleList, x: Tensor) -> Tensor:
@@ -174,7 +202,9 @@ class MAR(nn.Module):
         x = self.z_proj(tokens.to(self.z_proj.weight.dtype))
         b, _, width = x.shape
         buffers = self.fake_latent.expand(b, self.cfg.buffer_size, width)
-        x = torch.cat([buffers, x], dim=1) + self._positions(self.encoder_pos_embed_learned, grid, buffers=True)
+        x = torch.cat([buffers, x], dim=1) + self._positions(
+            self.encoder_pos_embed_learned, grid, buffers=True
+        )
         x = self.z_proj_ln(x)
         x = x[keep_mask(mask, self.cfg.buffer_size)].reshape(b, -1, width)
         return self.encoder_norm(self._run(self.encoder_blocks, x))
@@ -187,5 +217,5 @@ class MAR(nn.Module):
         full = self.mask_token.to(x.dtype).expand(b, keep.shape[1], width).clone()
         full[keep] = x.reshape(-1, width)
         x = full + self._positions(self.decoder_pos_embed_learned, grid, buffers=True)
-        x = self.decoder_norm(self._run(self.decoder_blocks, x))[:, self.cfg.buffer_size:]
+        x = self.decoder_norm(self._run(self.decoder_blocks, x))[:, self.cfg.buffer_size :]
         return x + self._positions(self.diffusion_pos_embed_learned, grid, buffers=False)

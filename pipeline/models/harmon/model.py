@@ -44,7 +44,11 @@ from pipeline.models.common.presets import deep_merge
 from pipeline.models.common.processing import to_pil
 from pipeline.models.common.qwen import qwen2_config
 from pipeline.models.common.text import (
-    IMAGE_PLACEHOLDER, answer_loss, answer_tokens, left_pad_prompts, masked_mean,
+    IMAGE_PLACEHOLDER,
+    answer_loss,
+    answer_tokens,
+    left_pad_prompts,
+    masked_mean,
 )
 from pipeline.models.common.tokenizer import tokenizer_dir
 from pipeline.models.common.weights import (
@@ -55,7 +59,12 @@ from pipeline.models.common.weights import (
 )
 from pipeline.models.harmon.config import HarmonConfig, harmon_config
 from pipeline.models.harmon.mar import MAR, mask_first, random_orders, training_mask
-from pipeline.models.harmon.processor import HarmonProcessor, expand_to_square, load_tokenizer, to_tensor
+from pipeline.models.harmon.processor import (
+    HarmonProcessor,
+    expand_to_square,
+    load_tokenizer,
+    to_tensor,
+)
 from pipeline.models.harmon.vae import kl16_vae, load_vae, load_vae_state, unwrap_state
 
 TOKENIZER_HINT = "tokenizer_path (the Qwen2.5-Instruct tokenizer directory) or llm_path"
@@ -101,24 +110,47 @@ class Harmon(MLLMAdapter):
     """
 
     family = "harmon"
-    ENCODER_PREFIXES = ("mar.fake_latent", "mar.z_proj.", "mar.z_proj_ln.", "mar.encoder_pos_embed_learned",
-                        "mar.encoder_blocks.", "mar.encoder_norm.", "proj_in.")
+    ENCODER_PREFIXES = (
+        "mar.fake_latent",
+        "mar.z_proj.",
+        "mar.z_proj_ln.",
+        "mar.encoder_pos_embed_learned",
+        "mar.encoder_blocks.",
+        "mar.encoder_norm.",
+        "proj_in.",
+    )
     TRAINABLE_GROUPS = {
         "llm": ("llm.",),
-        "decoder": ("mar.decoder_embed.", "mar.mask_token", "mar.decoder_pos_embed_learned", "mar.decoder_blocks.",
-                    "mar.decoder_norm.", "mar.diffusion_pos_embed_learned", "mar.diffloss.", "proj_out."),
+        "decoder": (
+            "mar.decoder_embed.",
+            "mar.mask_token",
+            "mar.decoder_pos_embed_learned",
+            "mar.decoder_blocks.",
+            "mar.decoder_norm.",
+            "mar.diffusion_pos_embed_learned",
+            "mar.diffloss.",
+            "proj_out.",
+        ),
     }
     config: HarmonConfig
     vae: AutoencoderKL
 
-    def __init__(self, config: HarmonConfig, tokenizer: PreTrainedTokenizerBase | None = None,
-                 vae: AutoencoderKL | None = None) -> None:
+    def __init__(
+        self,
+        config: HarmonConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        vae: AutoencoderKL | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.vocab_size = self._vocab_size(config.llm.vocab_size, tokenizer)
         width, encoder_width = config.llm.hidden_size, config.mar.encoder_embed_dim
-        self.llm = Qwen2ForCausalLM(qwen2_config(config.llm, self.vocab_size, config.attn_implementation))
-        self.mar = MAR(config.mar, config.latent_patch_dim, config.position_side, config.gradient_checkpointing)
+        self.llm = Qwen2ForCausalLM(
+            qwen2_config(config.llm, self.vocab_size, config.attn_implementation)
+        )
+        self.mar = MAR(
+            config.mar, config.latent_patch_dim, config.position_side, config.gradient_checkpointing
+        )
         self.proj_in = build_mlp(encoder_width, width, width)
         self.proj_out = build_mlp(width, width, encoder_width)
         self.vae = vae if vae is not None else kl16_vae(config.vae)
@@ -126,7 +158,9 @@ class Harmon(MLLMAdapter):
         self.processor = HarmonProcessor(tokenizer, config) if tokenizer is not None else None
         self._set_trainable()
         if config.gradient_checkpointing:
-            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.llm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
 
     # ----------------------------------------------------------------- shared pieces
 
@@ -146,26 +180,37 @@ class Harmon(MLLMAdapter):
     def encode_latents(self, pixels: Tensor) -> Tensor:
         """Pixels [B, 3, H, W] in [-1, 1] → latent tokens [B, N, P]: posterior mode × scaling factor, patchified."""
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
-        return patchify(latents.float() * self.config.vae.scaling_factor, self.config.mar.patch_size, "cpq")
+        return patchify(
+            latents.float() * self.config.vae.scaling_factor, self.config.mar.patch_size, "cpq"
+        )
 
     @torch.no_grad()
     def decode_tokens(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """Latent tokens [B, N, P] → pixels [B, 3, H, W] in [-1, 1]."""
-        latents = unpatchify(tokens.float(), self.config.vae.latent_channels, self.config.mar.patch_size, grid,
-                             "cpq")
-        return self.vae.decode((latents / self.config.vae.scaling_factor).to(self.vae.dtype)).sample.float()
+        latents = unpatchify(
+            tokens.float(), self.config.vae.latent_channels, self.config.mar.patch_size, grid, "cpq"
+        )
+        return self.vae.decode(
+            (latents / self.config.vae.scaling_factor).to(self.vae.dtype)
+        ).sample.float()
 
-    def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def autoencoder_pass(
+        self, pixels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         latents = posterior.mode() if generator is None else posterior.sample(generator)
         return self.vae.decode(latents).sample.float(), posterior.kl().mean()
 
     def autoencoder_options(self, pixels: Tensor) -> dict[str, Any]:
         """``vae.scaling_factor`` (the official ``vae_scale``): one over the std of the posterior modes."""
-        modes = in_chunks(lambda x: self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float(), pixels)
+        modes = in_chunks(
+            lambda x: self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float(), pixels
+        )
         return {"vae": {"scaling_factor": 1 / max(float(modes.std()), 1e-3)}}
 
-    def encode_shared_tokens(self, tokens: Tensor, mask: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def encode_shared_tokens(
+        self, tokens: Tensor, mask: Tensor, grid: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
         """``V_enc``: MAR encoder features [B, buffer + kept, E] and the LLM-side tokens [B, kept + buffer, D]
         (``proj_in`` of the same features with the buffers moved to the end, as the LLM reads them)."""
         features = self.mar.forward_encoder(tokens, mask, grid)
@@ -178,13 +223,20 @@ class Harmon(MLLMAdapter):
         split = hidden.shape[1] - self.config.mar.buffer_size
         return self.proj_out(torch.cat([hidden[:, split:], hidden[:, :split]], dim=1))
 
-    def _run_llm(self, embeds: Tensor, key_valid: Tensor, cache: DynamicCache | None = None) -> Tensor:
+    def _run_llm(
+        self, embeds: Tensor, key_valid: Tensor, cache: DynamicCache | None = None
+    ) -> Tensor:
         """Last hidden states of ``embeds``, the tail of ``key_valid`` [B, Lk]; positions count valid keys."""
         query_len = embeds.shape[1]
         positions = (key_valid.long().cumsum(1) - 1).clamp_min(0)[:, -query_len:]
         mask = causal_mask(key_valid, query_len, embeds.dtype)
-        return self.llm.model(inputs_embeds=embeds, attention_mask={"full_attention": mask}, position_ids=positions,
-                              cache=cache, use_cache=cache is not None).last_hidden_state
+        return self.llm.model(
+            inputs_embeds=embeds,
+            attention_mask={"full_attention": mask},
+            position_ids=positions,
+            cache=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state
 
     def _i2t_embeds(self, input_ids: Tensor, offsets: Tensor, image_tokens: Tensor) -> Tensor:
         """Token embeddings with each sample's image slots replaced by its visual tokens."""
@@ -195,8 +247,13 @@ class Harmon(MLLMAdapter):
 
     # ----------------------------------------------------------------- training step
 
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
-                infotok_inputs: bool = True) -> MLLMOutput:
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        *,
+        infotok_inputs: bool = True,
+    ) -> MLLMOutput:
         """Both branches of a collated batch (one LLM pass each, as the official per-task batches).
 
         Random draws from ``generator``, in order: the T2I mask ratio, the token orders, the diffusion
@@ -217,9 +274,18 @@ class Harmon(MLLMAdapter):
             unmasked = torch.zeros(clean_images.shape[:2], dtype=torch.bool, device=tokens.device)
             _, clean = self.encode_shared_tokens(clean_images, unmasked, grid)
         out = MLLMOutput(
-            loss_i2t=None, loss_t2i=None, z_u=None, z_g=None, text_u=None, text_g=None,
-            answer_ids=None, answer_mask=None, target_patches=None, target_mask=None,
-            num_text_tokens=0, num_image_tokens=0,
+            loss_i2t=None,
+            loss_t2i=None,
+            z_u=None,
+            z_g=None,
+            text_u=None,
+            text_g=None,
+            answer_ids=None,
+            answer_mask=None,
+            target_patches=None,
+            target_mask=None,
+            num_text_tokens=0,
+            num_image_tokens=0,
         )
         if has_u:
             self._i2t_step(batch, clean[:n_u], out)
@@ -239,17 +305,27 @@ class Harmon(MLLMAdapter):
         out.num_text_tokens += int(valid.sum()) - z_u.shape[0] * z_u.shape[1]
         out.num_image_tokens += z_u.shape[0] * z_u.shape[1]
 
-    def _t2i_step(self, batch: Mapping[str, Any], tokens: Tensor, z_g: Tensor | None, grid: tuple[int, int],
-                  generator: torch.Generator | None, out: MLLMOutput) -> None:
+    def _t2i_step(
+        self,
+        batch: Mapping[str, Any],
+        tokens: Tensor,
+        z_g: Tensor | None,
+        grid: tuple[int, int],
+        generator: torch.Generator | None,
+        out: MLLMOutput,
+    ) -> None:
         ids, valid = batch["g_input_ids"], batch["g_attention_mask"]
         b, n, p = tokens.shape
         mask = training_mask(b, n, self.config.mar.mask_ratio_min, generator, tokens.device)
         features, z = self.encode_shared_tokens(tokens, mask, grid)
         embeds = torch.cat([self.llm.model.embed_tokens(ids), z.to(self._dtype)], dim=1)
         hidden = self._run_llm(embeds, torch.cat([valid, valid.new_ones(b, z.shape[1])], dim=1))
-        cond = self.mar.forward_decoder(features + self._from_llm(hidden[:, ids.shape[1]:]), mask, grid)
-        out.loss_t2i = self.mar.diffloss(tokens.reshape(b * n, p), cond.reshape(b * n, -1), mask.reshape(-1),
-                                         generator)
+        cond = self.mar.forward_decoder(
+            features + self._from_llm(hidden[:, ids.shape[1] :]), mask, grid
+        )
+        out.loss_t2i = self.mar.diffloss(
+            tokens.reshape(b * n, p), cond.reshape(b * n, -1), mask.reshape(-1), generator
+        )
         buffers = self.config.mar.buffer_size
         out.z_g = z_g
         out.text_g = masked_mean(hidden[:, : ids.shape[1]], valid)
@@ -262,12 +338,21 @@ class Harmon(MLLMAdapter):
 
     def _processor(self) -> HarmonProcessor:
         if self.processor is None:
-            raise RuntimeError("this Harmon model was built without a tokenizer; pass tokenizer_path")
+            raise RuntimeError(
+                "this Harmon model was built without a tokenizer; pass tokenizer_path"
+            )
         return self.processor
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, guidance_scale: float | None = None, num_iter: int | None = None,
-                 temperature: float | None = None, generator: torch.Generator | None = None) -> list[Image.Image]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        guidance_scale: float | None = None,
+        num_iter: int | None = None,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Image.Image]:
         """MAR iterative masked generation (official ``Harmon.sample``) with classifier-free guidance.
 
         Each of ``num_iter`` rounds encodes the known tokens, runs the LLM after the cached prompt,
@@ -292,37 +377,52 @@ class Harmon(MLLMAdapter):
         tokens = torch.zeros(b, n, cfg.latent_patch_dim, device=self._device)
         mask = torch.ones(b, n, dtype=torch.bool, device=self._device)
         orders = random_orders(b, n, generator, self._device)
+
         def both(x: Tensor) -> Tensor:
             return torch.cat([x, x]) if guided else x
 
         for step in range(steps):
             features, z = self.encode_shared_tokens(both(tokens), both(mask), grid)
-            hidden = self._run_llm(z, torch.cat([valid, valid.new_ones(len(z), z.shape[1])], dim=1), cache)
+            hidden = self._run_llm(
+                z, torch.cat([valid, valid.new_ones(len(z), z.shape[1])], dim=1), cache
+            )
             cache.crop(-z.shape[1])
             cond = self.mar.forward_decoder(features + self._from_llm(hidden), both(mask), grid)
             count = math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps))
             count = max(1, min(int(mask[0].sum()) - 1, count))
             mask_next = mask_first(orders, count)
             due = mask if step == steps - 1 else mask & ~mask_next
-            step_scale = scale if cfg.cfg_schedule == "constant" else 1 + (scale - 1) * (n - count) / n
+            step_scale = (
+                scale if cfg.cfg_schedule == "constant" else 1 + (scale - 1) * (n - count) / n
+            )
             tokens = tokens.clone()
             tokens[due] = self.mar.diffloss.sample(
-                cond[:b][due], cond[b:][due] if guided else None, scale=step_scale, temperature=temperature,
+                cond[:b][due],
+                cond[b:][due] if guided else None,
+                scale=step_scale,
+                temperature=temperature,
                 generator=generator,
             )
             mask = mask_next
         return to_pil(self.decode_tokens(tokens, grid))
 
     @torch.no_grad()
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 64) -> list[str]:
+    def answer(
+        self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 64
+    ) -> list[str]:
         """Greedy decoding with a KV cache over left-padded prompts (official ``scripts/image2text.py``)."""
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         processor, size = self._processor(), self.config.image_size
-        sequences = [processor.i2t_sequence([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"}])
-                     for q in questions]
+        sequences = [
+            processor.i2t_sequence([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"}])
+            for q in questions
+        ]
         ids, offsets, valid = left_pad_prompts(sequences, processor.ids.pad, self._device)
-        squares = [expand_to_square(im.convert("RGB")).resize((size, size), Image.Resampling.BICUBIC) for im in images]
+        squares = [
+            expand_to_square(im.convert("RGB")).resize((size, size), Image.Resampling.BICUBIC)
+            for im in images
+        ]
         pixels = torch.stack([to_tensor(square) for square in squares]).to(self._device)
         tokens = self.encode_latents(pixels)
         unmasked = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=self._device)
@@ -350,9 +450,16 @@ class Harmon(MLLMAdapter):
         self.vae.save_pretrained(str(path / "vae"))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, llm_path: str | Path | None = None,
-                        vae_path: str | Path | None = None, tokenizer_path: str | Path | None = None,
-                        options: dict[str, Any] | None = None, preset: str | None = None) -> Harmon:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        llm_path: str | Path | None = None,
+        vae_path: str | Path | None = None,
+        tokenizer_path: str | Path | None = None,
+        options: dict[str, Any] | None = None,
+        preset: str | None = None,
+    ) -> Harmon:
         """Load a released or exported Harmon checkpoint from local paths.
 
         ``path`` is one of: a directory written by :meth:`save_pretrained`; a transformers-format
@@ -373,53 +480,79 @@ class Harmon(MLLMAdapter):
         else:
             raise FileNotFoundError(f"no Harmon checkpoint at {path}")
         config = cls._config_for(path, state, options or {}, preset)
-        tokenizer = load_tokenizer(tokenizer_dir([tokenizer_path, path if path.is_dir() else None, llm_path],
-                                                 TOKENIZER_HINT))
-        vae_state = {k[len("vae."):]: state.pop(k) for k in [k for k in state if k.startswith("vae.")]}
+        tokenizer = load_tokenizer(
+            tokenizer_dir(
+                [tokenizer_path, path if path.is_dir() else None, llm_path], TOKENIZER_HINT
+            )
+        )
+        vae_state = {
+            k[len("vae.") :]: state.pop(k) for k in [k for k in state if k.startswith("vae.")]
+        }
         if vae_state:
             vae = load_vae_state(kl16_vae(config.vae), vae_state, f"{source} (vae.*)")
         elif vae_path is not None or (path / "vae").is_dir():
             vae = load_vae(vae_path if vae_path is not None else path / "vae", config.vae)
         else:
             raise FileNotFoundError(f"{source} has no vae.* weights: pass vae_path (kl16.ckpt)")
-        merged = {f"llm.{k}": v for k, v in read_state_dict(llm_path).items()} if llm_path is not None else {}
+        merged = (
+            {f"llm.{k}": v for k, v in read_state_dict(llm_path).items()}
+            if llm_path is not None
+            else {}
+        )
         merged.update(state)
         model = cls._allocated(config, tokenizer, vae)
         optional = {"llm.lm_head.weight"} if config.llm.tie_word_embeddings else set()
-        lacks_llm = llm_path is None and any(k.startswith("llm.model.") and k not in merged for k in model.state_dict())
+        lacks_llm = llm_path is None and any(
+            k.startswith("llm.model.") and k not in merged for k in model.state_dict()
+        )
         try:
             load_strict(model, merged, source=source, optional=optional, ignore_prefixes=("vae.",))
         except CheckpointMismatchError as error:
             if lacks_llm:
-                raise CheckpointMismatchError(f"{error}\n  (a released .pth applies on top of the base LLM: pass "
-                                              "llm_path, the Qwen2.5-Instruct directory)") from None
+                raise CheckpointMismatchError(
+                    f"{error}\n  (a released .pth applies on top of the base LLM: pass "
+                    "llm_path, the Qwen2.5-Instruct directory)"
+                ) from None
             raise
         return model
 
     @staticmethod
-    def _config_for(path: Path, state: Mapping[str, Tensor], options: dict[str, Any],
-                    preset: str | None) -> HarmonConfig:
+    def _config_for(
+        path: Path, state: Mapping[str, Tensor], options: dict[str, Any], preset: str | None
+    ) -> HarmonConfig:
         config_file = path / "config.json" if path.is_dir() else None
-        record = read_adapter_record(config_file) if config_file is not None and config_file.is_file() else None
+        record = (
+            read_adapter_record(config_file)
+            if config_file is not None and config_file.is_file()
+            else None
+        )
         if record is not None:
-            return from_dict(HarmonConfig, deep_merge(record["config"], options), source=str(config_file))
+            return from_dict(
+                HarmonConfig, deep_merge(record["config"], options), source=str(config_file)
+            )
         shape = tuple(state["proj_in.0.weight"].shape) if "proj_in.0.weight" in state else None
         preset = RELEASED_BY_PROJ_IN.get(shape, preset)
         if preset is None:
-            raise ConfigError(f"{path}: proj_in.0.weight shape {shape} is not a released Harmon size; pass preset")
+            raise ConfigError(
+                f"{path}: proj_in.0.weight shape {shape} is not a released Harmon size; pass preset"
+            )
         embed = state.get("llm.model.embed_tokens.weight")
         if embed is not None and "vocab_size" not in options.get("llm", {}):
             options = deep_merge({"llm": {"vocab_size": embed.shape[0]}}, options)
         return harmon_config(preset, options, source=str(path))
 
     @classmethod
-    def _allocated(cls, config: HarmonConfig, tokenizer: PreTrainedTokenizerBase, vae: AutoencoderKL) -> Harmon:
+    def _allocated(
+        cls, config: HarmonConfig, tokenizer: PreTrainedTokenizerBase, vae: AutoencoderKL
+    ) -> Harmon:
         """The model with uninitialised storage (weights are loaded next) and the given VAE."""
         with torch.device("meta"):
             model = cls(config, tokenizer, vae=kl16_vae(config.vae))
         model.to_empty(device="cpu")
         model.llm.tie_weights()  # to_empty re-creates parameters, untying lm_head from embed_tokens
-        model.llm.model.rotary_emb = Qwen2RotaryEmbedding(model.llm.config)  # non-persistent buffers
+        model.llm.model.rotary_emb = Qwen2RotaryEmbedding(
+            model.llm.config
+        )  # non-persistent buffers
         model.vae = vae.requires_grad_(False).eval()
         return model
 
@@ -428,9 +561,14 @@ class Harmon(MLLMAdapter):
         if config.path:
             # A released .pth applies on top of Qwen2.5-Instruct, whose directory also holds the tokenizer.
             base = config.tokenizer_path if Path(config.path).is_file() else None
-            return cls.from_pretrained(config.path, llm_path=base, vae_path=config.vae_path,
-                                       tokenizer_path=config.tokenizer_path, options=config.options,
-                                       preset=config.preset)
+            return cls.from_pretrained(
+                config.path,
+                llm_path=base,
+                vae_path=config.vae_path,
+                tokenizer_path=config.tokenizer_path,
+                options=config.options,
+                preset=config.preset,
+            )
         cfg = harmon_config(config.preset, config.options)
         tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
         vae = load_vae(config.vae_path, cfg.vae) if config.vae_path else None

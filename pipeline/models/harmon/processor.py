@@ -43,7 +43,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def expand_to_square(image: Image.Image, fill: tuple[int, int, int] = (127, 127, 127)) -> Image.Image:
+def expand_to_square(
+    image: Image.Image, fill: tuple[int, int, int] = (127, 127, 127)
+) -> Image.Image:
     """Pad the short side (content centred, offset rounded down) to a square of ``fill``."""
     w, h = image.size
     if w == h:
@@ -83,7 +85,9 @@ class HarmonProcessor:
     so a resumed run makes the same choices.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: HarmonConfig, *, train: bool = True) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, config: HarmonConfig, *, train: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.train = train
@@ -92,7 +96,9 @@ class HarmonProcessor:
         if absent:
             raise ValueError(f"tokenizer lacks the Qwen chat tokens {', '.join(absent)}")
         if tokenizer.eos_token != SUFFIX:
-            raise ValueError(f"tokenizer eos_token is {tokenizer.eos_token!r}; Harmon needs the Instruct {SUFFIX!r}")
+            raise ValueError(
+                f"tokenizer eos_token is {tokenizer.eos_token!r}; Harmon needs the Instruct {SUFFIX!r}"
+            )
         self.ids = SpecialIds(eos=vocab[SUFFIX], pad=vocab[SUFFIX])
         self.image_len = config.num_llm_image_tokens
 
@@ -100,7 +106,9 @@ class HarmonProcessor:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _hash(self, sample: Mapping[str, Any], purpose: str) -> float:
-        return keyed_fraction(self.config.seed, purpose, sample.get("__key__", sample.get("prompt", "")))
+        return keyed_fraction(
+            self.config.seed, purpose, sample.get("__key__", sample.get("prompt", ""))
+        )
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         task = sample.get("task")
@@ -108,7 +116,9 @@ class HarmonProcessor:
         image = sample["image"].convert("RGB") if task in ("i2t", "t2i") else None
         if task == "i2t":
             out = self.i2t_sequence(sample["messages"])
-            out["pixel_values"] = to_tensor(expand_to_square(image).resize((size, size), Image.Resampling.BICUBIC))
+            out["pixel_values"] = to_tensor(
+                expand_to_square(image).resize((size, size), Image.Resampling.BICUBIC)
+            )
         elif task == "t2i":
             dropped = self.train and self._hash(sample, "drop") < self.config.uncond_prob
             out = self.t2i_sequence(None if dropped else sample["prompt"])
@@ -142,9 +152,13 @@ class HarmonProcessor:
                 ids += answer + sep
                 labels += answer + [IGNORE] * len(sep)
             else:
-                raise ValueError(f"message role must be 'user' or 'assistant', got {message['role']!r}")
+                raise ValueError(
+                    f"message role must be 'user' or 'assistant', got {message['role']!r}"
+                )
         if offset is None:
-            raise ValueError(f"an I2T conversation needs exactly one {IMAGE_PLACEHOLDER} in its user turns")
+            raise ValueError(
+                f"an I2T conversation needs exactly one {IMAGE_PLACEHOLDER} in its user turns"
+            )
         budget = self.config.i2t_max_text_tokens
         ids, labels = ids[: budget + self.image_len], labels[: budget + self.image_len]
         if offset + self.image_len > len(ids):
@@ -153,19 +167,30 @@ class HarmonProcessor:
             raise ValueError(f"I2T sample: the answer does not fit in i2t_max_text_tokens={budget}")
         labels_t = torch.tensor(labels)
         text_mask = labels_t == IGNORE
-        text_mask[offset: offset + self.image_len] = False
-        return {"task": "i2t", "input_ids": torch.tensor(ids), "labels": labels_t, "text_mask": text_mask,
-                "image_offset": offset}
+        text_mask[offset : offset + self.image_len] = False
+        return {
+            "task": "i2t",
+            "input_ids": torch.tensor(ids),
+            "labels": labels_t,
+            "text_mask": text_mask,
+            "image_offset": offset,
+        }
 
     def t2i_sequence(self, prompt: str | None) -> dict[str, Any]:
         """The templated T2I prompt; ``None`` gives the unconditional prompt."""
-        text = self.config.uncond_prompt if prompt is None else self.config.t2i_prompt.format(prompt=prompt.strip())
+        text = (
+            self.config.uncond_prompt
+            if prompt is None
+            else self.config.t2i_prompt.format(prompt=prompt.strip())
+        )
         ids = self._encode(INSTRUCTION.format(input=text))[: self.config.t2i_max_prompt_tokens]
         return {"task": "t2i", "input_ids": torch.tensor(ids)}
 
     def pad_ids(self, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids and their validity mask."""
-        return pad_rows(rows, self.ids.pad), pad_rows([torch.ones(len(r), dtype=torch.bool) for r in rows], False)
+        return pad_rows(rows, self.ids.pad), pad_rows(
+            [torch.ones(len(r), dtype=torch.bool) for r in rows], False
+        )
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """A training batch of flat tensors: ``u_*`` for the I2T samples, ``g_*`` for the T2I samples
@@ -176,12 +201,16 @@ class HarmonProcessor:
         und = [s for s in samples if s["task"] == "i2t"]
         gen = [s for s in samples if s["task"] == "t2i"]
         if und:
-            batch["u_input_ids"], batch["u_attention_mask"] = self.pad_ids([s["input_ids"] for s in und])
+            batch["u_input_ids"], batch["u_attention_mask"] = self.pad_ids(
+                [s["input_ids"] for s in und]
+            )
             batch["u_labels"] = pad_rows([s["labels"] for s in und], IGNORE)
             batch["u_text_mask"] = pad_rows([s["text_mask"] for s in und], False)
             batch["u_image_offset"] = torch.tensor([s["image_offset"] for s in und])
             batch["u_pixel_values"] = torch.stack([s["pixel_values"] for s in und])
         if gen:
-            batch["g_input_ids"], batch["g_attention_mask"] = self.pad_ids([s["input_ids"] for s in gen])
+            batch["g_input_ids"], batch["g_attention_mask"] = self.pad_ids(
+                [s["input_ids"] for s in gen]
+            )
             batch["g_pixel_values"] = torch.stack([s["pixel_values"] for s in gen])
         return batch

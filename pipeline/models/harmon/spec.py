@@ -25,8 +25,13 @@ def required_files(model: ModelConfig) -> list[Requirement]:
     path = Path(model.path)
     return [
         Requirement("model.path", path, "weights", "harmon_*.pth or a Harmon checkpoint directory"),
-        Requirement("model.tokenizer_path", tokenizer_path, "tokenizer", TOKENIZER,
-                    fallbacks=(path,) if path.is_dir() else ()),
+        Requirement(
+            "model.tokenizer_path",
+            tokenizer_path,
+            "tokenizer",
+            TOKENIZER,
+            fallbacks=(path,) if path.is_dir() else (),
+        ),
     ]
 
 
@@ -37,6 +42,10 @@ SPEC = FamilySpec(
     options=HarmonConfig,
     presets=PRESETS,
     required_files=required_files,
-    repeated_blocks=("llm.model.layers", "mar.encoder_blocks", "mar.decoder_blocks",
-                     "mar.diffloss.net.res_blocks"),
+    repeated_blocks=(
+        "llm.model.layers",
+        "mar.encoder_blocks",
+        "mar.decoder_blocks",
+        "mar.diffloss.net.res_blocks",
+    ),
 )

@@ -20,8 +20,13 @@ from pipeline.config import ConfigError, to_dict
 from pipeline.models.harmon.config import VAEConfig
 from pipeline.models.common.weights import load_strict, read_weight_file
 
-_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
-                 "nin_shortcut": "conv_shortcut"}
+_RESNET_PARTS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "nin_shortcut": "conv_shortcut",
+}
 _ATTN_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
@@ -43,7 +48,9 @@ def kl16_vae(cfg: VAEConfig) -> AutoencoderKL:
 
 def _ldm_key(key: str, levels: int) -> str:
     """One LDM VAE key in diffusers naming; keys of other layouts come back unchanged."""
-    m = re.fullmatch(r"(encoder|decoder)\.(down|up)\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", key)
+    m = re.fullmatch(
+        r"(encoder|decoder)\.(down|up)\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", key
+    )
     if m and m.group(5) in _RESNET_PARTS:
         side, way, level, block, part, kind = m.groups()
         index = int(level) if way == "down" else levels - 1 - int(level)
@@ -90,7 +97,9 @@ def unwrap_state(obj: object) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_vae_state(vae: AutoencoderKL, state: dict[str, torch.Tensor], source: str) -> AutoencoderKL:
+def load_vae_state(
+    vae: AutoencoderKL, state: dict[str, torch.Tensor], source: str
+) -> AutoencoderKL:
     """Load an LDM- or diffusers-layout state into ``vae``, strictly (LDM training-loss keys are skipped)."""
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}
     load_strict(vae, ldm_to_diffusers(state, len(vae.config.block_out_channels)), source=source)
@@ -101,12 +110,19 @@ def load_vae(source: str | Path, cfg: VAEConfig) -> AutoencoderKL:
     """The frozen VAE from ``kl16.ckpt`` (or any weight file) or a diffusers ``AutoencoderKL`` directory."""
     source = Path(source)
     if source.is_dir() and (source / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(str(source), local_files_only=True, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(
+            str(source), local_files_only=True, low_cpu_mem_usage=False
+        )
         expected = {k: v for k, v in to_dict(cfg).items() if k != "scaling_factor"}
-        found = {k: (list(vae.config[k]) if k == "block_out_channels" else vae.config[k]) for k in expected}
+        found = {
+            k: (list(vae.config[k]) if k == "block_out_channels" else vae.config[k])
+            for k in expected
+        }
         if found != expected:
             raise ConfigError(f"VAE {source} has {found}, the model expects {expected}")
         return vae.requires_grad_(False).eval()
     if not source.is_file():
-        raise FileNotFoundError(f"no VAE at {source}: pass vae_path (kl16.ckpt or a diffusers AutoencoderKL directory)")
+        raise FileNotFoundError(
+            f"no VAE at {source}: pass vae_path (kl16.ckpt or a diffusers AutoencoderKL directory)"
+        )
     return load_vae_state(kl16_vae(cfg), unwrap_state(read_weight_file(source)), str(source))

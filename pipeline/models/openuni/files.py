@@ -44,8 +44,15 @@ class Assembly:
     checkpoint: Path | None
 
 
-def locate(path: str | Path | None, *, internvl_path: str | Path | None, sana_path: str | Path | None,
-           vae_path: str | Path | None, preset: str | None, options: dict[str, Any]) -> Assembly:
+def locate(
+    path: str | Path | None,
+    *,
+    internvl_path: str | Path | None,
+    sana_path: str | Path | None,
+    vae_path: str | Path | None,
+    preset: str | None,
+    options: dict[str, Any],
+) -> Assembly:
     """A saved directory (its ``config.json`` names the parts), or a released assembly.
 
     For a released ``openuni_*.pth`` (or ``path=None``: the base models alone) the dims come from
@@ -58,15 +65,35 @@ def locate(path: str | Path | None, *, internvl_path: str | Path | None, sana_pa
     if record is not None:
         root = Path(path)
         raw = json.loads((root / "config.json").read_text())
-        config = from_dict(OpenUniConfig, deep_merge(record["config"], options), source=str(root / "config.json"))
-        return Assembly(config, root / raw["internvl"], transformer_dir(root / raw["sana"]), root / raw["vae"],
-                        root / raw["checkpoint"])
-    internvl = _required_dir(internvl_path or options.get("internvl_path"), "internvl_path", "the InternVL3 directory")
-    sana = transformer_dir(_required_dir(sana_path or options.get("sana_path"), "sana_path",
-                                         "the SANA diffusers directory"))
-    vae = _required_dir(vae_path, "vae_path", "the DC-AE directory (dc-ae-f32c32-sana-1.1-diffusers)")
+        config = from_dict(
+            OpenUniConfig, deep_merge(record["config"], options), source=str(root / "config.json")
+        )
+        return Assembly(
+            config,
+            root / raw["internvl"],
+            transformer_dir(root / raw["sana"]),
+            root / raw["vae"],
+            root / raw["checkpoint"],
+        )
+    internvl = _required_dir(
+        internvl_path or options.get("internvl_path"), "internvl_path", "the InternVL3 directory"
+    )
+    sana = transformer_dir(
+        _required_dir(
+            sana_path or options.get("sana_path"), "sana_path", "the SANA diffusers directory"
+        )
+    )
+    vae = _required_dir(
+        vae_path, "vae_path", "the DC-AE directory (dc-ae-f32c32-sana-1.1-diffusers)"
+    )
     checkpoint = _released_checkpoint(Path(path)) if path is not None else None
-    return Assembly(_config_from_components(internvl, sana, vae, preset, options), internvl, sana, vae, checkpoint)
+    return Assembly(
+        _config_from_components(internvl, sana, vae, preset, options),
+        internvl,
+        sana,
+        vae,
+        checkpoint,
+    )
 
 
 def _required_dir(value: str | Path | None, name: str, what: str) -> Path:
@@ -79,7 +106,11 @@ def _required_dir(value: str | Path | None, name: str, what: str) -> Path:
 
 def transformer_dir(directory: Path) -> Path:
     """A SANA pipeline directory's ``transformer/`` subfolder, or the directory itself."""
-    return directory / "transformer" if (directory / "transformer" / "config.json").is_file() else directory
+    return (
+        directory / "transformer"
+        if (directory / "transformer" / "config.json").is_file()
+        else directory
+    )
 
 
 def _released_checkpoint(path: Path) -> Path:
@@ -87,8 +118,10 @@ def _released_checkpoint(path: Path) -> Path:
         return path
     candidates = sorted(path.glob("*.pth")) if path.is_dir() else []
     if len(candidates) != 1:
-        raise FileNotFoundError(f"{path}: expected an openuni_*.pth file or a directory holding exactly one .pth "
-                                f"(found {len(candidates)})")
+        raise FileNotFoundError(
+            f"{path}: expected an openuni_*.pth file or a directory holding exactly one .pth "
+            f"(found {len(candidates)})"
+        )
     return candidates[0]
 
 
@@ -98,13 +131,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _config_from_components(internvl: Path, sana: Path, vae: Path, preset: str | None,
-                            options: dict[str, Any]) -> OpenUniConfig:
+def _config_from_components(
+    internvl: Path, sana: Path, vae: Path, preset: str | None, options: dict[str, Any]
+) -> OpenUniConfig:
     sana_raw, dcae_raw = _read_json(sana / "config.json"), _read_json(vae / "config.json")
-    components = deep_merge(options_from_internvl(_read_json(internvl / "config.json")), options_from_sana(sana_raw))
+    components = deep_merge(
+        options_from_internvl(_read_json(internvl / "config.json")), options_from_sana(sana_raw)
+    )
     components.update(options_from_dcae(dcae_raw))
     sample_size = sana_raw.get("sample_size", 32)
-    components["image_size"] = sample_size * 2 ** (len(dcae_raw.get("encoder_block_out_channels", [0] * 6)) - 1)
+    components["image_size"] = sample_size * 2 ** (
+        len(dcae_raw.get("encoder_block_out_channels", [0] * 6)) - 1
+    )
     preset = preset or infer_preset(components["llm"].get("hidden_size", 896), sample_size)
     return openuni_config(preset, deep_merge(components, options), source=str(internvl))
 
@@ -122,7 +160,9 @@ def read_diffusers_weights(directory: Path) -> dict[str, Tensor]:
     variants = sorted(directory.glob("diffusion_pytorch_model.*.safetensors"))
     if len(variants) == 1:
         return read_weight_file(variants[0])
-    raise FileNotFoundError(f"no diffusers weights in {directory}: expected diffusion_pytorch_model.safetensors")
+    raise FileNotFoundError(
+        f"no diffusers weights in {directory}: expected diffusion_pytorch_model.safetensors"
+    )
 
 
 def read_openuni_checkpoint(path: Path) -> dict[str, Tensor]:
@@ -140,7 +180,9 @@ def load_vae(source: str | Path, config: OpenUniConfig) -> AutoencoderDC:
     if (source / "vae" / "config.json").is_file():
         source = source / "vae"
     if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"no DC-AE at {source}: pass vae_path (dc-ae-f32c32-sana-1.1-diffusers directory)")
+        raise FileNotFoundError(
+            f"no DC-AE at {source}: pass vae_path (dc-ae-f32c32-sana-1.1-diffusers directory)"
+        )
     vae = AutoencoderDC(**config.vae.diffusers_kwargs())
     load_strict(vae, read_diffusers_weights(source), source=str(source))
     return vae.requires_grad_(False).eval()
@@ -152,10 +194,30 @@ def internvl_config_json(config: OpenUniConfig, vocab_size: int) -> dict[str, An
     rope = None
     if llm.rope_dynamic_factor is not None:
         rope = {"rope_type": "dynamic", "type": "dynamic", "factor": llm.rope_dynamic_factor}
-    vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
-                   "image_size", "qkv_bias", "qk_normalization", "norm_type", "layer_norm_eps", "initializer_factor")
-    llm_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings")
+    vision_keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "patch_size",
+        "image_size",
+        "qkv_bias",
+        "qk_normalization",
+        "norm_type",
+        "layer_norm_eps",
+        "initializer_factor",
+    )
+    llm_keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    )
     return {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
@@ -165,8 +227,19 @@ def internvl_config_json(config: OpenUniConfig, vocab_size: int) -> dict[str, An
         "select_layer": -1,
         "ps_version": "v2",
         "tie_word_embeddings": llm.tie_word_embeddings,
-        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-                          "hidden_act": "gelu", "num_channels": 3, **{k: getattr(vision, k) for k in vision_keys}},
-        "llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-                       "vocab_size": vocab_size, "rope_scaling": rope, **{k: getattr(llm, k) for k in llm_keys}},
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_act": "gelu",
+            "num_channels": 3,
+            **{k: getattr(vision, k) for k in vision_keys},
+        },
+        "llm_config": {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "vocab_size": vocab_size,
+            "rope_scaling": rope,
+            **{k: getattr(llm, k) for k in llm_keys},
+        },
     }

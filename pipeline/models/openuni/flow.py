@@ -20,8 +20,12 @@ def training_scheduler(num_train_timesteps: int, shift: float) -> FlowMatchEuler
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
 
 
-def sample_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, n: int, generator: torch.Generator | None,
-                     device: torch.device) -> tuple[Tensor, Tensor]:
+def sample_timesteps(
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    n: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
     """Discrete training timesteps and their sigmas, uniform over the scheduler's grid."""
     u = torch.rand(n, generator=generator, device=device)
     index = (u * scheduler.config.num_train_timesteps).long().cpu()
@@ -35,5 +39,9 @@ def flow_matching_loss(prediction: Tensor, target: Tensor) -> Tensor:
 
 def sampling_scheduler(num_train_timesteps: int, flow_shift: float) -> DPMSolverMultistepScheduler:
     """SANA's inference scheduler (diffusers ``convert_sana_to_diffusers.py``, ``flow-dpm_solver``)."""
-    return DPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, flow_shift=flow_shift,
-                                       use_flow_sigmas=True, prediction_type="flow_prediction")
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=num_train_timesteps,
+        flow_shift=flow_shift,
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+    )

@@ -34,7 +34,9 @@ class InternVisionEmbeddings(nn.Module):
         super().__init__()
         self.grid = cfg.grid_size
         self.class_embedding = nn.Parameter(torch.randn(1, 1, cfg.hidden_size))
-        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
         self.position_embedding = nn.Parameter(torch.randn(1, self.grid**2 + 1, cfg.hidden_size))
 
     def _grid_positions(self, height: int, width: int) -> Tensor:
@@ -48,8 +50,13 @@ class InternVisionEmbeddings(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))
         height, width = patches.shape[-2:]
-        tokens = torch.cat([self.class_embedding.expand(len(pixels), -1, -1), patches.flatten(2).transpose(1, 2)], 1)
-        positions = torch.cat([self.position_embedding[:, :1], self._grid_positions(height, width)], dim=1)
+        tokens = torch.cat(
+            [self.class_embedding.expand(len(pixels), -1, -1), patches.flatten(2).transpose(1, 2)],
+            1,
+        )
+        positions = torch.cat(
+            [self.position_embedding[:, :1], self._grid_positions(height, width)], dim=1
+        )
         return tokens + positions
 
 
@@ -71,7 +78,9 @@ class InternAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if self.qk_normalization:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (
+            t.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2) for t in (q, k, v)
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -111,7 +120,9 @@ class InternVisionEncoderLayer(nn.Module):
 class InternVisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(InternVisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            InternVisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)
+        )
 
 
 class InternVisionModel(nn.Module):
@@ -149,22 +160,36 @@ def internvl_qwen2_config(cfg: LLMConfig, vocab_size: int, attn_implementation: 
     """The InternVL3 LLM's config: default RoPE, or dynamic NTK scaling when ``rope_dynamic_factor`` is set."""
     rope = None
     if cfg.rope_dynamic_factor is not None:
-        rope = {"rope_type": "dynamic", "rope_theta": cfg.rope_theta, "factor": cfg.rope_dynamic_factor}
+        rope = {
+            "rope_type": "dynamic",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_dynamic_factor,
+        }
     return qwen2_config(cfg, vocab_size, attn_implementation, rope)
 
 
 class InternVLChat(nn.Module):
     """``InternVLChatModel``'s modules: ``vision_model``, ``mlp1`` and ``language_model``."""
 
-    def __init__(self, vision: VisionConfig, llm: LLMConfig, vocab_size: int, downsample_ratio: float,
-                 attn_implementation: str = "sdpa") -> None:
+    def __init__(
+        self,
+        vision: VisionConfig,
+        llm: LLMConfig,
+        vocab_size: int,
+        downsample_ratio: float,
+        attn_implementation: str = "sdpa",
+    ) -> None:
         super().__init__()
         self.downsample_ratio = downsample_ratio
         merged = vision.hidden_size * round(1 / downsample_ratio) ** 2
         self.vision_model = InternVisionModel(vision)
         width = llm.hidden_size
-        self.mlp1 = nn.Sequential(nn.LayerNorm(merged), nn.Linear(merged, width), nn.GELU(), nn.Linear(width, width))
-        self.language_model = Qwen2ForCausalLM(internvl_qwen2_config(llm, vocab_size, attn_implementation))
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(merged), nn.Linear(merged, width), nn.GELU(), nn.Linear(width, width)
+        )
+        self.language_model = Qwen2ForCausalLM(
+            internvl_qwen2_config(llm, vocab_size, attn_implementation)
+        )
 
     def extract_feature(self, pixels: Tensor) -> Tensor:
         """``V_enc``: ViT-normalised pixels [B, 3, S, S] → visual tokens [B, (S/p·r)², D_llm]."""

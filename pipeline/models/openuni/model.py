@@ -91,14 +91,23 @@ class OpenUni(MLLMAdapter):
     config: OpenUniConfig
     vae: AutoencoderDC
 
-    def __init__(self, config: OpenUniConfig, tokenizer: PreTrainedTokenizerBase | None = None,
-                 vae: AutoencoderDC | None = None) -> None:
+    def __init__(
+        self,
+        config: OpenUniConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        vae: AutoencoderDC | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.vocab_size = self._vocab_size(config.llm.vocab_size, tokenizer)
         width = config.llm.hidden_size
-        self.lmm = InternVLChat(config.vision, config.llm, self.vocab_size, config.downsample_ratio,
-                                config.attn_implementation)
+        self.lmm = InternVLChat(
+            config.vision,
+            config.llm,
+            self.vocab_size,
+            config.downsample_ratio,
+            config.attn_implementation,
+        )
         self.meta_queries = nn.Parameter(torch.zeros(config.num_queries, width))
         self.connector = SiglipEncoder(self._connector_config())
         self.projector = nn.Linear(config.connector.hidden_size, config.sana.caption_channels)
@@ -111,7 +120,8 @@ class OpenUni(MLLMAdapter):
         self._set_trainable()
         if config.gradient_checkpointing:
             self.lmm.language_model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False})
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
             self.lmm.vision_model.gradient_checkpointing = True
             self.transformer.enable_gradient_checkpointing()
 
@@ -119,21 +129,36 @@ class OpenUni(MLLMAdapter):
 
     def _connector_config(self) -> SiglipVisionConfig:
         c = self.config.connector
-        return SiglipVisionConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                                  layer_norm_eps=c.layer_norm_eps, hidden_act="gelu_pytorch_tanh",
-                                  attn_implementation=self.config.attn_implementation)
+        return SiglipVisionConfig(
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            layer_norm_eps=c.layer_norm_eps,
+            hidden_act="gelu_pytorch_tanh",
+            attn_implementation=self.config.attn_implementation,
+        )
 
     def _sana_kwargs(self) -> dict[str, Any]:
         s, channels = self.config.sana, self.config.vae.latent_channels
         return {
-            "in_channels": channels, "out_channels": channels, "num_attention_heads": s.num_attention_heads,
-            "attention_head_dim": s.attention_head_dim, "num_layers": s.num_layers,
+            "in_channels": channels,
+            "out_channels": channels,
+            "num_attention_heads": s.num_attention_heads,
+            "attention_head_dim": s.attention_head_dim,
+            "num_layers": s.num_layers,
             "num_cross_attention_heads": s.num_cross_attention_heads,
-            "cross_attention_head_dim": s.cross_attention_head_dim, "cross_attention_dim": s.inner_dim,
-            "caption_channels": s.caption_channels, "mlp_ratio": s.mlp_ratio, "attention_bias": False,
-            "sample_size": self.config.latent_size, "patch_size": 1, "norm_elementwise_affine": False,
-            "norm_eps": s.norm_eps, "interpolation_scale": None, "qk_norm": s.qk_norm,
+            "cross_attention_head_dim": s.cross_attention_head_dim,
+            "cross_attention_dim": s.inner_dim,
+            "caption_channels": s.caption_channels,
+            "mlp_ratio": s.mlp_ratio,
+            "attention_bias": False,
+            "sample_size": self.config.latent_size,
+            "patch_size": 1,
+            "norm_elementwise_affine": False,
+            "norm_eps": s.norm_eps,
+            "interpolation_scale": None,
+            "qk_norm": s.qk_norm,
         }
 
     def _init_openuni_weights(self) -> None:
@@ -187,9 +212,13 @@ class OpenUni(MLLMAdapter):
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+        return self.vae.decode(
+            latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        ).sample.float()
 
-    def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def autoencoder_pass(
+        self, pixels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """DC-AE is deterministic: no posterior, no KL (``generator`` is not used)."""
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent
         return self.vae.decode(latents).sample.float(), latents.new_zeros(())
@@ -214,25 +243,46 @@ class OpenUni(MLLMAdapter):
         embeds = self._llm.get_input_embeddings()(input_ids)
         b, q = len(input_ids), self.config.num_queries
         queries = self.meta_queries[None].expand(b, -1, -1).to(embeds.dtype)
-        mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(b, q, dtype=torch.bool)], dim=1)
+        mask = torch.cat(
+            [attention_mask.bool(), attention_mask.new_ones(b, q, dtype=torch.bool)], dim=1
+        )
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)
-        hidden = self._llm.model(inputs_embeds=torch.cat([embeds, queries], dim=1), attention_mask=mask,
-                                 position_ids=positions).last_hidden_state
+        hidden = self._llm.model(
+            inputs_embeds=torch.cat([embeds, queries], dim=1),
+            attention_mask=mask,
+            position_ids=positions,
+        ).last_hidden_state
         conditions = self.projector(self.connector(inputs_embeds=hidden[:, -q:]).last_hidden_state)
         return conditions, hidden[:, :-q]
 
     # ----------------------------------------------------------------- training step
 
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
-                infotok_inputs: bool = True) -> MLLMOutput:
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        *,
+        infotok_inputs: bool = True,
+    ) -> MLLMOutput:
         """Both task losses and the InfoTok inputs.
 
         Random draws, in order, from ``generator`` (T2I only): the flow noise ε of the target
         latents, then the uniform variables of their timesteps.
         """
-        out = MLLMOutput(loss_i2t=None, loss_t2i=None, z_u=None, z_g=None, text_u=None, text_g=None,
-                         answer_ids=None, answer_mask=None, target_patches=None, target_mask=None,
-                         num_text_tokens=0, num_image_tokens=0)
+        out = MLLMOutput(
+            loss_i2t=None,
+            loss_t2i=None,
+            z_u=None,
+            z_g=None,
+            text_u=None,
+            text_g=None,
+            answer_ids=None,
+            answer_mask=None,
+            target_patches=None,
+            target_mask=None,
+            num_text_tokens=0,
+            num_image_tokens=0,
+        )
         if "i2t_input_ids" in batch:
             self._understanding(batch, out)
         if "t2i_input_ids" in batch:
@@ -251,17 +301,27 @@ class OpenUni(MLLMAdapter):
         out.num_text_tokens += int(mask.sum()) - z_u.shape[0] * z_u.shape[1]
         out.num_image_tokens += z_u.shape[0] * z_u.shape[1]
 
-    def _generation(self, batch: Mapping[str, Any], out: MLLMOutput, generator: torch.Generator | None,
-                    infotok_inputs: bool) -> None:
-        ids, mask, pixels = batch["t2i_input_ids"], batch["t2i_attention_mask"], batch["t2i_pixel_values"]
+    def _generation(
+        self,
+        batch: Mapping[str, Any],
+        out: MLLMOutput,
+        generator: torch.Generator | None,
+        infotok_inputs: bool,
+    ) -> None:
+        ids, mask, pixels = (
+            batch["t2i_input_ids"],
+            batch["t2i_attention_mask"],
+            batch["t2i_pixel_values"],
+        )
         x = self.encode_latents(pixels)
         noise = torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
         timesteps, sigmas = sample_timesteps(self.train_scheduler, len(x), generator, x.device)
         sigmas = sigmas.view(-1, 1, 1, 1).to(x.dtype)
         noisy = (1.0 - sigmas) * x + sigmas * noise
         conditions, prompt_hidden = self.condition(ids, mask)
-        prediction = self.transformer(noisy, encoder_hidden_states=conditions, timestep=timesteps,
-                                      return_dict=False)[0]
+        prediction = self.transformer(
+            noisy, encoder_hidden_states=conditions, timestep=timesteps, return_dict=False
+        )[0]
         out.loss_t2i = flow_matching_loss(prediction, noise - x)
         if infotok_inputs:
             out.z_g = self.encode_shared_tokens(self.vit_input(pixels))
@@ -269,7 +329,9 @@ class OpenUni(MLLMAdapter):
         # Token n of V_enc covers the same region as latent block n: the ViT sees the target resized
         # to its input, and a token after the 2×2 pixel shuffle spans one cell of the token grid.
         out.target_patches = patchify(x, self.config.latent_patch, "pqc")
-        out.target_mask = torch.ones(out.target_patches.shape[:2], dtype=torch.bool, device=x.device)
+        out.target_mask = torch.ones(
+            out.target_patches.shape[:2], dtype=torch.bool, device=x.device
+        )
         out.num_text_tokens += int(mask.sum())
         out.num_image_tokens += len(ids) * self.config.num_queries
 
@@ -277,12 +339,20 @@ class OpenUni(MLLMAdapter):
 
     def _processor(self) -> OpenUniProcessor:
         if self.processor is None:
-            raise RuntimeError("this OpenUni model was built without a tokenizer; pass tokenizer_path")
+            raise RuntimeError(
+                "this OpenUni model was built without a tokenizer; pass tokenizer_path"
+            )
         return self.processor
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, guidance_scale: float | None = None, num_steps: int | None = None,
-                 generator: torch.Generator | None = None) -> list[Image.Image]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        guidance_scale: float | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Image.Image]:
         """SANA's flow DPM-Solver with classifier-free guidance (OpenUni ``generate`` / ``SanaPipeline``).
 
         The unconditional input is the CFG prompt; guidance applies when the scale exceeds 1, as in
@@ -293,21 +363,31 @@ class OpenUni(MLLMAdapter):
         use_cfg = scale > 1.0
         rows = [processor.t2i_sequence(p)["input_ids"] for p in prompts]
         if use_cfg:
-            rows += [processor.t2i_sequence("", message=self.config.cfg_prompt)["input_ids"]] * len(prompts)
+            rows += [processor.t2i_sequence("", message=self.config.cfg_prompt)["input_ids"]] * len(
+                prompts
+            )
         ids = pad_rows(rows, PAD_ID).to(self._device)
-        mask = pad_rows([torch.ones(len(r), dtype=torch.bool) for r in rows], False).to(self._device)
+        mask = pad_rows([torch.ones(len(r), dtype=torch.bool) for r in rows], False).to(
+            self._device
+        )
         conditions, _ = self.condition(ids, mask)
         if use_cfg:
             cond, uncond = conditions.chunk(2)
             conditions = torch.cat([uncond, cond])
         size, channels = self.config.latent_size, self.config.vae.latent_channels
-        latents = torch.randn(len(prompts), channels, size, size, generator=generator, device=self._device)
+        latents = torch.randn(
+            len(prompts), channels, size, size, generator=generator, device=self._device
+        )
         scheduler = sampling_scheduler(self.config.num_train_timesteps, self.config.flow_shift)
         scheduler.set_timesteps(num_steps or self.config.num_inference_steps, device=self._device)
         for t in scheduler.timesteps:
             inputs = torch.cat([latents, latents]) if use_cfg else latents
-            velocity = self.transformer(inputs.to(self._dtype), encoder_hidden_states=conditions,
-                                        timestep=t.expand(len(inputs)), return_dict=False)[0].float()
+            velocity = self.transformer(
+                inputs.to(self._dtype),
+                encoder_hidden_states=conditions,
+                timestep=t.expand(len(inputs)),
+                return_dict=False,
+            )[0].float()
             if use_cfg:
                 v_uncond, v_cond = velocity.chunk(2)
                 velocity = v_uncond + scale * (v_cond - v_uncond)
@@ -315,27 +395,45 @@ class OpenUni(MLLMAdapter):
         return to_pil(self.decode_latents(latents))
 
     @torch.no_grad()
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 64) -> list[str]:
+    def answer(
+        self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 64
+    ) -> list[str]:
         """Greedy decoding with a KV cache over left-padded InternVL3 chat prompts."""
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         processor = self._processor()
-        rows = [processor.i2t_sequence([{"role": "user", "content": q}])["input_ids"] for q in questions]
+        rows = [
+            processor.i2t_sequence([{"role": "user", "content": q}])["input_ids"] for q in questions
+        ]
         ids = pad_rows(rows, PAD_ID, left=True).to(self._device)
-        mask = pad_rows([torch.ones(len(r), dtype=torch.long) for r in rows], 0, left=True).to(self._device)
-        pixels = torch.stack([vit_tensor(im, self.config.vision.image_size) for im in images]).to(self._device)
+        mask = pad_rows([torch.ones(len(r), dtype=torch.long) for r in rows], 0, left=True).to(
+            self._device
+        )
+        pixels = torch.stack([vit_tensor(im, self.config.vision.image_size) for im in images]).to(
+            self._device
+        )
         embeds = self._image_embeds(ids, self.encode_shared_tokens(pixels))
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         cache = DynamicCache(config=self._llm.config)
-        hidden = self._llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-                                 use_cache=True).last_hidden_state
+        hidden = self._llm.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
 
         def step(next_ids: Tensor) -> Tensor:
             nonlocal mask, positions
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
-            return self._llm.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
-                                   cache=cache, use_cache=True).last_hidden_state
+            return self._llm.model(
+                input_ids=next_ids[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
 
         rows = greedy_decode(hidden, step, self._llm.lm_head, processor.ids.im_end, max_new_tokens)
         return [text.strip() for text in decode_texts(processor.tokenizer, rows)]
@@ -354,23 +452,35 @@ class OpenUni(MLLMAdapter):
         path.mkdir(parents=True, exist_ok=True)
         cfg = self.saved_config()
         cfg["internvl_path"] = cfg["sana_path"] = None
-        write_config_json(path, {"_class_name": "OpenUniInternVL3SANAHF", **LAYOUT}, self.family, cfg)
+        write_config_json(
+            path, {"_class_name": "OpenUniInternVL3SANAHF", **LAYOUT}, self.family, cfg
+        )
         internvl = path / LAYOUT["internvl"]
         self._save_weights(internvl, tied_lm_head="language_model.lm_head.weight", prefix="lmm.")
-        (internvl / "config.json").write_text(json.dumps(internvl_config_json(self.config, self.vocab_size),
-                                                         indent=2) + "\n")
+        (internvl / "config.json").write_text(
+            json.dumps(internvl_config_json(self.config, self.vocab_size), indent=2) + "\n"
+        )
         state = self.checkpoint_state_dict()
         self.transformer.save_pretrained(str(path / LAYOUT["sana"] / "transformer"))
         self.vae.save_pretrained(str(path / LAYOUT["vae"]))
         own = self.TRAINABLE_GROUPS["connector"]
-        torch.save({k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(own)},
-                   path / LAYOUT["checkpoint"])
+        torch.save(
+            {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(own)},
+            path / LAYOUT["checkpoint"],
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None, *, internvl_path: str | Path | None = None,
-                        sana_path: str | Path | None = None, vae_path: str | Path | None = None,
-                        tokenizer_path: str | Path | None = None, options: dict[str, Any] | None = None,
-                        preset: str | None = None) -> OpenUni:
+    def from_pretrained(
+        cls,
+        path: str | Path | None,
+        *,
+        internvl_path: str | Path | None = None,
+        sana_path: str | Path | None = None,
+        vae_path: str | Path | None = None,
+        tokenizer_path: str | Path | None = None,
+        options: dict[str, Any] | None = None,
+        preset: str | None = None,
+    ) -> OpenUni:
         """Assemble OpenUni from local files.
 
         ``path`` is a directory written by :meth:`save_pretrained`, or a released ``openuni_*.pth``
@@ -382,25 +492,42 @@ class OpenUni(MLLMAdapter):
         ``preset`` names the size when the base models are not a released pair; ``options``
         override settings on top. Every part is checked key by key against the model.
         """
-        parts = locate(path, internvl_path=internvl_path, sana_path=sana_path, vae_path=vae_path, preset=preset,
-                       options=dict(options or {}))
+        parts = locate(
+            path,
+            internvl_path=internvl_path,
+            sana_path=sana_path,
+            vae_path=vae_path,
+            preset=preset,
+            options=dict(options or {}),
+        )
         config = parts.config
         tokenizer = load_tokenizer(tokenizer_dir([tokenizer_path, parts.internvl], TOKENIZER_HINT))
         model = cls._allocated(config, tokenizer, load_vae(parts.vae, config))
         tied = {"language_model.lm_head.weight"} if config.llm.tie_word_embeddings else set()
-        load_strict(model.lmm, read_state_dict(parts.internvl), source=str(parts.internvl), optional=tied)
+        load_strict(
+            model.lmm, read_state_dict(parts.internvl), source=str(parts.internvl), optional=tied
+        )
         load_strict(model.transformer, read_diffusers_weights(parts.sana), source=str(parts.sana))
         if parts.checkpoint is None:
             model._init_openuni_weights()
         else:
             # The .pth holds OpenUni's modules and, from fine-tuning, the DiT: its tensors win.
-            base = tuple(k for k in model.checkpoint_state_dict() if k.startswith(("lmm.", "transformer.")))
-            load_strict(model, read_openuni_checkpoint(parts.checkpoint), source=str(parts.checkpoint),
-                        optional=base, ignore_prefixes=("vae.",))
+            base = tuple(
+                k for k in model.checkpoint_state_dict() if k.startswith(("lmm.", "transformer."))
+            )
+            load_strict(
+                model,
+                read_openuni_checkpoint(parts.checkpoint),
+                source=str(parts.checkpoint),
+                optional=base,
+                ignore_prefixes=("vae.",),
+            )
         return model
 
     @classmethod
-    def _allocated(cls, config: OpenUniConfig, tokenizer: PreTrainedTokenizerBase, vae: AutoencoderDC) -> OpenUni:
+    def _allocated(
+        cls, config: OpenUniConfig, tokenizer: PreTrainedTokenizerBase, vae: AutoencoderDC
+    ) -> OpenUni:
         """The model with uninitialised storage (weights are loaded next) and the given VAE."""
         with torch.device("meta"):
             model = cls(config, tokenizer, vae=AutoencoderDC(**config.vae.diffusers_kwargs()))
@@ -408,7 +535,9 @@ class OpenUni(MLLMAdapter):
         llm = model.lmm.language_model
         if config.llm.tie_word_embeddings:
             llm.tie_weights()  # to_empty re-creates parameters, untying lm_head from embed_tokens
-        llm.model.rotary_emb = Qwen2RotaryEmbedding(llm.config)  # non-persistent buffers are not in checkpoints
+        llm.model.rotary_emb = Qwen2RotaryEmbedding(
+            llm.config
+        )  # non-persistent buffers are not in checkpoints
         model.vae = vae.requires_grad_(False).eval()
         return model
 
@@ -418,12 +547,22 @@ class OpenUni(MLLMAdapter):
         ``options.internvl_path`` / ``sana_path`` and no ``path``, the base models alone."""
         preset = config.preset if config.preset in PRESETS else None
         if config.path:
-            return cls.from_pretrained(config.path, vae_path=config.vae_path, tokenizer_path=config.tokenizer_path,
-                                       options=config.options, preset=preset)
+            return cls.from_pretrained(
+                config.path,
+                vae_path=config.vae_path,
+                tokenizer_path=config.tokenizer_path,
+                options=config.options,
+                preset=preset,
+            )
         cfg = openuni_config(config.preset, config.options)
         if cfg.internvl_path or cfg.sana_path:
-            return cls.from_pretrained(None, vae_path=config.vae_path, tokenizer_path=config.tokenizer_path,
-                                       options=config.options, preset=preset)
+            return cls.from_pretrained(
+                None,
+                vae_path=config.vae_path,
+                tokenizer_path=config.tokenizer_path,
+                options=config.options,
+                preset=preset,
+            )
         tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
         vae = load_vae(config.vae_path, cfg) if config.vae_path else None
         return cls(cfg, tokenizer, vae)

@@ -58,18 +58,32 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     vocab = tokenizer.get_vocab()
-    names = {"im_start": "<|im_start|>", "im_end": "<|im_end|>", "img_start": IMG_START, "img_end": IMG_END,
-             "img_context": IMG_CONTEXT}
+    names = {
+        "im_start": "<|im_start|>",
+        "im_end": "<|im_end|>",
+        "img_start": IMG_START,
+        "img_end": IMG_END,
+        "img_context": IMG_CONTEXT,
+    }
     absent = [token for token in names.values() if token not in vocab]
     if absent:
-        raise ValueError(f"tokenizer lacks InternVL3 tokens: {', '.join(absent)} (load it with load_tokenizer)")
+        raise ValueError(
+            f"tokenizer lacks InternVL3 tokens: {', '.join(absent)} (load it with load_tokenizer)"
+        )
     return SpecialIds(**{key: vocab[token] for key, token in names.items()})
 
 
 def vit_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """RGB image → [3, size, size] ImageNet-normalised ViT input (bicubic resize)."""
-    array = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255
-    array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    array = (
+        np.asarray(
+            image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32
+        )
+        / 255
+    )
+    array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(
+        IMAGENET_STD, dtype=np.float32
+    )
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -79,7 +93,9 @@ def square_tensor(image: Image.Image, size: int) -> torch.Tensor:
     w, h = image.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    image = image.crop((left, top, left + side, top + side)).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -91,7 +107,9 @@ class OpenUniProcessor:
     (I2T) or ``prompt`` (T2I), optionally ``__key__``.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: OpenUniConfig, *, train: bool = True) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, config: OpenUniConfig, *, train: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.train = train
@@ -108,7 +126,9 @@ class OpenUniProcessor:
             out = self.i2t_sequence(sample["messages"])
             out["pixel_values"] = vit_tensor(sample["image"], self.config.vision.image_size)
         elif task == "t2i":
-            dropped = self.train and prompt_dropped(sample, self.config.seed, self.config.cond_dropout_prob)
+            dropped = self.train and prompt_dropped(
+                sample, self.config.seed, self.config.cond_dropout_prob
+            )
             message = self.config.cfg_prompt if dropped else None
             out = self.t2i_sequence(sample["prompt"], message=message)
             out["pixel_values"] = square_tensor(sample["image"], self.config.image_size)
@@ -119,9 +139,13 @@ class OpenUniProcessor:
     def i2t_sequence(self, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
         """Token ids, labels and text mask of a conversation; ending on a user turn adds the answer prompt."""
         contents = [m["content"] for m in messages]
-        placeholders = sum(c.count(IMAGE_PLACEHOLDER) for m, c in zip(messages, contents) if m["role"] == "user")
+        placeholders = sum(
+            c.count(IMAGE_PLACEHOLDER) for m, c in zip(messages, contents) if m["role"] == "user"
+        )
         if placeholders > 1:
-            raise ValueError(f"an I2T conversation may hold one {IMAGE_PLACEHOLDER}, got {placeholders}")
+            raise ValueError(
+                f"an I2T conversation may hold one {IMAGE_PLACEHOLDER}, got {placeholders}"
+            )
         ids: list[int] = []
         labels: list[int] = []
         if self.config.system_message:
@@ -138,27 +162,51 @@ class OpenUniProcessor:
                 ids, labels = ids + piece, labels + [IGNORE] * len(piece)
             elif message["role"] == "assistant":
                 piece = self._encode(f"<|im_start|>assistant\n{content}<|im_end|>\n")
-                target = [IGNORE] * self._assistant_prefix + piece[self._assistant_prefix: -1] + [IGNORE]
+                target = (
+                    [IGNORE] * self._assistant_prefix
+                    + piece[self._assistant_prefix : -1]
+                    + [IGNORE]
+                )
                 ids, labels = ids + piece, labels + target
             else:
-                raise ValueError(f"message role must be 'user' or 'assistant', got {message['role']!r}")
+                raise ValueError(
+                    f"message role must be 'user' or 'assistant', got {message['role']!r}"
+                )
         if messages[-1]["role"] == "user":
             piece = self._encode("<|im_start|>assistant\n")
             ids, labels = ids + piece, labels + [IGNORE] * len(piece)
         ids, labels = ids[: self.config.max_seq_len], labels[: self.config.max_seq_len]
-        if ids.count(self.ids.img_context) != self.config.num_image_tokens or self.ids.img_end not in ids:
-            raise ValueError(f"I2T sample exceeds max_seq_len={self.config.max_seq_len} before its image ends")
+        if (
+            ids.count(self.ids.img_context) != self.config.num_image_tokens
+            or self.ids.img_end not in ids
+        ):
+            raise ValueError(
+                f"I2T sample exceeds max_seq_len={self.config.max_seq_len} before its image ends"
+            )
         if messages[-1]["role"] == "assistant" and all(label == IGNORE for label in labels):
-            raise ValueError(f"I2T sample: the answer does not fit in max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"I2T sample: the answer does not fit in max_seq_len={self.config.max_seq_len}"
+            )
         ids_t, labels_t = torch.tensor(ids), torch.tensor(labels)
-        image = (ids_t == self.ids.img_start) | (ids_t == self.ids.img_context) | (ids_t == self.ids.img_end)
-        return {"task": "i2t", "input_ids": ids_t, "labels": labels_t, "text_mask": (labels_t == IGNORE) & ~image}
+        image = (
+            (ids_t == self.ids.img_start)
+            | (ids_t == self.ids.img_context)
+            | (ids_t == self.ids.img_end)
+        )
+        return {
+            "task": "i2t",
+            "input_ids": ids_t,
+            "labels": labels_t,
+            "text_mask": (labels_t == IGNORE) & ~image,
+        }
 
     def t2i_sequence(self, prompt: str, *, message: str | None = None) -> dict[str, Any]:
         """Prompt ids of a T2I sample; ``message`` replaces the whole user message (CFG prompt)."""
         if message is None:
             message = self.config.generation_prompt.format(input=prompt.strip())
-        ids = self._encode(f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n{IMG_START}")
+        ids = self._encode(
+            f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n{IMG_START}"
+        )
         return {"task": "t2i", "input_ids": torch.tensor(ids[: self.config.max_prompt_len])}
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -172,7 +220,9 @@ class OpenUniProcessor:
                 continue
             ids = [s["input_ids"] for s in group]
             batch[f"{task}_input_ids"] = pad_rows(ids, PAD_ID)
-            batch[f"{task}_attention_mask"] = pad_rows([torch.ones(len(i), dtype=torch.bool) for i in ids], False)
+            batch[f"{task}_attention_mask"] = pad_rows(
+                [torch.ones(len(i), dtype=torch.bool) for i in ids], False
+            )
             batch[f"{task}_pixel_values"] = torch.stack([s["pixel_values"] for s in group])
             if task == "i2t":
                 batch["i2t_labels"] = pad_rows([s["labels"] for s in group], IGNORE)

@@ -28,10 +28,23 @@ def required_files(model: ModelConfig) -> list[Requirement]:
     if model.path is None and not (options.get("internvl_path") or options.get("sana_path")):
         return [Requirement("model.tokenizer_path", tokenizer_path, "tokenizer", TOKENIZER)]
     preset = model.preset if model.preset in PRESETS else None
-    parts = locate(model.path, internvl_path=None, sana_path=None, vae_path=model.vae_path,
-                   preset=preset, options=options)
-    return [Requirement("model.tokenizer_path", tokenizer_path, "tokenizer", TOKENIZER,
-                        fallbacks=(parts.internvl,))]
+    parts = locate(
+        model.path,
+        internvl_path=None,
+        sana_path=None,
+        vae_path=model.vae_path,
+        preset=preset,
+        options=options,
+    )
+    return [
+        Requirement(
+            "model.tokenizer_path",
+            tokenizer_path,
+            "tokenizer",
+            TOKENIZER,
+            fallbacks=(parts.internvl,),
+        )
+    ]
 
 
 SPEC = FamilySpec(
@@ -41,6 +54,10 @@ SPEC = FamilySpec(
     options=OpenUniConfig,
     presets=PRESETS,
     required_files=required_files,
-    repeated_blocks=("lmm.vision_model.encoder.layers", "lmm.language_model.model.layers",
-                     "connector.layers", "transformer.transformer_blocks"),
+    repeated_blocks=(
+        "lmm.vision_model.encoder.layers",
+        "lmm.language_model.model.layers",
+        "connector.layers",
+        "transformer.transformer_blocks",
+    ),
 )

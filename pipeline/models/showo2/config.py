@@ -31,12 +31,40 @@ from pipeline.models.common.qwen import QwenConfig
 from pipeline.models.showo2.flow import FlowLayout, FlowPrediction
 
 WAN_LATENTS_MEAN = [
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
 ]
 WAN_LATENTS_STD = [
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
 ]
 
 
@@ -104,27 +132,35 @@ class Showo2Config:
     image_size: int = param(432, gt=0, help="square input/output resolution in pixels")
     max_seq_len: int = param(1024, gt=0, help="tokens per sequence, image tokens included")
     system_prompt: str = param(
-        "system\nYou are a helpful assistant.<|im_end|>", help="prefix of I2T conversations ('' for none)"
+        "system\nYou are a helpful assistant.<|im_end|>",
+        help="prefix of I2T conversations ('' for none)",
     )
     trainable: list[Literal["llm", "flow_head"]] = param(
-        default_factory=lambda: ["llm", "flow_head"], help="trained besides the shared visual tokenizer"
+        default_factory=lambda: ["llm", "flow_head"],
+        help="trained besides the shared visual tokenizer",
     )
     flow_layout: FlowLayout = param(
-        "official", help="latent pixels of flow-head output row n: 'official' = the released raster runs of p·p "
-                         "(released weights need it), 'patch' = the p×p patch under visual token n"
+        "official",
+        help="latent pixels of flow-head output row n: 'official' = the released raster runs of p·p "
+        "(released weights need it), 'patch' = the p×p patch under visual token n",
     )
     flow_prediction: FlowPrediction = param(
-        "velocity", help="what the flow head outputs: 'velocity' u = x1 − x0 (released weights), or 'data' x1, "
-                         "turned into u = (x1 − x_t)/(1 − t) for the same velocity loss"
+        "velocity",
+        help="what the flow head outputs: 'velocity' u = x1 − x0 (released weights), or 'data' x1, "
+        "turned into u = (x1 − x_t)/(1 − t) for the same velocity loss",
     )
     cond_dropout_prob: float = param(0.1, ge=0, le=1, help="T2I prompts replaced by '' (for CFG)")
-    sample_vae_posterior: bool = param(True, help="training latents = posterior sample, as in Show-o2")
+    sample_vae_posterior: bool = param(
+        True, help="training latents = posterior sample, as in Show-o2"
+    )
     guidance_scale: float = param(5.0, ge=0)
     num_inference_steps: int = param(50, ge=2)
     time_shifting_factor: float = param(3.0, gt=0)
     train_time_shift: float | None = param(
-        None, gt=0, help="training timesteps' shift towards noise (noise odds times it); null = the official "
-                         "resolution-dependent exp(mu), 1.6 at 64 visual tokens"
+        None,
+        gt=0,
+        help="training timesteps' shift towards noise (noise odds times it); null = the official "
+        "resolution-dependent exp(mu), 1.6 at 64 visual tokens",
     )
     attn_implementation: Literal["sdpa", "eager"] = param("sdpa")
     gradient_checkpointing: bool = param(False)
@@ -133,13 +169,19 @@ class Showo2Config:
     def __post_init__(self) -> None:
         for name in ("latents_mean", "latents_std"):
             if len(getattr(self.vae, name)) != self.vae.z_dim:
-                raise ConfigError(f"vae.{name} has {len(getattr(self.vae, name))} entries; vae.z_dim is "
-                                  f"{self.vae.z_dim} (one per latent channel)")
+                raise ConfigError(
+                    f"vae.{name} has {len(getattr(self.vae, name))} entries; vae.z_dim is "
+                    f"{self.vae.z_dim} (one per latent channel)"
+                )
         unit = self.vae.spatial_factor * self.patch_size
         if self.image_size % unit:
-            raise ConfigError(f"image_size {self.image_size} must be a multiple of VAE factor × patch = {unit}")
+            raise ConfigError(
+                f"image_size {self.image_size} must be a multiple of VAE factor × patch = {unit}"
+            )
         if self.flow_head.hidden_size % self.flow_head.num_attention_heads:
-            raise ConfigError("flow_head.hidden_size must be divisible by flow_head.num_attention_heads")
+            raise ConfigError(
+                "flow_head.hidden_size must be divisible by flow_head.num_attention_heads"
+            )
         if self.max_seq_len <= self.num_image_tokens + 6:
             raise ConfigError(
                 f"max_seq_len {self.max_seq_len} leaves no room next to {self.num_image_tokens} image tokens"
@@ -183,13 +225,28 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_key_value_heads": 2,
             "max_position_embeddings": 2048,
         },
-        "semantic": {"hidden_size": 48, "intermediate_size": 96, "num_layers": 2, "num_attention_heads": 4,
-                     "num_positions": 64},
-        "flow_head": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_attention_heads": 4,
-                      "num_key_value_heads": 2},
+        "semantic": {
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_layers": 2,
+            "num_attention_heads": 4,
+            "num_positions": 64,
+        },
+        "flow_head": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
         # 4x instead of 8x spatial downsampling: at 64 px the scenes' 10-17 px shapes span several
         # latent cells, so a tiny VAE can learn to reconstruct them (8x blurs them into blobs).
-        "vae": {"base_dim": 8, "num_res_blocks": 1, "dim_mult": [1, 2, 4], "temperal_downsample": [False, True]},
+        "vae": {
+            "base_dim": 8,
+            "num_res_blocks": 1,
+            "dim_mult": [1, 2, 4],
+            "temperal_downsample": [False, True],
+        },
         "image_size": 64,
         # Trained from scratch, so free of the released layout, in which most tokens must fetch their
         # target's start noise from other tokens: a 64-wide model learns its own patch instead.
@@ -215,7 +272,9 @@ def showo2_config(
     return preset_config(Showo2Config, PRESETS, "Show-o2", preset, options, source)
 
 
-def options_from_official(raw: dict[str, Any], preset: str | None = None) -> tuple[str, dict[str, Any]]:
+def options_from_official(
+    raw: dict[str, Any], preset: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """Preset and options matching a released ``config.json`` (``Showo2Qwen2_5`` init arguments).
 
     The preset is inferred from ``hidden_size`` (1536 → 1.5b, 3584 → 7b) unless given.
@@ -223,9 +282,13 @@ def options_from_official(raw: dict[str, Any], preset: str | None = None) -> tup
     presets_by_width = {1536: "1.5b", 3584: "7b"}
     width = raw.get("hidden_size")
     if preset is None and width not in presets_by_width:
-        raise ConfigError(f"config.json: hidden_size {width!r} is not a released Show-o2 size (1536 or 3584)")
+        raise ConfigError(
+            f"config.json: hidden_size {width!r} is not a released Show-o2 size (1536 or 3584)"
+        )
     if not raw.get("add_time_embeds", True):
-        raise ConfigError("config.json: add_time_embeds=false is not supported (all released models use it)")
+        raise ConfigError(
+            "config.json: add_time_embeds=false is not supported (all released models use it)"
+        )
     options: dict[str, Any] = {"patch_size": raw.get("patch_size", 2)}
     if raw.get("llm_vocab_size") is not None:
         options["llm"] = {"vocab_size": raw["llm_vocab_size"]}

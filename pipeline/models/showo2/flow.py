@@ -29,7 +29,9 @@ def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     return 1 - shift / (shift + (1 / noise_level - 1))
 
 
-def sample_timesteps(n: int, shift: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def sample_timesteps(
+    n: int, shift: float, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     """Training timesteps: logit-normal (``snr_type: lognorm``) then shifted towards noise (``do_shift: True``)."""
     u = torch.randn(n, generator=generator, device=device)
     return shift_timesteps(torch.sigmoid(u), shift)
@@ -61,10 +63,14 @@ def velocity_from_data(clean: Tensor, noisy: Tensor, t: Tensor) -> Tensor:
 
 def velocity_rows(latents: Tensor, patch: int, layout: FlowLayout) -> Tensor:
     """[B, C, H, W] → the flow head's output rows [B, N, p·p·C] in ``layout``."""
-    return to_flow_layout(latents, patch) if layout == "official" else patchify(latents, patch, "pqc")
+    return (
+        to_flow_layout(latents, patch) if layout == "official" else patchify(latents, patch, "pqc")
+    )
 
 
-def velocity_latents(rows: Tensor, channels: int, size: int, patch: int, layout: FlowLayout) -> Tensor:
+def velocity_latents(
+    rows: Tensor, channels: int, size: int, patch: int, layout: FlowLayout
+) -> Tensor:
     """Inverse of :func:`velocity_rows` for a square ``size``×``size`` latent."""
     if layout == "official":
         return from_flow_layout(rows, channels, size, size)
@@ -85,4 +91,8 @@ def to_flow_layout(latents: Tensor, patch: int) -> Tensor:
 def from_flow_layout(rows: Tensor, channels: int, height: int, width: int) -> Tensor:
     """Inverse of :func:`to_flow_layout`."""
     b = rows.shape[0]
-    return rows.reshape(b, height * width, channels).transpose(1, 2).reshape(b, channels, height, width)
+    return (
+        rows.reshape(b, height * width, channels)
+        .transpose(1, 2)
+        .reshape(b, channels, height, width)
+    )

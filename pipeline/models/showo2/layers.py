@@ -39,7 +39,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t.float()[:, None] * freqs[None]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
@@ -114,10 +116,17 @@ class ModulatedAttentionBlock(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 6 * config.hidden_size))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(config.hidden_size, 6 * config.hidden_size)
+        )
 
     def forward(
-        self, x: Tensor, t_emb: Tensor, image_span: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor]
+        self,
+        x: Tensor,
+        t_emb: Tensor,
+        image_span: Tensor,
+        mask: Tensor,
+        rope: tuple[Tensor, Tensor],
     ) -> Tensor:
         chunks = self.adaLN_modulation(t_emb)[:, None, :].chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (c * image_span for c in chunks)
@@ -137,5 +146,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, t_emb: Tensor, image_span: Tensor) -> Tensor:
-        shift, scale = (c * image_span for c in self.adaLN_modulation(t_emb)[:, None, :].chunk(2, dim=-1))
+        shift, scale = (
+            c * image_span for c in self.adaLN_modulation(t_emb)[:, None, :].chunk(2, dim=-1)
+        )
         return self.linear(modulate(self.norm_final(x), shift, scale))

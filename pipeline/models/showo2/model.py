@@ -41,13 +41,22 @@ from pipeline.models.common.model_dir import read_adapter_record, write_config_j
 from pipeline.models.common.presets import deep_merge
 from pipeline.models.common.qwen import qwen2_config
 from pipeline.models.common.text import (
-    IMAGE_PLACEHOLDER, answer_loss, answer_tokens, left_pad_prompts, masked_mean,
+    IMAGE_PLACEHOLDER,
+    answer_loss,
+    answer_tokens,
+    left_pad_prompts,
+    masked_mean,
 )
 from pipeline.models.common.tokenizer import tokenizer_dir
 from pipeline.models.common.weights import load_strict, read_state_dict, read_weight_file
 from pipeline.models.showo2.config import Showo2Config, options_from_official, showo2_config
 from pipeline.models.showo2.flow import (
-    resolution_shift, sample_timesteps, sampling_grid, velocity_from_data, velocity_latents, velocity_rows,
+    resolution_shift,
+    sample_timesteps,
+    sampling_grid,
+    velocity_from_data,
+    velocity_latents,
+    velocity_rows,
 )
 from pipeline.models.showo2.layers import (
     FinalLayer,
@@ -80,7 +89,9 @@ def omni_attention_mask(
     inside = (pos[None] >= offsets[:, None]) & (pos[None] < offsets[:, None] + span)
     allowed = allowed | (inside[:, :, None] & inside[:, None, :])
     if key_valid is not None:
-        allowed = (allowed & key_valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=offsets.device)
+        allowed = (allowed & key_valid[:, None, :]) | torch.eye(
+            length, dtype=torch.bool, device=offsets.device
+        )
     additive = torch.zeros(allowed.shape, dtype=dtype, device=offsets.device)
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -92,24 +103,41 @@ class Showo2(MLLMAdapter):
     """
 
     family = "showo2"
-    ENCODER_PREFIXES = ("image_embedder_und.", "image_embedder_gen.", "position_embedding.", "und_trans.",
-                        "fusion_proj.")
+    ENCODER_PREFIXES = (
+        "image_embedder_und.",
+        "image_embedder_gen.",
+        "position_embedding.",
+        "und_trans.",
+        "fusion_proj.",
+    )
     TRAINABLE_GROUPS = {
         "llm": ("showo.",),
-        "flow_head": ("time_embed.", "time_embed_proj.", "diff_proj.", "diffusion_head_a.", "diffusion_head_b."),
+        "flow_head": (
+            "time_embed.",
+            "time_embed_proj.",
+            "diff_proj.",
+            "diffusion_head_a.",
+            "diffusion_head_b.",
+        ),
     }
     config: Showo2Config
     vae: AutoencoderKLWan
 
-    def __init__(self, config: Showo2Config, tokenizer: PreTrainedTokenizerBase | None = None,
-                 vae: AutoencoderKLWan | None = None) -> None:
+    def __init__(
+        self,
+        config: Showo2Config,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        vae: AutoencoderKLWan | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.vocab_size = self._vocab_size(config.llm.vocab_size, tokenizer)
         width, sem, flow = config.llm.hidden_size, config.semantic, config.flow_head
         z_dim, patch = config.vae.z_dim, config.patch_size
 
-        self.showo = Qwen2ForCausalLM(qwen2_config(config.llm, self.vocab_size, config.attn_implementation))
+        self.showo = Qwen2ForCausalLM(
+            qwen2_config(config.llm, self.vocab_size, config.attn_implementation)
+        )
         self.image_embedder_und = PatchEmbed(z_dim, sem.hidden_size, patch)
         self.image_embedder_gen = PatchEmbed(z_dim, width, patch)
         self.position_embedding = nn.Embedding(sem.num_positions, sem.hidden_size)
@@ -125,20 +153,28 @@ class Showo2(MLLMAdapter):
         self.time_embed_proj: nn.Module | None = None
         if width != flow.hidden_size:
             self.diff_proj = nn.Sequential(
-                nn.Linear(width, flow.hidden_size), nn.GELU(), nn.Linear(flow.hidden_size, flow.hidden_size)
+                nn.Linear(width, flow.hidden_size),
+                nn.GELU(),
+                nn.Linear(flow.hidden_size, flow.hidden_size),
             )
             self.time_embed_proj = nn.Linear(flow.hidden_size, width)
         head_config = flow_llama_config(flow)
-        self.diffusion_head_a = nn.ModuleList(ModulatedAttentionBlock(head_config) for _ in range(flow.num_layers))
+        self.diffusion_head_a = nn.ModuleList(
+            ModulatedAttentionBlock(head_config) for _ in range(flow.num_layers)
+        )
         self.diffusion_head_b = FinalLayer(flow.hidden_size, config.latent_patch_dim)
         self.flow_rotary = LlamaRotaryEmbedding(head_config)
-        self.vae = single_frame_fast_path(vae if vae is not None else AutoencoderKLWan(**to_dict(config.vae)))
+        self.vae = single_frame_fast_path(
+            vae if vae is not None else AutoencoderKLWan(**to_dict(config.vae))
+        )
         self.vae.requires_grad_(False)
         self.processor = Showo2Processor(tokenizer, config) if tokenizer is not None else None
         self._init_show_o2_weights()
         self._set_trainable()
         if config.gradient_checkpointing:
-            self.showo.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.showo.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
 
     # ----------------------------------------------------------------- construction
 
@@ -180,7 +216,9 @@ class Showo2(MLLMAdapter):
         return self.fusion_proj[1].weight.dtype
 
     @torch.no_grad()
-    def encode_latents(self, pixels: Tensor, *, sample: bool, generator: torch.Generator | None = None) -> Tensor:
+    def encode_latents(
+        self, pixels: Tensor, *, sample: bool, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Pixels [B, 3, H, W] in [-1, 1] → normalised Wan latents [B, C, H/8, W/8].
 
         Like the official ``WanVAE.sample``: ``(μ − mean)/std`` plus, when ``sample``, the posterior
@@ -198,23 +236,36 @@ class Showo2(MLLMAdapter):
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Normalised latents [B, C, h, w] → pixels [B, 3, H, W] in [-1, 1]."""
-        mean = torch.tensor(self.config.vae.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+        mean = torch.tensor(self.config.vae.latents_mean, device=latents.device).view(
+            1, -1, 1, 1, 1
+        )
         std = torch.tensor(self.config.vae.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
         raw = latents.float()[:, :, None] * std + mean
         return self.vae.decode(raw.to(self.vae.dtype)).sample[:, :, 0].float()
 
-    def autoencoder_pass(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def autoencoder_pass(
+        self, pixels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         posterior = self.vae.encode(pixels.to(self.vae.dtype)[:, :, None]).latent_dist
         latents = posterior.mean
         if generator is not None:
-            latents = latents + posterior.std * torch.randn(latents.shape, generator=generator, device=latents.device)
+            latents = latents + posterior.std * torch.randn(
+                latents.shape, generator=generator, device=latents.device
+            )
         return self.vae.decode(latents).sample[:, :, 0].float(), posterior.kl().mean()
 
     def autoencoder_options(self, pixels: Tensor) -> dict[str, Any]:
         """Per-channel mean and std of the posterior means, as the released ``latents_mean/std``."""
-        means = in_chunks(lambda x: self.vae.encode(x.to(self.vae.dtype)[:, :, None]).latent_dist.mean.float(), pixels)
-        return {"vae": {"latents_mean": means.mean(dim=(0, 2, 3, 4)).tolist(),
-                        "latents_std": means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3).tolist()}}
+        means = in_chunks(
+            lambda x: self.vae.encode(x.to(self.vae.dtype)[:, :, None]).latent_dist.mean.float(),
+            pixels,
+        )
+        return {
+            "vae": {
+                "latents_mean": means.mean(dim=(0, 2, 3, 4)).tolist(),
+                "latents_std": means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3).tolist(),
+            }
+        }
 
     def _positions(self) -> Tensor:
         """SigLIP position embeddings for the token grid, bicubic-resized when the grid differs."""
@@ -224,7 +275,9 @@ class Showo2(MLLMAdapter):
             return weight[None]
         side = int(round(weight.shape[0] ** 0.5))
         square = weight.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        resized = F.interpolate(square.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+        resized = F.interpolate(
+            square.float(), size=(grid, grid), mode="bicubic", align_corners=False
+        )
         return resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(weight.dtype)
 
     def _maybe_checkpoint(self, layer: nn.Module, *args: Any) -> Tensor:
@@ -245,22 +298,29 @@ class Showo2(MLLMAdapter):
         t_emb = self.time_embed(t)
         return t_emb, (self.time_embed_proj(t_emb) if self.time_embed_proj is not None else t_emb)
 
-    def _llm_inputs(self, input_ids: Tensor, offsets: Tensor, time_tokens: Tensor, image_tokens: Tensor) -> Tensor:
+    def _llm_inputs(
+        self, input_ids: Tensor, offsets: Tensor, time_tokens: Tensor, image_tokens: Tensor
+    ) -> Tensor:
         """Token embeddings with each image slot filled: the time token, then the N visual tokens."""
         embeds = self.showo.model.embed_tokens(input_ids)
         n = image_tokens.shape[1]
         rows = torch.arange(len(input_ids), device=input_ids.device)[:, None]
         cols = offsets[:, None] + torch.arange(n + 1, device=input_ids.device)[None]
-        slots = torch.cat([time_tokens[:, None].to(embeds.dtype), image_tokens.to(embeds.dtype)], dim=1)
+        slots = torch.cat(
+            [time_tokens[:, None].to(embeds.dtype), image_tokens.to(embeds.dtype)], dim=1
+        )
         return embeds.index_put((rows.expand_as(cols), cols), slots)
 
     def _image_span(self, length: int, offsets: Tensor) -> Tensor:
         pos = torch.arange(length, device=offsets.device)[None]
-        inside = (pos >= offsets[:, None]) & (pos < offsets[:, None] + self.config.num_image_tokens + 1)
+        inside = (pos >= offsets[:, None]) & (
+            pos < offsets[:, None] + self.config.num_image_tokens + 1
+        )
         return inside[..., None].to(self._dtype)
 
-    def _velocity(self, hidden: Tensor, t_emb: Tensor, offsets: Tensor, mask: Tensor, noisy: Tensor,
-                  t: Tensor) -> Tensor:
+    def _velocity(
+        self, hidden: Tensor, t_emb: Tensor, offsets: Tensor, mask: Tensor, noisy: Tensor, t: Tensor
+    ) -> Tensor:
         """Flow head on the LLM's last hidden states → velocity rows [B, N, p·p·C] of the image tokens.
 
         ``noisy`` [B, C, h, w] are the latents x_t the visual tokens were encoded from.
@@ -286,14 +346,23 @@ class Showo2(MLLMAdapter):
         """LLM last hidden states, flow conditioning and mask for visual tokens at timesteps ``t``."""
         t_emb, time_tokens = self._time_embeddings(t)
         embeds = self._llm_inputs(input_ids, offsets, time_tokens, image_tokens)
-        mask = omni_attention_mask(input_ids.shape[1], offsets, self.config.num_image_tokens + 1, embeds.dtype)
-        hidden = self.showo.model(inputs_embeds=embeds, attention_mask={"full_attention": mask}).last_hidden_state
+        mask = omni_attention_mask(
+            input_ids.shape[1], offsets, self.config.num_image_tokens + 1, embeds.dtype
+        )
+        hidden = self.showo.model(
+            inputs_embeds=embeds, attention_mask={"full_attention": mask}
+        ).last_hidden_state
         return hidden, t_emb, mask
 
     # ----------------------------------------------------------------- training step
 
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, *,
-                infotok_inputs: bool = True) -> MLLMOutput:
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        *,
+        infotok_inputs: bool = True,
+    ) -> MLLMOutput:
         """One training step of both branches in one LLM pass (as the official mixed batches).
 
         Random draws, in order, from ``generator``: the VAE posterior noise of every image (train
@@ -306,8 +375,11 @@ class Showo2(MLLMAdapter):
         device = input_ids.device
         is_und = ~is_gen
         n_gen = int(is_gen.sum())
-        x1 = self.encode_latents(batch["pixel_values"], sample=self.config.sample_vae_posterior and self.training,
-                                 generator=generator)
+        x1 = self.encode_latents(
+            batch["pixel_values"],
+            sample=self.config.sample_vae_posterior and self.training,
+            generator=generator,
+        )
         latents, t = x1, torch.ones(len(x1), device=device)
         if n_gen:
             x0 = torch.randn(x1[is_gen].shape, generator=generator, device=device).to(x1.dtype)
@@ -322,12 +394,20 @@ class Showo2(MLLMAdapter):
             t[is_gen] = t_gen
         clean_gen = x1[is_gen] if infotok_inputs else x1[:0]
         tokens = self.encode_shared_tokens(torch.cat([latents, clean_gen]))
-        task_tokens, clean_gen_tokens = tokens[: len(x1)], tokens[len(x1):]
+        task_tokens, clean_gen_tokens = tokens[: len(x1)], tokens[len(x1) :]
         hidden, t_emb, mask = self._run_llm(input_ids, offsets, task_tokens, t)
         slots = self.config.num_image_tokens + 1
         out = MLLMOutput(
-            loss_i2t=None, loss_t2i=None, z_u=None, z_g=None, text_u=None, text_g=None,
-            answer_ids=None, answer_mask=None, target_patches=None, target_mask=None,
+            loss_i2t=None,
+            loss_t2i=None,
+            z_u=None,
+            z_g=None,
+            text_u=None,
+            text_g=None,
+            answer_ids=None,
+            answer_mask=None,
+            target_patches=None,
+            target_mask=None,
             num_text_tokens=int(batch["lengths"].sum()) - slots * len(x1),
             num_image_tokens=self.config.num_image_tokens * len(x1),
         )
@@ -339,21 +419,26 @@ class Showo2(MLLMAdapter):
             out.text_u = masked_mean(hidden_u, batch["text_mask"][is_und])
             out.answer_ids, out.answer_mask = answer_tokens(labels)
         if n_gen:
-            velocity = self._velocity(hidden[is_gen], t_emb[is_gen], offsets[is_gen], mask[is_gen], latents[is_gen],
-                                      t_gen)
+            velocity = self._velocity(
+                hidden[is_gen], t_emb[is_gen], offsets[is_gen], mask[is_gen], latents[is_gen], t_gen
+            )
             target = velocity_rows(x1[is_gen] - x0, self.config.patch_size, self.config.flow_layout)
             out.loss_t2i = F.mse_loss(velocity.float(), target.float())
             out.z_g = clean_gen_tokens if infotok_inputs else None
             out.text_g = masked_mean(hidden[is_gen], batch["text_mask"][is_gen])
             out.target_patches = patchify(x1[is_gen], self.config.patch_size, "pqc")
-            out.target_mask = torch.ones(out.target_patches.shape[:2], dtype=torch.bool, device=device)
+            out.target_mask = torch.ones(
+                out.target_patches.shape[:2], dtype=torch.bool, device=device
+            )
         return out
 
     # ----------------------------------------------------------------- inference
 
     def _processor(self) -> Showo2Processor:
         if self.processor is None:
-            raise RuntimeError("this Show-o2 model was built without a tokenizer; pass tokenizer_path")
+            raise RuntimeError(
+                "this Show-o2 model was built without a tokenizer; pass tokenizer_path"
+            )
         return self.processor
 
     @property
@@ -361,8 +446,14 @@ class Showo2(MLLMAdapter):
         return self.fusion_proj[1].weight.device
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, guidance_scale: float | None = None, num_steps: int | None = None,
-                 generator: torch.Generator | None = None) -> list[Image.Image]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        guidance_scale: float | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Image.Image]:
         """Euler flow-matching sampler (official ``sample_ode``) with classifier-free guidance.
 
         ``v = v_uncond + s·(v_cond − v_uncond)`` with the empty prompt as unconditional input;
@@ -377,14 +468,18 @@ class Showo2(MLLMAdapter):
         batch = processor.pad_sequences(sequences)
         ids, offsets = batch["input_ids"].to(self._device), batch["image_offset"].to(self._device)
         size, channels = self.config.latent_size, self.config.vae.z_dim
-        z = torch.randn(len(prompts), channels, size, size, generator=generator, device=self._device)
+        z = torch.randn(
+            len(prompts), channels, size, size, generator=generator, device=self._device
+        )
         grid = sampling_grid(steps, self.config.time_shifting_factor).tolist()
         for t_now, t_next in zip(grid[:-1], grid[1:]):
             x = (torch.cat([z, z]) if scale > 0 else z).to(self._dtype)
             t = torch.full((len(x),), t_now, device=self._device)
             hidden, t_emb, mask = self._run_llm(ids, offsets, self.encode_shared_tokens(x), t)
             rows = self._velocity(hidden, t_emb, offsets, mask, x, t).float()
-            velocity = velocity_latents(rows, channels, size, self.config.patch_size, self.config.flow_layout)
+            velocity = velocity_latents(
+                rows, channels, size, self.config.patch_size, self.config.flow_layout
+            )
             if scale > 0:
                 v_cond, v_uncond = velocity.chunk(2)
                 velocity = v_uncond + scale * (v_cond - v_uncond)
@@ -392,32 +487,54 @@ class Showo2(MLLMAdapter):
         return to_pil(self.decode_latents(z))
 
     @torch.no_grad()
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 64) -> list[str]:
+    def answer(
+        self, images: Sequence[Image.Image], questions: Sequence[str], *, max_new_tokens: int = 64
+    ) -> list[str]:
         """Greedy decoding with a KV cache over left-padded prompts (clean images at t = 1)."""
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         processor = self._processor()
-        conversations = [[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"}] for q in questions]
+        conversations = [
+            [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"}] for q in questions
+        ]
         sequences = [processor.i2t_sequence(c) for c in conversations]
         ids, offsets, key_valid = left_pad_prompts(sequences, processor.ids.pad, self._device)
         positions = (key_valid.long().cumsum(1) - 1).clamp_min(0)
-        pixels = torch.stack([to_tensor(resize_and_pad(im.convert("RGB"), self.config.image_size)) for im in images])
-        tokens = self.encode_shared_tokens(self.encode_latents(pixels.to(self._device), sample=False))
+        pixels = torch.stack(
+            [to_tensor(resize_and_pad(im.convert("RGB"), self.config.image_size)) for im in images]
+        )
+        tokens = self.encode_shared_tokens(
+            self.encode_latents(pixels.to(self._device), sample=False)
+        )
         _, time_tokens = self._time_embeddings(torch.ones(len(images), device=self._device))
         embeds = self._llm_inputs(ids, offsets, time_tokens, tokens)
-        mask = omni_attention_mask(ids.shape[1], offsets, self.config.num_image_tokens + 1, embeds.dtype, key_valid)
+        mask = omni_attention_mask(
+            ids.shape[1], offsets, self.config.num_image_tokens + 1, embeds.dtype, key_valid
+        )
         cache = DynamicCache(config=self.showo.config)
-        hidden = self.showo.model(inputs_embeds=embeds, attention_mask={"full_attention": mask},
-                                  position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        hidden = self.showo.model(
+            inputs_embeds=embeds,
+            attention_mask={"full_attention": mask},
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
 
         def step(next_ids: Tensor) -> Tensor:
             nonlocal key_valid, positions
             key_valid = torch.cat([key_valid, torch.ones_like(key_valid[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             step_mask = torch.zeros(key_valid.shape, dtype=embeds.dtype, device=self._device)
-            step_mask = step_mask.masked_fill(~key_valid, torch.finfo(embeds.dtype).min)[:, None, None]
-            return self.showo.model(input_ids=next_ids[:, None], attention_mask={"full_attention": step_mask},
-                                    position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+            step_mask = step_mask.masked_fill(~key_valid, torch.finfo(embeds.dtype).min)[
+                :, None, None
+            ]
+            return self.showo.model(
+                input_ids=next_ids[:, None],
+                attention_mask={"full_attention": step_mask},
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
 
         rows = greedy_decode(hidden, step, self.showo.lm_head, processor.ids.eos, max_new_tokens)
         return decode_texts(processor.tokenizer, rows)
@@ -451,9 +568,15 @@ class Showo2(MLLMAdapter):
         self.vae.save_pretrained(str(path / "vae"))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, vae_path: str | Path | None = None,
-                        tokenizer_path: str | Path | None = None, options: dict[str, Any] | None = None,
-                        preset: str | None = None) -> Showo2:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        vae_path: str | Path | None = None,
+        tokenizer_path: str | Path | None = None,
+        options: dict[str, Any] | None = None,
+        preset: str | None = None,
+    ) -> Showo2:
         """Load a released (``showlab/show-o2-*``) or exported checkpoint directory.
 
         The size comes from its ``config.json`` (``preset`` names it for a released-format config
@@ -473,16 +596,26 @@ class Showo2(MLLMAdapter):
         else:
             raw = json.loads(config_file.read_text())
             preset, official = options_from_official(raw, preset)
-            config = showo2_config(preset, deep_merge(official, options or {}), source=str(config_file))
+            config = showo2_config(
+                preset, deep_merge(official, options or {}), source=str(config_file)
+            )
         tokenizer = load_tokenizer(tokenizer_dir([tokenizer_path, path], TOKENIZER_HINT))
         vae = load_vae(vae_path if vae_path is not None else path / "vae", config)
         model = cls._allocated(config, tokenizer, vae)
         optional = {"showo.lm_head.weight"} if config.llm.tie_word_embeddings else set()
-        load_strict(model, read_state_dict(path), source=str(path), optional=optional, ignore_prefixes=("vae.",))
+        load_strict(
+            model,
+            read_state_dict(path),
+            source=str(path),
+            optional=optional,
+            ignore_prefixes=("vae.",),
+        )
         return model
 
     @classmethod
-    def _allocated(cls, config: Showo2Config, tokenizer: PreTrainedTokenizerBase, vae: AutoencoderKLWan) -> Showo2:
+    def _allocated(
+        cls, config: Showo2Config, tokenizer: PreTrainedTokenizerBase, vae: AutoencoderKLWan
+    ) -> Showo2:
         """The model with uninitialised storage (weights are loaded next) and the given VAE."""
         with torch.device("meta"):
             model = cls(config, tokenizer)
@@ -497,8 +630,12 @@ class Showo2(MLLMAdapter):
     @classmethod
     def build(cls, config: ModelConfig) -> Showo2:
         if config.path:
-            return cls.from_pretrained(config.path, vae_path=config.vae_path, tokenizer_path=config.tokenizer_path,
-                                       options=config.options)
+            return cls.from_pretrained(
+                config.path,
+                vae_path=config.vae_path,
+                tokenizer_path=config.tokenizer_path,
+                options=config.options,
+            )
         cfg = showo2_config(config.preset, config.options)
         tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
         vae = load_vae(config.vae_path, cfg) if config.vae_path else None
@@ -509,9 +646,13 @@ def load_vae(source: str | Path, config: Showo2Config) -> AutoencoderKLWan:
     """The frozen Wan2.1 VAE from a diffusers directory or an original/diffusers weight file."""
     source = Path(source)
     if source.is_dir() and (source / "config.json").is_file():
-        vae = AutoencoderKLWan.from_pretrained(str(source), local_files_only=True, low_cpu_mem_usage=False)
+        vae = AutoencoderKLWan.from_pretrained(
+            str(source), local_files_only=True, low_cpu_mem_usage=False
+        )
         if vae.config.z_dim != config.vae.z_dim:
-            raise ConfigError(f"VAE {source} has z_dim {vae.config.z_dim}, the model expects {config.vae.z_dim}")
+            raise ConfigError(
+                f"VAE {source} has z_dim {vae.config.z_dim}, the model expects {config.vae.z_dim}"
+            )
         return vae.requires_grad_(False).eval()
     if not source.is_file():
         raise FileNotFoundError(

@@ -55,13 +55,24 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     vocab = tokenizer.get_vocab()
-    names = {"bos": "<|im_start|>", "eos": "<|im_end|>", "boi": "<|vision_start|>", "eoi": "<|vision_end|>",
-             "image_pad": "<|image_pad|>", "image": IMAGE_PLACEHOLDER, "pad": "[PAD]"}
+    names = {
+        "bos": "<|im_start|>",
+        "eos": "<|im_end|>",
+        "boi": "<|vision_start|>",
+        "eoi": "<|vision_end|>",
+        "image_pad": "<|image_pad|>",
+        "image": IMAGE_PLACEHOLDER,
+        "pad": "[PAD]",
+    }
     absent = [token for token in names.values() if token not in vocab]
     if absent:
-        raise ValueError(f"tokenizer lacks Show-o2 tokens: {', '.join(absent)} (load it with load_tokenizer)")
+        raise ValueError(
+            f"tokenizer lacks Show-o2 tokens: {', '.join(absent)} (load it with load_tokenizer)"
+        )
     if tokenizer.eos_token != "<|im_end|>":
-        raise ValueError(f"tokenizer eos_token is {tokenizer.eos_token!r}; Show-o2 needs the Instruct '<|im_end|>'")
+        raise ValueError(
+            f"tokenizer eos_token is {tokenizer.eos_token!r}; Show-o2 needs the Instruct '<|im_end|>'"
+        )
     return SpecialIds(**{key: vocab[token] for key, token in names.items()})
 
 
@@ -71,7 +82,10 @@ def resize_and_pad(image: Image.Image, size: int) -> Image.Image:
     scale = min(size / w, size / h)
     new_w, new_h = min(size, int(np.ceil(w * scale))), min(size, int(np.ceil(h * scale)))
     canvas = Image.new("RGB", (size, size))
-    canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), ((size - new_w) // 2, (size - new_h) // 2))
+    canvas.paste(
+        image.resize((new_w, new_h), Image.Resampling.BICUBIC),
+        ((size - new_w) // 2, (size - new_h) // 2),
+    )
     return canvas
 
 
@@ -95,7 +109,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] → PIL images."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    array = (
+        ((images.float().clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     return [Image.fromarray(a) for a in array]
 
 
@@ -108,7 +129,9 @@ class Showo2Processor:
     ``seed`` and the sample key (or prompt): stateless, so a resumed run drops the same samples.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: Showo2Config, *, train: bool = True) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, config: Showo2Config, *, train: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.train = train
@@ -125,9 +148,13 @@ class Showo2Processor:
         task = sample.get("task")
         if task == "i2t":
             out = self.i2t_sequence(sample["messages"])
-            out["pixel_values"] = to_tensor(resize_and_pad(sample["image"].convert("RGB"), self.config.image_size))
+            out["pixel_values"] = to_tensor(
+                resize_and_pad(sample["image"].convert("RGB"), self.config.image_size)
+            )
         elif task == "t2i":
-            dropped = self.train and prompt_dropped(sample, self.config.seed, self.config.cond_dropout_prob)
+            dropped = self.train and prompt_dropped(
+                sample, self.config.seed, self.config.cond_dropout_prob
+            )
             prompt = "" if dropped else sample["prompt"]
             out = self.t2i_sequence(prompt)
             image = resize_and_center_crop(sample["image"].convert("RGB"), self.config.image_size)
@@ -153,9 +180,13 @@ class Showo2Processor:
                 ids += piece
                 labels += piece
             else:
-                raise ValueError(f"message role must be 'user' or 'assistant', got {message['role']!r}")
+                raise ValueError(
+                    f"message role must be 'user' or 'assistant', got {message['role']!r}"
+                )
         if ids.count(self.ids.image) != 1:
-            raise ValueError(f"an I2T conversation needs exactly one {IMAGE_PLACEHOLDER} in its user turns")
+            raise ValueError(
+                f"an I2T conversation needs exactly one {IMAGE_PLACEHOLDER} in its user turns"
+            )
         at = ids.index(self.ids.image)
         block = [self.ids.boi] + [self.ids.image_pad] * self.slot_len + [self.ids.eoi]
         ids = ids[:at] + block + ids[at + 1 :]
@@ -163,9 +194,13 @@ class Showo2Processor:
         ids, labels = ids[: self.config.max_seq_len], labels[: self.config.max_seq_len]
         offset = at + 1
         if offset + self.slot_len >= len(ids):
-            raise ValueError(f"I2T sample exceeds max_seq_len={self.config.max_seq_len} before its image ends")
+            raise ValueError(
+                f"I2T sample exceeds max_seq_len={self.config.max_seq_len} before its image ends"
+            )
         if messages[-1]["role"] == "assistant" and all(label == IGNORE for label in labels):
-            raise ValueError(f"I2T sample: the answer does not fit in max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"I2T sample: the answer does not fit in max_seq_len={self.config.max_seq_len}"
+            )
         in_image = torch.zeros(len(ids), dtype=torch.bool)
         in_image[offset - 1 : offset + self.slot_len + 1] = True
         labels_t = torch.tensor(labels)

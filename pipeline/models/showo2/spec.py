@@ -28,8 +28,9 @@ def required_files(model: ModelConfig) -> list[Requirement]:
     return [
         Requirement("model.path", path / "config.json", "file", "a Show-o2 checkpoint directory"),
         Requirement("model.path", path, "weights", "a Show-o2 checkpoint directory"),
-        Requirement("model.tokenizer_path", tokenizer_path, "tokenizer", TOKENIZER,
-                    fallbacks=(path,)),
+        Requirement(
+            "model.tokenizer_path", tokenizer_path, "tokenizer", TOKENIZER, fallbacks=(path,)
+        ),
         Requirement("model.vae_path", vae_path, "any", VAE, fallbacks=(path / "vae",)),
     ]
 

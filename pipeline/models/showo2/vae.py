@@ -25,7 +25,15 @@ class SingleFrameCausalConv3d(WanCausalConv3d):
         if x.shape[2] != 1 or cache_x is not None or not zero_history:
             return super().forward(x, cache_x)
         frame = F.pad(x[:, :, 0], self._padding[:4])
-        out = F.conv2d(frame, self.weight[:, :, -1], self.bias, self.stride[1:], 0, self.dilation[1:], self.groups)
+        out = F.conv2d(
+            frame,
+            self.weight[:, :, -1],
+            self.bias,
+            self.stride[1:],
+            0,
+            self.dilation[1:],
+            self.groups,
+        )
         return out[:, :, None]
 
 
@@ -35,7 +43,12 @@ class SumOfSquaresRMSNorm(WanRMS_norm):
 
     def forward(self, x: Tensor) -> Tensor:
         values = x.float() if x.element_size() < 4 else x
-        norm = values.square().sum(1 if self.channel_first else -1, keepdim=True).sqrt().clamp_min(1e-12)
+        norm = (
+            values.square()
+            .sum(1 if self.channel_first else -1, keepdim=True)
+            .sqrt()
+            .clamp_min(1e-12)
+        )
         return (values / norm).to(x.dtype) * self.scale * self.gamma + self.bias
 
 
