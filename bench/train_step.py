@@ -122,7 +122,7 @@ def _measure(
     }
     generator = torch.Generator(device=dev).manual_seed(0)
 
-    def step() -> int:
+    def step() -> int | torch.Tensor:
         loss, _, tokens = model(batch, generator)
         loss.backward()
         optimizer.step()
@@ -131,7 +131,7 @@ def _measure(
 
     seconds, peak, tokens = time_and_peak(step, args.steps, dev)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return mode, seconds, peak, tokens, params, sizes
+    return mode, seconds, peak, int(tokens), params, sizes
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from pipeline.config import param
 
 BRANCHES = ("u", "g")
+_IGNORE = -100
+"""Target of a padding position: ``F.cross_entropy``'s default ``ignore_index``."""
 
 
 @dataclass
@@ -196,12 +198,19 @@ class AnswerDecoder(nn.Module):
         kv = self.token_in(z.to(q.dtype))
         kv = kv + _sinusoid(z.shape[1], kv.shape[-1], kv.device).to(kv.dtype)
         h = q + self.attn(q, kv, kv, need_weights=False)[0]
-        out_hi, out_lo = self.mlp(self.norm(h[answer_mask])).chunk(2, dim=-1)
-        target = answer_ids[answer_mask]
+        # Answer tokens first, in order, padding ignored: fixed shapes (no host sync), and the
+        # means sum the same terms in the same order as over the answer tokens alone.
+        order = torch.argsort((~answer_mask).reshape(-1).to(torch.int8), stable=True)
+        valid = answer_mask.reshape(-1)[order]
+        target = answer_ids.reshape(-1)[order].masked_fill(~valid, 0)
         hi, lo = target // self.bucket, target % self.bucket
-        nll_hi = F.cross_entropy((out_hi @ self.embed_hi.weight.t()).float(), hi)
+        out_hi, out_lo = self.mlp(self.norm(h.reshape(-1, h.shape[-1])[order])).chunk(2, dim=-1)
+        nll_hi = F.cross_entropy(
+            (out_hi @ self.embed_hi.weight.t()).float(), hi.masked_fill(~valid, _IGNORE)
+        )
         nll_lo = F.cross_entropy(
-            ((out_lo + self.embed_hi(hi)) @ self.embed_lo.weight.t()).float(), lo
+            ((out_lo + self.embed_hi(hi)) @ self.embed_lo.weight.t()).float(),
+            lo.masked_fill(~valid, _IGNORE),
         )
         return nll_hi + nll_lo
 
@@ -218,15 +227,22 @@ class LatentDecoder(nn.Module):
         self.logvar_limit = logvar_limit
 
     def forward(self, z: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
-        """Mean Gaussian negative log-likelihood per latent element (nats)."""
+        """Mean Gaussian negative log-likelihood per latent element (nats) where ``mask`` is True.
+
+        Masked tokens are weighted out rather than dropped (fixed shapes, no host sync); their
+        targets are zeroed first, so whatever they hold cannot reach the loss or the gradients.
+        """
         if mask is not None:
-            z, target = z[mask], target[mask]
+            target = target.masked_fill(~mask[..., None], 0)
         mean = self.mean(z).float()
         logvar = soft_clamp(self.logvar, self.logvar_limit).float()
         nll = 0.5 * (
             (target.float() - mean).square() * (-logvar).exp() + logvar + math.log(2 * math.pi)
         )
-        return nll.mean()
+        if mask is None:
+            return nll.mean()
+        weights = mask[..., None].to(nll.dtype)
+        return (nll * weights).sum() / (weights.sum() * nll.shape[-1]).clamp_min(1)
 
 
 class InfoTokRegularizer(nn.Module):

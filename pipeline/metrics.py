@@ -71,3 +71,12 @@ def gpu_memory(device: torch.device) -> dict[str, float]:
     }
     torch.cuda.reset_peak_memory_stats(device)
     return stats
+
+
+def throughput(
+    flops_per_sample: float, samples_per_gpu: float, seconds: float, peak_tflops: float | None
+) -> dict[str, float]:
+    """``tflops_per_gpu`` of a step of ``samples_per_gpu`` samples per GPU taking ``seconds``, and
+    ``mfu`` against the device's bf16 peak when it is known."""
+    tflops = flops_per_sample * samples_per_gpu / seconds / 1e12
+    return {"tflops_per_gpu": tflops} | ({"mfu": tflops / peak_tflops} if peak_tflops else {})

@@ -6,7 +6,9 @@ Exactly what ``python -m pipeline.train`` with the same arguments would read: th
 overrides validate (and the family's preset/options, and the DeepSpeed JSON against the recipe);
 every dataset of an enabled stream has its manifest and every shard it lists; the model
 checkpoint, tokenizer and VAE paths hold what the adapter loads; an explicit ``resume`` path is a
-checkpoint; the run dir can be created and written. Loads no weights and touches no GPU.
+checkpoint; the run dir can be created and written. Loads no weights and touches no GPU. Then
+the memory planner (``python -m pipeline.plan``) checks that one micro-step of the recipe fits the
+GPU memory of this host (or ``--gpu-memory-gib`` / ``INFOTOK_GPU_MEMORY_GIB``) with 10% to spare.
 
 Prints one line and exits 0 (``preflight: ok: ...``) or 78 (``preflight: FAILED: <reason>``), the
 line a SLURM job log shows when a job ends without training. ``--env-out FILE`` also writes
@@ -203,13 +205,50 @@ def run_checks(cfg: TrainConfig, world: int) -> str:
     return f"{model}; {data}; {world} rank(s); run_dir {run_dir} ({resume})"
 
 
+def gpu_memory_gib(given: float | None) -> float | None:
+    """Memory per GPU to plan for: ``given``, else ``INFOTOK_GPU_MEMORY_GIB``, else this host's
+    first GPU; None on a host without one (the fit is then not checked)."""
+    if given is None and os.environ.get("INFOTOK_GPU_MEMORY_GIB"):
+        try:
+            given = float(os.environ["INFOTOK_GPU_MEMORY_GIB"])
+        except ValueError:
+            raise PreflightError(
+                f"INFOTOK_GPU_MEMORY_GIB={os.environ['INFOTOK_GPU_MEMORY_GIB']!r} is not a number"
+            ) from None
+    if given is not None:
+        return given
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def check_fit(cfg: TrainConfig, world: int, memory_gib: float | None) -> str:
+    """The planner's peak per GPU for ``world`` ranks leaves 10% of ``memory_gib`` free."""
+    if memory_gib is None:
+        return "fit not checked (no GPU here; set INFOTOK_GPU_MEMORY_GIB to check it)"
+    from pipeline import plan
+
+    result = plan.plan_recipe(cfg, world, plan.Device("this GPU", memory_gib, 0.0))
+    if not result.fits:
+        raise PreflightError(f"does not fit in {memory_gib:.1f} GiB per GPU: {result.advice()}")
+    return f"plan: peak {result.peak / plan.GIB:.1f} of {memory_gib:.1f} GiB per GPU"
+
+
 def failure_line(reason: str) -> str:
     """The one line a failed check prints, whether in the SLURM preflight or in the trainer."""
     return f"preflight: FAILED: {' '.join(reason.split())}"
 
 
-def preflight(config: str, overrides: list[str], family: str | None = None) -> tuple[str, Path]:
-    """All checks; returns (summary, absolute run dir) or raises PreflightError."""
+def preflight(
+    config: str,
+    overrides: list[str],
+    family: str | None = None,
+    memory_gib: float | None = None,
+) -> tuple[str, Path]:
+    """All checks and the memory plan; returns (summary, absolute run dir) or raises
+    PreflightError."""
     from pipeline.config import ConfigError
     from pipeline.recipe import load_train_config
 
@@ -222,8 +261,10 @@ def preflight(config: str, overrides: list[str], family: str | None = None) -> t
             f"{config}: model.family is {cfg.model.family!r}, but this job runs {family!r} "
             f"(use jobs/infotok_{cfg.model.family}.sh or a {family} recipe)"
         )
-    summary = run_checks(cfg, _world_size())
-    return f"{config}: {summary}", Path(cfg.run_dir).resolve()
+    world = _world_size()
+    summary = run_checks(cfg, world)
+    fit = check_fit(cfg, world, gpu_memory_gib(memory_gib))
+    return f"{config}: {summary}; {fit}", Path(cfg.run_dir).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", help="fail unless the recipe's model.family is this one")
     parser.add_argument("--env-out", help="also write run_dir=<absolute path> to this file")
     parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="memory per GPU the plan must fit (default: INFOTOK_GPU_MEMORY_GIB, else this "
+        "host's GPU, else the fit is not checked)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, as given to pipeline.train"
     )
     parser.add_argument(
@@ -241,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        summary, run_dir = preflight(args.config, args.overrides, args.family)
+        summary, run_dir = preflight(args.config, args.overrides, args.family, args.gpu_memory_gib)
         if args.env_out:
             Path(args.env_out).write_text(f"run_dir={run_dir}\n")
     except Exception as e:  # noqa: BLE001 - every failure becomes the one line a job log shows

@@ -45,6 +45,12 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    every: int = param(
+        1,
+        ge=1,
+        help="write one metrics record per N optimizer steps (means over them); the ranks also "
+        "agree on stop signals and time-based checkpoints then (the only host syncs of the loop)",
+    )
     tensorboard: bool = param(True, help="also write TensorBoard scalars to RUN_DIR/tensorboard")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 import signal
 import sys
 import time
@@ -23,11 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline import checkpoint
+from pipeline import checkpoint, plan
 from pipeline.config import ConfigError, dump_yaml, to_dict
 from pipeline.data import TwoStreamLoader
 from pipeline.distributed import DistEnv, device, init_distributed, resolve_env
-from pipeline.metrics import MetricsLog, gpu_memory
+from pipeline.metrics import MetricsLog, gpu_memory, throughput
 from pipeline.objective import build_objective
 from pipeline.preflight import PreflightError, failure_line, run_checks
 from pipeline.recipe import OptimConfig, TrainConfig, deepspeed_config, load_train_config
@@ -75,13 +76,6 @@ class StopFlag:
         self.requested = True
 
 
-def any_rank(dev: torch.device, *flags: bool) -> list[bool]:
-    """Each flag, True on every rank when it is True on any rank (one all-reduce for all)."""
-    values = torch.tensor([float(f) for f in flags], device=dev)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
-
-
 def to_device(obj: Any, dev: torch.device) -> Any:
     if isinstance(obj, Tensor):
         return obj.to(dev, non_blocking=True)
@@ -92,22 +86,81 @@ def to_device(obj: Any, dev: torch.device) -> Any:
     return obj
 
 
-def mean_across_ranks(terms: dict[str, Tensor], dev: torch.device) -> dict[str, float]:
-    names = sorted(terms)
-    values = torch.stack([terms[n].detach().float().reshape(()) for n in names]).to(dev)
-    dist.all_reduce(values)
-    values /= dist.get_world_size()
-    return dict(zip(names, values.tolist()))
+class LogInterval:
+    """What the steps since the last record add up to, kept on the device until it is written:
+    the loop reads nothing back from the GPU between records."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self.began = time.perf_counter()
+        self.steps = self.healthy = self.skipped = 0
+        self.nonfinite = False
+        self.terms: dict[str, Tensor] = {}
+        self.tokens = torch.zeros((), dtype=torch.float64, device=dev)
+        self.grad_norm: Tensor | None = None
+
+    def add_step(
+        self,
+        terms: dict[str, Tensor],
+        tokens: Tensor,
+        skipped: int,
+        applied: bool,
+        grad_norm: Tensor | float | None,
+    ) -> None:
+        """One optimizer step: its loss terms (means over micro-steps) count when it was applied."""
+        self.steps += 1
+        self.skipped += skipped
+        self.tokens += tokens
+        if not applied:
+            self.nonfinite = True
+            return
+        self.healthy += 1
+        for name, value in terms.items():
+            self.terms[name] = self.terms[name] + value if name in self.terms else value
+        if grad_norm is not None:
+            norm = torch.as_tensor(grad_norm, dtype=torch.float64, device=self.dev)
+            self.grad_norm = norm if self.grad_norm is None else self.grad_norm + norm
+
+    def reduce(self, *flags: bool) -> tuple[dict[str, Any], list[bool]]:
+        """The record of the interval (terms averaged across ranks and steps, counts summed) and
+        each flag ORed across ranks: two all-reduces and one read back to the host."""
+        names = sorted(self.terms)
+        f64 = partial(torch.tensor, dtype=torch.float64, device=self.dev)
+        norm = self.grad_norm if self.grad_norm is not None else f64(math.nan)
+        counts = torch.stack([self.tokens, f64(float(self.skipped)), *map(f64, map(float, flags))])
+        dist.all_reduce(counts)
+        values = counts.new_zeros(0)
+        if names:
+            values = torch.stack([self.terms[n].detach().float().reshape(()) for n in names])
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        read = torch.cat([values.double(), counts, norm.reshape(1)]).tolist()
+        means, (tokens, skipped, *agreed, grad_norm) = read[: len(names)], read[len(names) :]
+        seconds = time.perf_counter() - self.began
+        record = {n: v / self.healthy for n, v in zip(names, means)}
+        record.update(
+            nonfinite=self.nonfinite,
+            grad_norm=None if math.isnan(grad_norm) else grad_norm / self.healthy,
+            tokens_per_s=tokens / seconds,
+            skipped_samples=int(skipped),
+            seconds=seconds / self.steps,
+        )
+        return record, [a > 0 for a in agreed]
 
 
 def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
     """Run (or resume) the job; returns the process exit code."""
     layout = init_distributed(layout)
     dev = device()
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the VAE's convolutions: fixed shapes every step
     rank, world = layout.rank, layout.world_size
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     model = build_objective(cfg.model, cfg.infotok, cfg.loss_weight_i2t, cfg.loss_weight_t2i)
+    flops_per_sample = plan.flops_per_sample(
+        model, cfg.data.micro_batch_i2t, cfg.data.micro_batch_t2i
+    )  # counted on fake tensors: the model's weights and the RNG streams are untouched
     torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout and any global-RNG noise
     generator = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + rank)
     loader = TwoStreamLoader(
@@ -167,57 +220,52 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
     samples_per_step = (
         (cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i) * cfg.grad_accum * world
     )
+    peak_tflops = (
+        plan.peak_bf16_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+    )
     last_saved = start
+    interval = LogInterval(dev)
     for step in range(start, cfg.steps):
-        began = time.perf_counter()
-        tokens, skipped, bad = 0, 0, False
-        sums: dict[str, Tensor] = {}
+        tokens, skipped = 0, 0
+        terms: dict[str, Tensor] = {}
+        skipped_before = engine.skipped_steps
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             skipped += sum(batch["skipped"].values())
-            loss, terms, n_tokens = engine(to_device(batch["inputs"], dev), generator)
+            loss, micro_terms, n_tokens = engine(to_device(batch["inputs"], dev), generator)
             tokens += n_tokens
-            finite = torch.tensor([float(torch.isfinite(loss).item())], device=dev)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 0:
-                bad = True
-                if cfg.grad_accum == 1:
-                    break  # skip this step entirely: no backward, no optimizer update
-                loss = sum(p.sum() * 0 for p in engine.module.parameters() if p.requires_grad)
             engine.backward(loss)
-            engine.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v.detach() / cfg.grad_accum
-        record = mean_across_ranks(sums, dev) if sums else {}
-        counts = torch.tensor([float(tokens), float(skipped)], device=dev)
-        dist.all_reduce(counts)
-        seconds = time.perf_counter() - began
-        grad_norm = engine.get_global_grad_norm()
-        record.update(
-            step=step + 1,
-            lr=engine.get_lr()[0],
-            nonfinite=bad,
-            grad_norm=None if bad or grad_norm is None else float(grad_norm),
-            samples_per_s=samples_per_step / seconds,
-            tokens_per_s=counts[0].item() / seconds,
-            skipped_samples=int(counts[1].item()),
-            seconds=seconds,
-            **gpu_memory(dev),
-        )
-        metrics.write(record)
-        bad_in_a_row = bad_in_a_row + 1 if bad else 0
-        if bad_in_a_row >= cfg.max_nonfinite_steps:
+            engine.step()  # DeepSpeed skips the update when a gradient is not finite
+            for k, v in micro_terms.items():
+                terms[k] = terms.get(k, 0) + v.detach() / cfg.grad_accum
+        applied = engine.skipped_steps == skipped_before
+        interval.add_step(terms, tokens, skipped, applied, engine.get_global_grad_norm())
+        bad_in_a_row = 0 if applied else bad_in_a_row + 1
+        done = step + 1
+        failing = bad_in_a_row >= cfg.max_nonfinite_steps
+        stopping, clock_due = False, False
+        if done % cfg.log.every == 0 or done == cfg.steps or failing:
+            overdue = 0 < save_interval_s <= time.monotonic() - last_save_time
+            record, (stopping, clock_due) = interval.reduce(stop.requested, overdue)
+            record.update(
+                step=done,
+                lr=engine.get_lr()[0],
+                samples_per_s=samples_per_step / record["seconds"],
+                **throughput(
+                    flops_per_sample, samples_per_step / world, record["seconds"], peak_tflops
+                ),
+                **gpu_memory(dev),
+            )
+            metrics.write(record)
+            interval = LogInterval(dev)
+        if failing:
             close()
             raise RuntimeError(
-                f"{bad_in_a_row} consecutive steps with a non-finite loss (last: step {step + 1}); "
-                f"stopping without saving. Lower optim.lr or check the data."
+                f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient "
+                f"(last: step {done}); stopping without saving. Lower optim.lr or check the data."
             )
-        done = step + 1
         healthy = bad_in_a_row == 0  # never checkpoint weights a non-finite step may have touched
-        stopping, clock_due = False, False
-        if done < cfg.steps:  # every rank agrees on both, whatever its own clock and signals say
-            overdue = 0 < save_interval_s <= time.monotonic() - last_save_time
-            stopping, clock_due = any_rank(dev, stop.requested, overdue)
+        stopping = stopping and done < cfg.steps
         if healthy and (done % cfg.checkpoint.every == 0 or done == cfg.steps or clock_due):
             save(done)
         if stopping:

@@ -31,6 +31,11 @@ RATIO_LINES = {
         rf"^pass-through: shard --check structure, \d+ w\.\s+{ROW}  >= 0\.8$",
         rf"^pass-through: shard --check decode, \d+ w\.\s+{ROW}  $",
     ],
+    "gpu_check.py": [  # a row per model and mode: tokens, step s, samples/s, ..., FLOPs/planned
+        rf"^\| {model} tiny \| {mode} \| 2\+2 \| \d+ \| {NUM} \| {NUM} \| \S+ \| \S+ \| {NUM} \| "
+        for model in ("showo2", "harmon", "openuni")
+        for mode in ("off", "csa")
+    ],
 }
 
 

@@ -31,7 +31,7 @@ from pipeline.models.base import INFOTOK_INPUT_KEYS
 from pipeline.models.harmon.model import Harmon, causal_mask
 from pipeline.models.harmon.config import harmon_config
 from pipeline.models.harmon.diffloss import DiffLoss, cosine_betas
-from pipeline.models.harmon.mar import sample_mask_ratio
+from pipeline.models.harmon.mar import max_kept, random_orders, sample_mask_ratio, training_mask
 from pipeline.models.common.text import IGNORE
 from pipeline.models.harmon.processor import load_tokenizer
 from pipeline.models.common.weights import CheckpointMismatchError
@@ -341,15 +341,6 @@ def test_loss_t2i_is_the_masked_diffusion_formula_on_a_fixed_seed(model):
     torch.testing.assert_close(
         out.loss_t2i, (losses * weights).sum() / weights.sum(), rtol=2e-5, atol=2e-5
     )
-    # The LLM read the prompt, then the encoder tokens of the kept image tokens and the buffers.
-    with torch.no_grad():
-        _, z = model.encode_shared_tokens(
-            model.encode_latents(batch["g_pixel_values"]), mask, (8, 8)
-        )
-    embeds = llm_inputs[0]["inputs_embeds"]
-    prompt_len = batch["g_input_ids"].shape[1]
-    assert embeds.shape[1] == prompt_len + z.shape[1] == prompt_len + 4 + int((~mask[0]).sum())
-    torch.testing.assert_close(embeds[:, -z.shape[1] :], z)
 
 
 def test_visual_tokens_put_the_buffers_last(model):
@@ -468,6 +459,118 @@ def test_infotok_dims(model):
         "vocab_size": len(model.processor.tokenizer),
         "latent_patch_dim": 16,
     }
+
+
+# ----------------------------------------------------------------------------- fixed shapes
+
+
+@pytest.mark.parametrize(
+    "length, ratio_min", [(64, 0.7), (10, 0.7), (256, 0.7), (9, 0.5), (9, 1.0)]
+)
+def test_training_mask_counts_on_the_device_as_python_does(length, ratio_min):
+    """The masked count ``ceil(N·ratio)`` is computed on the device yet equals Python's on the drawn
+    ratio, and never keeps more than ``max_kept`` tokens (the padded sequence's room)."""
+    cpu = torch.device("cpu")
+    for seed in range(40):
+        mask = training_mask(3, length, ratio_min, torch.Generator().manual_seed(seed), cpu)
+        g = torch.Generator().manual_seed(seed)
+        ratio = float(sample_mask_ratio(ratio_min, g, cpu))
+        orders = random_orders(3, length, g, cpu)[:, : math.ceil(length * ratio)]
+        assert torch.equal(mask, torch.zeros(3, length, dtype=torch.bool).scatter(1, orders, True))
+        assert (~mask).sum(1).max() <= max_kept(length, ratio_min)
+
+
+def test_the_padded_encoder_sequence_matches_the_exact_one(model):
+    """Training pads the kept tokens to ``max_kept`` slots that attention ignores: the buffers and
+    the kept tokens come out as without padding, and the decoder reads either layout alike."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(3, 64, 16, generator=g)
+    mask = training_mask(3, 64, 0.7, g, torch.device("cpu"))
+    kept, slots = int((~mask[0]).sum()), max_kept(64, 0.7)
+    assert 0 < kept < slots
+    with torch.no_grad():
+        exact = model.mar.forward_encoder(tokens, mask, (8, 8))
+        padded = model.mar.forward_encoder(tokens, mask, (8, 8), slots)
+        assert exact.shape[1] == 4 + kept and padded.shape[1] == 4 + slots
+        torch.testing.assert_close(padded[:, : 4 + kept], exact)
+        torch.testing.assert_close(
+            model.mar.forward_decoder(padded, mask, (8, 8)),
+            model.mar.forward_decoder(exact, mask, (8, 8)),
+        )
+
+
+def test_t2i_llm_reads_the_kept_tokens_padded_to_a_fixed_length(model):
+    """The prompt, the kept tokens, padding up to ``max_kept`` (no key for any other token, no
+    position), then the buffers: whatever the drawn ratio, the same sequence length."""
+    batch = collated_batch(model, "gg")
+    llm_inputs = []
+    hook = _capture_kwargs(model.llm.model, llm_inputs)
+    with torch.no_grad():
+        model(batch, generator=torch.Generator().manual_seed(7))
+        hook.remove()
+        mask = training_mask(2, 64, 0.7, torch.Generator().manual_seed(7), torch.device("cpu"))
+        tokens = model.encode_latents(batch["g_pixel_values"])
+        _, z = model.encode_shared_tokens(tokens, mask, (8, 8))
+    kept, slots = int((~mask[0]).sum()), max_kept(64, 0.7)
+    inputs, prompt = llm_inputs[0], batch["g_input_ids"].shape[1]
+    embeds = inputs["inputs_embeds"]
+    assert kept < slots and embeds.shape[1] == prompt + slots + 4
+    torch.testing.assert_close(embeds[:, prompt : prompt + kept], z[:, :kept])
+    torch.testing.assert_close(embeds[:, -4:], z[:, -4:])
+    allowed = inputs["attention_mask"]["full_attention"][:, 0] == 0
+    pad = torch.arange(prompt + kept, prompt + slots)
+    only_itself = torch.arange(embeds.shape[1])[:, None] == pad[None]
+    assert torch.equal(allowed[:, :, pad], only_itself.expand(2, -1, -1))
+    first = batch["g_attention_mask"].sum(1, keepdim=True) + kept
+    assert torch.equal(inputs["position_ids"][:, -4:], first + torch.arange(4))
+
+
+def _fake_twins(model: torch.nn.Module, batch: dict, mode) -> dict:
+    """``model``'s parameters and buffers become fake tensors (as the planner's); the fake batch."""
+    twins = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and id(t) not in twins:
+                    fake = mode.from_tensor(t.detach())
+                    is_parameter = isinstance(t, torch.nn.Parameter)
+                    twins[id(t)] = (
+                        torch.nn.Parameter(fake, t.requires_grad) if is_parameter else fake
+                    )
+                if t is not None:
+                    store[name] = twins[id(t)]
+    return {k: mode.from_tensor(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def test_the_training_step_runs_on_fake_tensors(tokenizer_dir):
+    """No host sync and no data-dependent shape in the training step (both branches, the clean
+    ``V_enc`` pass, backward): it runs under ``FakeTensorMode`` without a shape environment."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = _tiny(tokenizer_dir).train()
+    mode = FakeTensorMode()
+    batch = _fake_twins(model, collated_batch(model, "ugg"), mode)
+    with mode:
+        out = model(batch, torch.Generator().manual_seed(0))
+        (out.loss_i2t + out.loss_t2i + out.z_u.mean() + out.z_g.mean()).backward()
+    slots = model.config.num_llm_image_tokens
+    assert out.z_u.shape == (1, slots, 64) and out.z_g.shape == (2, slots, 64)
+    assert torch.is_tensor(out.num_text_tokens) and torch.is_tensor(out.num_image_tokens)
+
+
+def test_collate_counts_the_longest_answer_on_the_host(model):
+    batch = collated_batch(model, "ugu")
+    assert batch["u_max_answer"] == int((batch["u_labels"] != IGNORE).sum(1).max())
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert out.answer_ids.shape == (2, batch["u_max_answer"])
+
+
+def test_diffusion_tables_move_with_the_module_but_stay_float64():
+    head = DiffLoss(16, 8, harmon_config("tiny").mar).to(torch.bfloat16)
+    t = torch.tensor([0, 1, 500, 999])
+    expected = torch.cumprod(1 - cosine_betas(1000), 0).sqrt()[t].float()[:, None]
+    assert torch.equal(head.train_schedule.at("sqrt_ac", t), expected)
+    assert not any("schedule" in key for key in head.state_dict())
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -160,6 +160,16 @@ def test_answer_decoder_is_autoregressive_and_ignores_padding():
     assert not torch.allclose(dec(z, other, mask), base)
 
 
+def test_answer_decoder_loss_does_not_depend_on_how_far_answers_are_padded():
+    """Adapters pad answers to a bound known from shapes (no host sync), not to the longest."""
+    dec = make_regularizer(mode="cs").answer_decoder
+    inputs = make_inputs()
+    z, ids, mask = torch.randn(B_U, N, 64), inputs["answer_ids"], inputs["answer_mask"]
+    longer_ids = torch.cat([ids, torch.randint(0, DIMS.vocab_size, (B_U, 5))], dim=1)
+    longer_mask = torch.cat([mask, torch.zeros(B_U, 5, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(dec(z, longer_ids, longer_mask), dec(z, ids, mask))
+
+
 @pytest.mark.parametrize("mode", ["cs", "csa"])
 def test_gradients_reach_the_shared_tokens_from_every_active_term(mode):
     reg = make_regularizer(mode)
@@ -223,6 +233,23 @@ def test_target_mask_drops_tokens_without_a_target():
     torch.manual_seed(0)
     b = reg(z_g=inputs["z_g"], target_patches=garbage, target_mask=mask)
     torch.testing.assert_close(a.terms["suff_g"], b.terms["suff_g"])
+
+
+def test_non_finite_targets_of_masked_tokens_reach_neither_the_loss_nor_the_gradients():
+    reg = make_regularizer("cs")
+    inputs = make_inputs(grad=True)
+    mask = torch.ones(B_G, N, dtype=torch.bool)
+    mask[:, -3:] = False
+    garbage = inputs["target_patches"].clone()
+    garbage[0, -3:], garbage[1, -1] = float("nan"), float("inf")
+    runs = []
+    for target in (inputs["target_patches"], garbage):
+        torch.manual_seed(0)
+        suff = reg(z_g=inputs["z_g"], target_patches=target, target_mask=mask).terms["suff_g"]
+        runs.append((suff, *torch.autograd.grad(suff, [inputs["z_g"], reg.latent_decoder.logvar])))
+    for clean, dirty in zip(*runs):
+        assert torch.isfinite(dirty).all()
+        torch.testing.assert_close(dirty, clean)
 
 
 @pytest.mark.parametrize("scale", [1e-8, 1e6])

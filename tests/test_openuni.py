@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from model_helpers import (
     trained_parameters,
@@ -25,7 +29,8 @@ from pipeline.models import ModelConfig, build_model
 from pipeline.models.base import INFOTOK_INPUT_KEYS
 from pipeline.models.openuni.model import OpenUni
 from pipeline.models.openuni.config import openuni_config
-from pipeline.models.openuni.internvl import pixel_shuffle
+from pipeline.models.openuni.flow import sample_timesteps, training_scheduler
+from pipeline.models.openuni.internvl import InternVLRotaryEmbedding, pixel_shuffle
 from pipeline.models.common.text import IGNORE
 from pipeline.models.openuni.processor import IMAGENET_MEAN, IMAGENET_STD
 
@@ -298,6 +303,172 @@ def test_infotok_dims(model):
         "vocab_size": len(model.processor.tokenizer),
         "latent_patch_dim": 16,
     }
+
+
+# ----------------------------------------------------------------- sync-free training step
+
+
+def _padded_batch(model):
+    """Rows of different lengths in both tasks."""
+    samples = [
+        i2t_sample(1),
+        i2t_sample(2, "what", "a red circle"),
+        t2i_sample(3, "a cat"),
+        t2i_sample(4, "a photo of a very small cat on the left side"),
+    ]
+    return model.collate([model.processor(s) for s in samples])
+
+
+def _fake_in_place(module: torch.nn.Module, mode: FakeTensorMode) -> None:
+    """Replace every parameter and buffer of ``module`` by a fake twin (shared ones stay shared)."""
+    twins: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None:
+                if id(p) not in twins:
+                    fake = mode.from_tensor(p.detach())
+                    twins[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                sub._parameters[name] = twins[id(p)]
+        for name, b in sub._buffers.items():
+            if b is not None:
+                sub._buffers[name] = twins.setdefault(id(b), mode.from_tensor(b))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_step_runs_on_fake_tensors(tokenizer_dir, padded):
+    """No host sync and no data-dependent shape in forward + backward: fake tensors (no shape
+    env) raise on ``.item()``, ``nonzero``, boolean indexing and on reading a real tensor."""
+    model = tiny_openuni(tokenizer_dir, gradient_checkpointing=padded).train()
+    batch = _padded_batch(model) if padded else collated_batch(model)
+    assert batch["i2t_padded"] is padded
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    _fake_in_place(model, mode)
+    batch = {k: mode.from_tensor(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with mode:
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        loss = out.loss_i2t + out.loss_t2i + out.z_u.mean() + out.z_g.mean()
+        loss = loss + out.text_u.mean() + out.text_g.mean()
+        loss.backward()
+    assert isinstance(out.num_text_tokens, FakeTensor) and out.num_text_tokens.ndim == 0
+    assert model.meta_queries.grad is not None
+    assert model.lmm.vision_model.embeddings.patch_embedding.weight.grad is not None
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on the ops that read tensor values to the host or size their output by them; on
+    real tensors it also sees the reads that libraries skip for fake ones."""
+
+    READS = {
+        torch.ops.aten._local_scalar_dense,
+        torch.ops.aten.nonzero,
+        torch.ops.aten.masked_select,
+        torch.ops.aten._unique2,
+        torch.ops.aten.unique_consecutive,
+    }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put_)
+        boolean_index = boolean_index and any(
+            torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        )
+        if func.overloadpacket in self.READS or boolean_index:
+            raise AssertionError(f"host read in the training step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_step_reads_no_value_back_to_the_host(model, padded):
+    batch = _padded_batch(model) if padded else collated_batch(model)
+    model.zero_grad()
+    with _NoHostReads():
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        (out.loss_i2t + out.loss_t2i + out.z_u.mean() + out.z_g.mean()).backward()
+    model.zero_grad()
+
+
+def test_collate_counts_padding_and_answer_length_on_the_host(model):
+    b = collated_batch(model, "uu")
+    answers = (b["i2t_labels"] != IGNORE).sum(1)
+    assert b["i2t_padded"] is False and b["i2t_max_answer"] == int(answers.max())
+    b = _padded_batch(model)
+    answers = (b["i2t_labels"] != IGNORE).sum(1)
+    assert b["i2t_padded"] is True and b["i2t_max_answer"] == int(answers.max())
+    assert answers.tolist()[0] != answers.tolist()[1]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_host_side_batch_facts_change_no_value(model, padded):
+    """Without collate's ``i2t_padded`` / ``i2t_max_answer`` the step takes the safe defaults
+    (materialised mask, answers as long as the rows): the same values, answers padded wider."""
+    b = _padded_batch(model) if padded else collated_batch(model)
+    plain = {k: v for k, v in b.items() if k not in ("i2t_padded", "i2t_max_answer")}
+    with torch.no_grad():
+        out = model(b, generator=torch.Generator().manual_seed(0))
+        ref = model(plain, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.loss_i2t, ref.loss_i2t)
+    torch.testing.assert_close(out.text_u, ref.text_u)
+    width = out.answer_ids.shape[1]
+    assert width == b["i2t_max_answer"] < ref.answer_ids.shape[1]
+    assert torch.equal(out.answer_ids, ref.answer_ids[:, :width])
+    assert torch.equal(out.answer_mask, ref.answer_mask[:, :width])
+    assert not ref.answer_mask[:, width:].any()
+
+
+def test_llm_runs_match_transformers_own_masking(model):
+    """The prepared masks give exactly what the LLM computes from the 2-D mask itself."""
+    llm = model.lmm.language_model.model
+    for b in (collated_batch(model, "uu"), _padded_batch(model)):
+        ids, mask = b["i2t_input_ids"], b["i2t_attention_mask"]
+        with torch.no_grad():
+            embeds = llm.embed_tokens(ids)
+            expected = llm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            hidden = model._run_llm(embeds, mask if b["i2t_padded"] else None)
+        assert torch.equal(hidden, expected)
+
+
+def test_token_counts_are_device_tensors(model):
+    b = _padded_batch(model)
+    with torch.no_grad():
+        out = model(b, generator=torch.Generator().manual_seed(0))
+    n_u, n_g = b["i2t_attention_mask"].sum(), b["t2i_attention_mask"].sum()
+    assert torch.is_tensor(out.num_text_tokens) and out.num_text_tokens.ndim == 0
+    assert out.num_text_tokens.item() == n_u + n_g - 2 * model.config.num_image_tokens
+    assert out.num_image_tokens == 2 * model.config.num_image_tokens + 2 * model.config.num_queries
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.7])
+@pytest.mark.parametrize("steps", [1000, 37])
+def test_timesteps_are_the_scheduler_tables_bit_for_bit(steps, shift):
+    scheduler = training_scheduler(steps, shift)
+    u = (torch.arange(steps) + 0.5) / steps
+    u = torch.cat([u, torch.rand(500, generator=torch.Generator().manual_seed(0))])
+    index = (u * steps).long()
+    with patch("torch.rand", return_value=u):
+        timesteps, sigmas = sample_timesteps(scheduler, len(u), None, torch.device("cpu"))
+    assert torch.equal(timesteps, scheduler.timesteps[index])
+    assert torch.equal(sigmas, scheduler.sigmas[index])
+
+
+def test_bounded_positions_skip_only_a_no_op_dynamic_rope_update(model):
+    """Within ``positions_below`` the frequencies are the ones ``transformers`` would use, read
+    with no host sync; past ``max_position_embeddings`` its own dynamic NTK update runs."""
+    rotary = model.lmm.language_model.model.rotary_emb
+    reference = Qwen2RotaryEmbedding(model.lmm.language_model.config)
+    assert rotary.rope_type == "dynamic"
+    x = torch.zeros(1, 5, 8)
+    positions = torch.arange(5)[None]
+    with model.lmm.positions_below(5), _NoHostReads():
+        cos, sin = rotary(x, positions)
+    assert rotary.bound is None
+    expected = reference(x, positions)
+    assert torch.equal(cos, expected[0]) and torch.equal(sin, expected[1])
+    longest = rotary.original_max_seq_len
+    fresh = InternVLRotaryEmbedding(model.lmm.language_model.config)
+    fresh.bound = 2 * longest + 1
+    far = torch.tensor([[0, 2 * longest]])
+    grown = fresh(x[:, :2], far)
+    expected = reference(x[:, :2], far)
+    assert torch.equal(grown[0], expected[0]) and fresh.max_seq_len_cached > longest
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -27,7 +27,7 @@ from pipeline.models.base import INFOTOK_INPUT_KEYS
 from pipeline.models.showo2.model import Showo2, omni_attention_mask
 from pipeline.models.showo2.config import showo2_config
 from pipeline.models.showo2.flow import velocity_latents, velocity_rows
-from pipeline.models.common.text import IGNORE
+from pipeline.models.common.text import IGNORE, answer_tokens
 from pipeline.models.showo2.processor import load_tokenizer
 
 
@@ -177,6 +177,35 @@ def test_loss_i2t_is_cross_entropy_over_the_answer_tokens(model):
         "a red circle on a blue square<|im_end|>", add_special_tokens=False
     )["input_ids"]
     assert out.answer_ids[0][out.answer_mask[0]].tolist() == answer
+
+
+def test_batches_carry_task_rows_and_the_answer_bound_the_step_reads_without_a_sync(model):
+    """The counts a training step needs are shapes or host ints from collate, never values it
+    would read back from the device."""
+    samples = [
+        i2t_sample(0, answer="yes"),
+        t2i_sample(1),
+        i2t_sample(2, answer="a red circle on a blue square and a green line"),
+        t2i_sample(3),
+    ]
+    batch = model.collate([model.processor(s) for s in samples])
+    assert batch["und_index"].tolist() == [0, 2] and batch["gen_index"].tolist() == [1, 3]
+    n = model.config.num_image_tokens
+    labels = batch["labels"][[0, 2]]
+    ids, mask = answer_tokens(labels)  # padded to the longest answer
+    assert batch["max_answer"] == ids.shape[1] == int((labels != IGNORE).sum(1).max())
+    with torch.no_grad():
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        bound = dict(batch)
+        del bound["max_answer"]  # without it: every position after the image block
+        shaped = model(bound, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.answer_ids, ids) and torch.equal(out.answer_mask, mask)
+    assert shaped.answer_ids.shape[1] == labels.shape[1] - n - 4 > ids.shape[1]
+    assert torch.equal(shaped.answer_ids[:, : ids.shape[1]], ids)
+    assert not shaped.answer_mask[:, ids.shape[1] :].any()
+    torch.testing.assert_close(shaped.loss_i2t, out.loss_i2t)
+    assert out.num_text_tokens.shape == () and out.num_text_tokens.dtype == torch.int64
+    assert out.num_text_tokens == batch["lengths"].sum() - 4 * (n + 1)
 
 
 def _official_rows(u, p):

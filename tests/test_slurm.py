@@ -99,6 +99,12 @@ PREFLIGHT_CASES = {
     "missing_shards": ("jobs/infotok_showo2.sh", [], "missing_shard", "listed in"),
     "unwritable_run_dir": ("jobs/infotok_showo2.sh", [], "run_dir_under_file", "is not writable"),
     "recipe_of_another_family": ("jobs/infotok_harmon.sh", [], None, "but this job runs 'harmon'"),
+    "does_not_fit": (
+        "jobs/infotok_showo2.sh",
+        ["data.micro_batch_t2i=512"],
+        "small_gpu",
+        "does not fit in 0.5 GiB per GPU",
+    ),
 }
 
 
@@ -115,6 +121,8 @@ def preflight_jobs(slurm, workspace):
             shutil.copytree(workspace["shards"], broken)
             (broken / "shard-000001.tar").unlink()
             env.update(INFOTOK_I2T=str(broken), INFOTOK_T2I=str(broken))
+        elif breakage == "small_gpu":  # the planner's memory check, with a stand-in GPU size
+            env["INFOTOK_GPU_MEMORY_GIB"] = "0.5"
         elif breakage == "run_dir_under_file":
             (case_dir / "a_file").write_text("not a directory\n")  # root can write anywhere else
             env["INFOTOK_RUN_DIR"] = str(case_dir / "a_file" / "run")

@@ -18,7 +18,7 @@ from pipeline.data import TwoStreamLoader
 from pipeline.models import adapter_class, build_model
 from pipeline.recipe import deepspeed_config, load_train_config
 from pipeline.train import EXIT_STOPPED
-from train_helpers import ROOT, Run, loss_table, make_workspace, steps_logged, wait_for
+from train_helpers import LOSS_KEYS, ROOT, Run, loss_table, make_workspace, steps_logged, wait_for
 
 RECIPE = "configs/tiny_showo2.yaml"
 FAMILY_RECIPES = {
@@ -106,6 +106,38 @@ def test_checkpoints_by_time_agree_across_ranks_and_old_ones_are_pruned(
         workspace, run_dir, **{"resume": str(root / "step_00000007"), "checkpoint.every": 1000}
     )
     assert loss_table(run_dir) == reference
+
+
+def test_records_every_n_steps_hold_means_and_throughput_and_resume_exactly(
+    workspace, reference, tmp_path
+):
+    """``log.every=4``: one record per four steps holding their means; the ranks agree on the
+    stop signal at those steps only, so a signal stops the run there, and the resumed run writes
+    the same records as an uninterrupted one. Training itself is the reference run's."""
+    every = {"log.every": 4, "steps": 12}
+    whole = tmp_path / "whole"
+    run_to_end(workspace, whole, **every)
+    records = read_metrics(whole)
+    assert [r["step"] for r in records] == [4, 8, 12]
+    by_step = {row[0]: row for row in reference}
+    first = records[0]  # steps 1-4: the 8-step reference's warm-up and first decayed step
+    for column, key in enumerate(LOSS_KEYS, start=1):
+        if key != "lr":  # the schedule runs over 12 steps here, not 8
+            mean = sum(by_step[s][column] for s in range(1, 5)) / 4
+            assert first[key] == pytest.approx(mean, rel=1e-5, abs=1e-7), key
+    for record in records:
+        assert record["tflops_per_gpu"] > 0 and "mfu" not in record  # no MFU without a GPU peak
+        assert record["seconds"] > 0 and record["samples_per_s"] > 0
+
+    stopped = tmp_path / "stopped"
+    run = Run(RECIPE, overrides(workspace, stopped, **every), tmp_path / "logs")
+    wait_for(lambda: any(stopped.glob("checkpoints/step_00000002")), run, what="step 2")
+    run.signal(signal.SIGUSR1)
+    assert run.wait() == [EXIT_STOPPED, EXIT_STOPPED], run.output()
+    stopped_at = int(latest_tag(stopped / CHECKPOINT_DIR).removeprefix("step_"))
+    assert stopped_at in (4, 8) and [r["step"] for r in read_metrics(stopped)][-1] == stopped_at
+    run_to_end(workspace, stopped, **every)
+    assert loss_table(stopped) == loss_table(whole)
 
 
 def test_kill_9_after_a_checkpoint_resumes_exactly(workspace, reference, tmp_path):

@@ -39,6 +39,7 @@
 #   INFOTOK_MASTER_ADDR, INFOTOK_MASTER_PORT  rendezvous (default: first node; 20000 + job id % 12000)
 #   INFOTOK_SRUN_ARGS       extra srun flags (e.g. "--cpu-bind=cores --mpi=pmix")
 #   INFOTOK_STEP_GRACE      seconds srun lets the other tasks run once one has exited (default 300)
+#   INFOTOK_GPU_MEMORY_GIB  memory per GPU the preflight plans for (default: the batch host's GPU)
 #   INFOTOK_SKIP_PREFLIGHT  1: skip the preflight (debugging only)
 #   INFOTOK_TRAIN_MODULE    module srun runs (default pipeline.train; for wrappers/profilers)
 #   NCCL_*, TORCH_NCCL_*, OMP_NUM_THREADS: the defaults below apply only where unset.

@@ -156,8 +156,9 @@ class MLLMOutput:
     """[B_g, N_g, P] normalised VAE latents of the target image; row n is the patch token n covers."""
     target_mask: Tensor | None
     """[B_g, N_g] True where a token has a target patch."""
-    num_text_tokens: int
-    num_image_tokens: int
+    num_text_tokens: int | Tensor
+    """Text tokens the LLM read: a 0-d device tensor when it is counted from a mask (no host sync)."""
+    num_image_tokens: int | Tensor
 
     def infotok_inputs(self) -> dict[str, Tensor | None]:
         """Keyword arguments for the InfoTok regularizer: ``regularizer(**out.infotok_inputs())``."""

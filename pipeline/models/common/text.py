@@ -22,23 +22,44 @@ def pad_rows(rows: Sequence[Tensor], value: int | bool, *, left: bool = False) -
     return torch.stack([F.pad(r, p, value=value) for r, p in zip(rows, pads)])
 
 
-def answer_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+def answer_loss(
+    lm_head: nn.Module, hidden: Tensor, labels: Tensor, max_answer: int | None = None
+) -> Tensor:
     """Next-token cross-entropy over the answer tokens: ``hidden`` [B, L, D] at position i predicts
-    ``labels`` [B, L] at i + 1; only labels that are not :data:`IGNORE` count (``loss_i2t``)."""
+    ``labels`` [B, L] at i + 1; only labels that are not :data:`IGNORE` count (``loss_i2t``).
+
+    ``max_answer`` bounds each row's answer tokens (default L - 1: every position); a caller that
+    knows a tighter bound from shapes saves logits. The answer positions are gathered in order to
+    the front of ``B * max_answer`` rows and the rest ignored: fixed shapes, no host sync, and the
+    same sum in the same order as over the answer tokens alone.
+    """
     targets = labels[:, 1:]
-    selected = targets != IGNORE
-    logits = lm_head(hidden[:, :-1][selected])
-    return F.cross_entropy(logits.float(), targets[selected])
+    width = targets.shape[1]
+    count = len(labels) * min(width if max_answer is None else max_answer, width)
+    order = valid_first(targets.reshape(-1) != IGNORE, count)
+    logits = lm_head(hidden[:, :-1][order // width, order % width])
+    return F.cross_entropy(logits.float(), targets.reshape(-1)[order], ignore_index=IGNORE)
 
 
-def answer_tokens(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """``answer_ids`` / ``answer_mask``: the tokens of each row whose label is not :data:`IGNORE`,
-    left-aligned and right-padded with 0."""
+def answer_tokens(labels: Tensor, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """``answer_ids`` / ``answer_mask`` [B, length]: the tokens of each row whose label is not
+    :data:`IGNORE`, left-aligned and right-padded with 0.
+
+    ``length`` must be at least the longest answer: a bound known from shapes keeps the training
+    step free of host syncs; None reads the longest answer's length to the host.
+    """
     valid = labels != IGNORE
-    length = max(int(valid.sum(1).max()), 1)
-    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :length]
+    if length is None:
+        length = max(int(valid.sum(1).max()), 1)
+    order = valid_first(valid, length)
     mask = valid.gather(1, order)
     return labels.gather(1, order).clamp_min(0).masked_fill(~mask, 0), mask
+
+
+def valid_first(valid: Tensor, length: int) -> Tensor:
+    """Indices along the last dim of ``valid``: its True positions in order, then the False ones,
+    cut to the first ``length``."""
+    return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)[..., :length]
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

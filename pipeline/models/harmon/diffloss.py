@@ -82,22 +82,33 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     )
 
 
-class Schedule:
+class Schedule(nn.Module):
     """Gaussian diffusion tables in float64; :meth:`at` gathers them as float32 columns for timesteps ``t``.
 
-    The tables are plain CPU tensors, not buffers: ``module.to(bfloat16)`` must not round them, and
-    they stay valid when the model is built on the meta device.
+    The tables are non-persistent buffers holding the float64 values' int64 bit patterns: they move
+    with the module to its device (no host-to-device copy, hence no stall, per step), and
+    ``module.to(bfloat16)`` leaves them unrounded. They are computed on the CPU from float64 betas,
+    also when the model is built on the meta device; :meth:`reset` fills them again after
+    ``to_empty``.
     """
 
     def __init__(self, betas: Tensor, timestep_map: list[int] | None = None) -> None:
+        super().__init__()
+        self.num_steps = len(betas)
+        self.betas = betas
+        self.steps = list(timestep_map) if timestep_map is not None else list(range(len(betas)))
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)compute the buffers on the CPU; the module's ``.to(device)`` moves them."""
+        betas = self.betas
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)
-        self.num_steps = len(betas)
-        self.timestep_map = torch.tensor(
-            timestep_map if timestep_map is not None else range(len(betas)), device="cpu"
+        self.register_buffer(
+            "timestep_map", torch.tensor(self.steps, device="cpu"), persistent=False
         )
-        self.tables = {
+        tables = {
             "sqrt_ac": alphas_cumprod.sqrt(),
             "sqrt_1m_ac": (1 - alphas_cumprod).sqrt(),
             "sqrt_recip_ac": (1 / alphas_cumprod).sqrt(),
@@ -107,9 +118,11 @@ class Schedule:
             "coef_x0": betas * prev.sqrt() / (1 - alphas_cumprod),
             "coef_xt": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
         }
+        for name, table in tables.items():
+            self.register_buffer(name, table.view(torch.int64), persistent=False)
 
     def at(self, name: str, t: Tensor) -> Tensor:
-        return self.tables[name].to(t.device)[t].float()[:, None]
+        return getattr(self, name).view(torch.float64)[t].float()[:, None]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return self.at("sqrt_ac", t) * x0 + self.at("sqrt_1m_ac", t) * noise
@@ -240,6 +253,11 @@ class DiffLoss(nn.Module):
         keep = spaced_steps(cfg.diffusion_steps, cfg.num_sampling_steps)
         self.sample_schedule = Schedule(respaced_betas(betas, keep), keep)
 
+    def reset_schedules(self) -> None:
+        """Fill the schedules' non-persistent buffers again (after ``to_empty``)."""
+        self.train_schedule.reset()
+        self.sample_schedule.reset()
+
     def token_losses(self, target: Tensor, cond: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Per-row ``mse(ε) + L_vb`` for targets x0 [M, C] at timesteps ``t`` with noise ε."""
         schedule = self.train_schedule
@@ -287,7 +305,7 @@ class DiffLoss(nn.Module):
         x = torch.randn(len(cond), self.channels, generator=generator, device=cond.device)
         for step in reversed(range(schedule.num_steps)):
             t = torch.full((len(cond),), step, dtype=torch.long, device=cond.device)
-            model_t = schedule.timestep_map.to(cond.device)[t]
+            model_t = schedule.timestep_map[t]
             if uncond is None:
                 eps, var_values = self.net(x, model_t, cond).float().split(self.channels, dim=1)
             else:

@@ -6,7 +6,9 @@ timm 0.9 ``vision_transformer.Block`` (``norm1``, ``attn.qkv``, ``attn.proj``, `
 
 Layouts: ``tokens`` [B, N, C] are VAE latent patches in raster order; ``mask`` [B, N] is True
 where a token is masked (dropped from the encoder, predicted by the decoder). The encoder sequence
-is ``buffer_size`` buffer tokens (``fake_latent``) followed by the kept image tokens.
+is ``buffer_size`` buffer tokens (``fake_latent``) followed by the kept image tokens; in training
+it has a fixed length, padded with masked tokens that attention ignores (the kept count is random
+and would otherwise be read back from the device).
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         q, k, v = (
             self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         )
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
         )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
 
@@ -66,8 +68,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """``attn_mask``: None or [B, 1, 1, L], False at keys no token may attend to."""
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -85,13 +88,34 @@ def keep_mask(mask: Tensor, buffer_size: int) -> Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], buffer_size), ~mask], dim=1)
 
 
+def slot_valid(mask: Tensor, buffer_size: int, slots: int) -> Tensor:
+    """[B, buffer + slots] True where the fixed-length encoder sequence of :func:`kept_first`
+    holds a buffer or a kept token, False at its padding."""
+    kept = buffer_size + (~mask).sum(dim=1, keepdim=True)
+    return torch.arange(buffer_size + slots, device=mask.device)[None] < kept
+
+
+def kept_first(mask: Tensor, buffer_size: int, slots: int) -> Tensor:
+    """[B, buffer + slots] positions in the buffer-first sequence: the buffers and the kept tokens
+    in raster order, then masked tokens as padding (a stable sort: fixed shape, no host sync)."""
+    dropped = (~keep_mask(mask, buffer_size)).to(torch.uint8)
+    return torch.sort(dropped, dim=1, stable=True).indices[:, : buffer_size + slots]
+
+
 def sample_mask_ratio(
     mask_ratio_min: float, generator: torch.Generator | None, device: torch.device
-) -> float:
-    """One draw of N(1, 0.25²) truncated to [mask_ratio_min, 1] (official ``stats.truncnorm``), by inverse CDF."""
-    low = torch.special.ndtr(torch.tensor((mask_ratio_min - 1.0) / 0.25, dtype=torch.float64))
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=device).cpu()
-    return float(1.0 + 0.25 * torch.special.ndtri(low + u * (0.5 - low)))
+) -> Tensor:
+    """One draw of N(1, 0.25²) truncated to [mask_ratio_min, 1] (official ``stats.truncnorm``), by
+    inverse CDF: a 0-d float64 tensor on ``device`` (reading it would stall the device)."""
+    start = torch.full((), (mask_ratio_min - 1.0) / 0.25, dtype=torch.float64, device=device)
+    low = torch.special.ndtr(start)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=device)
+    return 1.0 + 0.25 * torch.special.ndtri(low + u * (0.5 - low))
+
+
+def max_kept(length: int, mask_ratio_min: float) -> int:
+    """The most tokens :func:`training_mask` keeps: ``N − ceil(N·mask_ratio_min)``."""
+    return length - math.ceil(length * mask_ratio_min)
 
 
 def random_orders(
@@ -101,10 +125,11 @@ def random_orders(
     return torch.rand(batch, length, generator=generator, device=device).argsort(dim=1)
 
 
-def mask_first(orders: Tensor, count: int) -> Tensor:
-    """[B, N] True at the first ``count`` positions of each order."""
-    mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
-    return mask.scatter(1, orders[:, :count], True)
+def mask_first(orders: Tensor, count: int | Tensor) -> Tensor:
+    """[B, N] True at the first ``count`` positions of each order (``count`` may be a device
+    tensor: each position's rank in its order is compared with it)."""
+    ranks = torch.arange(orders.shape[1], device=orders.device).expand_as(orders)
+    return torch.empty_like(orders).scatter(1, orders, ranks) < count
 
 
 def training_mask(
@@ -116,11 +141,14 @@ def training_mask(
 ) -> Tensor:
     """The T2I training mask: one ratio per batch, ``ceil(N·ratio)`` random tokens masked per sample.
 
-    Draws from ``generator``: the ratio, then the orders.
+    Draws from ``generator``: the ratio, then the orders. The count stays on the device: the float64
+    product and ceil equal Python's on the same ratio. It is clamped to keep at most
+    :func:`max_kept` tokens, which only a ratio rounded below ``mask_ratio_min`` would exceed.
     """
     ratio = sample_mask_ratio(mask_ratio_min, generator, device)
     orders = random_orders(batch, length, generator, device)
-    return mask_first(orders, int(math.ceil(length * ratio)))
+    count = torch.ceil(ratio * length).long().clamp_min(length - max_kept(length, mask_ratio_min))
+    return mask_first(orders, count)
 
 
 class MAR(nn.Module):
@@ -189,33 +217,50 @@ class MAR(nn.Module):
         )
         return torch.cat([buffer, resize_grid(image, self.position_side, grid)], dim=1)
 
-    def _run(self, blocks: nn.ModuleList, x: Tensor) -> Tensor:
+    def _run(self, blocks: nn.ModuleList, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         for block in blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, attn_mask)
         return x
 
-    def forward_encoder(self, tokens: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Tokens [B, N, C] + mask → encoder features [B, buffer + kept, E] (kept is equal across the batch)."""
+    def forward_encoder(
+        self, tokens: Tensor, mask: Tensor | None, grid: tuple[int, int], slots: int | None = None
+    ) -> Tensor:
+        """Tokens [B, N, C] → encoder features [B, buffer + S, E].
+
+        Without ``mask`` every token is kept (S = N). With it the kept tokens follow the buffers in
+        raster order; ``slots`` fixes S (training: no host sync, fixed shapes) by padding with
+        masked tokens that attention ignores (:func:`slot_valid`); without ``slots``, S is the kept
+        count, read on the host (equal across the batch; inference).
+        """
         x = self.z_proj(tokens.to(self.z_proj.weight.dtype))
-        b, _, width = x.shape
+        b, n, width = x.shape
         buffers = self.fake_latent.expand(b, self.cfg.buffer_size, width)
         x = torch.cat([buffers, x], dim=1) + self._positions(
             self.encoder_pos_embed_learned, grid, buffers=True
         )
         x = self.z_proj_ln(x)
-        x = x[keep_mask(mask, self.cfg.buffer_size)].reshape(b, -1, width)
-        return self.encoder_norm(self._run(self.encoder_blocks, x))
+        attn_mask = None
+        if mask is not None:
+            if slots is not None:
+                attn_mask = slot_valid(mask, self.cfg.buffer_size, slots)[:, None, None]
+            else:
+                slots = n - int(mask[0].sum())
+            index = kept_first(mask, self.cfg.buffer_size, slots)
+            x = x.gather(1, index[..., None].expand(-1, -1, width))
+        return self.encoder_norm(self._run(self.encoder_blocks, x, attn_mask))
 
     def forward_decoder(self, x: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Encoder-side features [B, buffer + kept, E] → diffusion conditions [B, N, D] for every token."""
+        """Encoder-side features [B, buffer + S, E] (the layout of :meth:`forward_encoder`, padded
+        or not) → diffusion conditions [B, N, D] for every token; masked ones get ``mask_token``."""
         x = self.decoder_embed(x)
-        b, _, width = x.shape
         keep = keep_mask(mask, self.cfg.buffer_size)
-        full = self.mask_token.to(x.dtype).expand(b, keep.shape[1], width).clone()
-        full[keep] = x.reshape(-1, width)
-        x = full + self._positions(self.decoder_pos_embed_learned, grid, buffers=True)
+        # A kept position's slot in the encoder sequence is its rank among the kept positions.
+        slot = (keep.long().cumsum(dim=1) - 1).clamp_min(0)
+        x = x.gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.where(keep[..., None], x, self.mask_token.to(x.dtype))
+        x = x + self._positions(self.decoder_pos_embed_learned, grid, buffers=True)
         x = self.decoder_norm(self._run(self.decoder_blocks, x))[:, self.cfg.buffer_size :]
         return x + self._positions(self.diffusion_pos_embed_learned, grid, buffers=False)

@@ -11,7 +11,9 @@ LLM ``llm`` sees the image tokens first and the buffers last, under plain causal
   ``grad_scale`` (0.1); text cross-entropy on the answer tokens.
 - T2I: a random ``ceil(N·r)`` of the tokens is masked, r ~ N(1, 0.25²) truncated to [0.7, 1], one
   r per batch; the prompt (dropped to ``"Generate an image."`` with p = 0.1 by the processor) is
-  followed by the encoder features of the kept tokens and the buffers. The LLM output goes through
+  followed by the encoder features of the kept tokens and the buffers. The kept tokens are padded
+  to the most that r = ``mask_ratio_min`` keeps, padding that no other token attends to, so that
+  the step has fixed shapes and reads nothing back from the device. The LLM output goes through
   ``proj_out`` and is added to the encoder features; the MAR decoder fills in mask tokens and its
   outputs condition the per-token diffusion MLP, whose loss is averaged over the masked tokens.
 
@@ -58,7 +60,14 @@ from pipeline.models.common.weights import (
     read_weight_file,
 )
 from pipeline.models.harmon.config import HarmonConfig, harmon_config
-from pipeline.models.harmon.mar import MAR, mask_first, random_orders, training_mask
+from pipeline.models.harmon.mar import (
+    MAR,
+    mask_first,
+    max_kept,
+    random_orders,
+    slot_valid,
+    training_mask,
+)
 from pipeline.models.harmon.processor import (
     HarmonProcessor,
     expand_to_square,
@@ -209,11 +218,19 @@ class Harmon(MLLMAdapter):
         return {"vae": {"scaling_factor": 1 / max(float(modes.std()), 1e-3)}}
 
     def encode_shared_tokens(
-        self, tokens: Tensor, mask: Tensor, grid: tuple[int, int]
+        self,
+        tokens: Tensor,
+        mask: Tensor | None,
+        grid: tuple[int, int],
+        slots: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``V_enc``: MAR encoder features [B, buffer + kept, E] and the LLM-side tokens [B, kept + buffer, D]
-        (``proj_in`` of the same features with the buffers moved to the end, as the LLM reads them)."""
-        features = self.mar.forward_encoder(tokens, mask, grid)
+        (``proj_in`` of the same features with the buffers moved to the end, as the LLM reads them).
+
+        ``mask`` None keeps every token; ``slots`` pads the kept ones to a fixed count (see
+        :meth:`MAR.forward_encoder`).
+        """
+        features = self.mar.forward_encoder(tokens, mask, grid, slots)
         z = self.proj_in(features)
         buffers = self.config.mar.buffer_size
         return features, torch.cat([z[:, buffers:], z[:, :buffers]], dim=1)
@@ -271,8 +288,7 @@ class Harmon(MLLMAdapter):
         clean_images = tokens if infotok_inputs else tokens[:n_u]
         clean = None
         if len(clean_images):
-            unmasked = torch.zeros(clean_images.shape[:2], dtype=torch.bool, device=tokens.device)
-            _, clean = self.encode_shared_tokens(clean_images, unmasked, grid)
+            _, clean = self.encode_shared_tokens(clean_images, None, grid)
         out = MLLMOutput(
             loss_i2t=None,
             loss_t2i=None,
@@ -298,11 +314,13 @@ class Harmon(MLLMAdapter):
         ids, valid, labels = batch["u_input_ids"], batch["u_attention_mask"], batch["u_labels"]
         scaled = ScaleGradient.apply(z_u, self.config.grad_scale)
         hidden = self._run_llm(self._i2t_embeds(ids, batch["u_image_offset"], scaled), valid)
-        out.loss_i2t = answer_loss(self.llm.lm_head, hidden, labels)
+        # Image slots hold no answer token: a bound from shapes when the batch does not say.
+        max_answer = batch.get("u_max_answer", labels.shape[1] - z_u.shape[1])
+        out.loss_i2t = answer_loss(self.llm.lm_head, hidden, labels, max_answer)
         out.z_u = z_u
         out.text_u = masked_mean(hidden, batch["u_text_mask"])
-        out.answer_ids, out.answer_mask = answer_tokens(labels)
-        out.num_text_tokens += int(valid.sum()) - z_u.shape[0] * z_u.shape[1]
+        out.answer_ids, out.answer_mask = answer_tokens(labels, max_answer)
+        out.num_text_tokens += valid.sum() - z_u.shape[0] * z_u.shape[1]
         out.num_image_tokens += z_u.shape[0] * z_u.shape[1]
 
     def _t2i_step(
@@ -316,23 +334,26 @@ class Harmon(MLLMAdapter):
     ) -> None:
         ids, valid = batch["g_input_ids"], batch["g_attention_mask"]
         b, n, p = tokens.shape
-        mask = training_mask(b, n, self.config.mar.mask_ratio_min, generator, tokens.device)
-        features, z = self.encode_shared_tokens(tokens, mask, grid)
+        ratio_min, buffers = self.config.mar.mask_ratio_min, self.config.mar.buffer_size
+        mask = training_mask(b, n, ratio_min, generator, tokens.device)
+        # The kept count is random: the sequence has room for the most and ignores the padding.
+        slots = max_kept(n, ratio_min)
+        features, z = self.encode_shared_tokens(tokens, mask, grid, slots)
+        z_valid = slot_valid(mask, buffers, slots).roll(-buffers, dims=1)
         embeds = torch.cat([self.llm.model.embed_tokens(ids), z.to(self._dtype)], dim=1)
-        hidden = self._run_llm(embeds, torch.cat([valid, valid.new_ones(b, z.shape[1])], dim=1))
+        hidden = self._run_llm(embeds, torch.cat([valid, z_valid], dim=1))
         cond = self.mar.forward_decoder(
             features + self._from_llm(hidden[:, ids.shape[1] :]), mask, grid
         )
         out.loss_t2i = self.mar.diffloss(
             tokens.reshape(b * n, p), cond.reshape(b * n, -1), mask.reshape(-1), generator
         )
-        buffers = self.config.mar.buffer_size
         out.z_g = z_g
         out.text_g = masked_mean(hidden[:, : ids.shape[1]], valid)
         out.target_patches = torch.cat([tokens, tokens.new_zeros(b, buffers, p)], dim=1)
         out.target_mask = torch.cat([mask.new_ones(b, n), mask.new_zeros(b, buffers)], dim=1)
-        out.num_text_tokens += int(valid.sum())
-        out.num_image_tokens += b * z.shape[1]
+        out.num_text_tokens += valid.sum()
+        out.num_image_tokens += z_valid.sum()
 
     # ----------------------------------------------------------------- inference
 
@@ -425,8 +446,7 @@ class Harmon(MLLMAdapter):
         ]
         pixels = torch.stack([to_tensor(square) for square in squares]).to(self._device)
         tokens = self.encode_latents(pixels)
-        unmasked = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=self._device)
-        _, z = self.encode_shared_tokens(tokens, unmasked, self._grid(pixels))
+        _, z = self.encode_shared_tokens(tokens, None, self._grid(pixels))
         cache = DynamicCache(config=self.llm.config)
         hidden = self._run_llm(self._i2t_embeds(ids, offsets, z), valid, cache)
 
@@ -553,6 +573,7 @@ class Harmon(MLLMAdapter):
         model.llm.model.rotary_emb = Qwen2RotaryEmbedding(
             model.llm.config
         )  # non-persistent buffers
+        model.mar.diffloss.reset_schedules()
         model.vae = vae.requires_grad_(False).eval()
         return model
 

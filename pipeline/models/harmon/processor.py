@@ -192,12 +192,16 @@ class HarmonProcessor:
             [torch.ones(len(r), dtype=torch.bool) for r in rows], False
         )
 
-    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """A training batch of flat tensors: ``u_*`` for the I2T samples, ``g_*`` for the T2I samples
-        (a branch without samples has no keys), sample order kept within each branch."""
+        (a branch without samples has no keys), sample order kept within each branch.
+
+        ``u_max_answer`` (an int: the most answer tokens of a row, at least 1) lets the training
+        step size the answer tensors without reading the labels back from the device.
+        """
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
-        batch: dict[str, torch.Tensor] = {}
+        batch: dict[str, Any] = {}
         und = [s for s in samples if s["task"] == "i2t"]
         gen = [s for s in samples if s["task"] == "t2i"]
         if und:
@@ -208,6 +212,7 @@ class HarmonProcessor:
             batch["u_text_mask"] = pad_rows([s["text_mask"] for s in und], False)
             batch["u_image_offset"] = torch.tensor([s["image_offset"] for s in und])
             batch["u_pixel_values"] = torch.stack([s["pixel_values"] for s in und])
+            batch["u_max_answer"] = max(max(int((s["labels"] != IGNORE).sum()) for s in und), 1)
         if gen:
             batch["g_input_ids"], batch["g_attention_mask"] = self.pad_ids(
                 [s["input_ids"] for s in gen]

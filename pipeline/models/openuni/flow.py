@@ -26,10 +26,19 @@ def sample_timesteps(
     generator: torch.Generator | None,
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
-    """Discrete training timesteps and their sigmas, uniform over the scheduler's grid."""
+    """Discrete training timesteps and their sigmas, uniform over the scheduler's grid.
+
+    The entries at the drawn indices are computed on ``device`` with the operations that build
+    the scheduler's ``timesteps`` / ``sigmas`` tables (bit for bit), so no index is read back on
+    the host. The divisor is a device tensor: CUDA turns a division by a Python number into a
+    multiplication by its reciprocal, which can round differently from the CPU-built table.
+    """
+    steps, shift = scheduler.config.num_train_timesteps, scheduler.config.shift
     u = torch.rand(n, generator=generator, device=device)
-    index = (u * scheduler.config.num_train_timesteps).long().cpu()
-    return scheduler.timesteps[index].to(device), scheduler.sigmas[index].to(device)
+    index = (u * steps).long().clamp_max(steps - 1)
+    sigmas = (steps - index).float() / torch.full((), steps, dtype=torch.float32, device=device)
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return sigmas * steps, sigmas
 
 
 def flow_matching_loss(prediction: Tensor, target: Tensor) -> Tensor:

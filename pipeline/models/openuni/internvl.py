@@ -10,12 +10,16 @@ The InternViT blocks are written here with the original attribute names; the LLM
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from pipeline.models.openuni.config import LLMConfig, VisionConfig
 from pipeline.models.common.qwen import qwen2_config
@@ -168,6 +172,31 @@ def internvl_qwen2_config(cfg: LLMConfig, vocab_size: int, attn_implementation: 
     return qwen2_config(cfg, vocab_size, attn_implementation, rope)
 
 
+class InternVLRotaryEmbedding(Qwen2RotaryEmbedding):
+    """Qwen2 RoPE whose dynamic NTK update can be decided from a bound instead of the positions.
+
+    ``transformers``' ``dynamic_rope_update`` reads ``max(position_ids) + 1`` on the host at every
+    call: a device sync, and a data-dependent value under fake tensors. While ``bound`` is set
+    (:meth:`InternVLChat.positions_below`) the caller guarantees every position is below it; if
+    the bound fits ``max_position_embeddings`` and no longer sequence grew the frequencies, the
+    update would change nothing, so the frequencies are used as they are, with no read.
+    """
+
+    bound: int | None = None
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        original = self.original_max_seq_len
+        unchanged = (
+            self.bound is not None
+            and self.bound <= original
+            and isinstance(self.max_seq_len_cached, int)
+            and self.max_seq_len_cached == original
+        )
+        if unchanged:
+            return Qwen2RotaryEmbedding.forward.__wrapped__(self, x, position_ids)
+        return super().forward(x, position_ids)
+
+
 class InternVLChat(nn.Module):
     """``InternVLChatModel``'s modules: ``vision_model``, ``mlp1`` and ``language_model``."""
 
@@ -190,6 +219,21 @@ class InternVLChat(nn.Module):
         self.language_model = Qwen2ForCausalLM(
             internvl_qwen2_config(llm, vocab_size, attn_implementation)
         )
+        self.reset_rotary_embedding()
+
+    def reset_rotary_embedding(self) -> None:
+        """A fresh :class:`InternVLRotaryEmbedding` (its buffers are in no checkpoint)."""
+        self.language_model.model.rotary_emb = InternVLRotaryEmbedding(self.language_model.config)
+
+    @contextmanager
+    def positions_below(self, bound: int) -> Iterator[None]:
+        """LLM calls inside promise position ids below ``bound`` (whole sequences, no cache)."""
+        rotary = self.language_model.model.rotary_emb
+        rotary.bound = bound
+        try:
+            yield
+        finally:
+            rotary.bound = None
 
     def extract_feature(self, pixels: Tensor) -> Tensor:
         """``V_enc``: ViT-normalised pixels [B, 3, S, S] → visual tokens [B, (S/p·r)², D_llm]."""

@@ -35,7 +35,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, SiglipVisionConfig
 from transformers.cache_utils import DynamicCache
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.masking_utils import create_causal_mask
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, in_chunks
@@ -72,6 +72,11 @@ from pipeline.models.openuni.processor import (
 )
 
 TOKENIZER_HINT = "tokenizer_path (the InternVL3 directory holds it)"
+
+
+def _filled(values: Sequence[float], device: torch.device) -> Tensor:
+    """``torch.tensor(values, device=device)`` (float32) without a blocking host-to-device copy."""
+    return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
 
 
 class OpenUni(MLLMAdapter):
@@ -198,8 +203,8 @@ class OpenUni(MLLMAdapter):
 
     def vit_input(self, pixels: Tensor) -> Tensor:
         """Generation pixels in [-1, 1] → ViT input (OpenUni ``get_semantic_features``: bilinear resize)."""
-        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+        mean = _filled(IMAGENET_MEAN, pixels.device).view(1, 3, 1, 1)
+        std = _filled(IMAGENET_STD, pixels.device).view(1, 3, 1, 1)
         x = ((pixels.float() + 1) / 2 - mean) / std
         size = self.config.vision.image_size
         return F.interpolate(x, size=(size, size), mode="bilinear")
@@ -234,11 +239,38 @@ class OpenUni(MLLMAdapter):
         slots = (input_ids == self._processor().ids.img_context)[..., None]
         return embeds.masked_scatter(slots, tokens.to(embeds.dtype))
 
-    def condition(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _run_llm(
+        self, embeds: Tensor, padding_mask: Tensor | None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Last hidden states of the LLM over whole sequences (no cache), with no host sync.
+
+        ``transformers`` reads a 2-D mask (or, without one, the positions) on the host to decide
+        whether SDPA's ``is_causal`` can replace it, so the mask is prepared here: materialised
+        from ``padding_mask``, or plain causal when the caller knows there is no padding (None).
+        Positions are below the sequence length, so dynamic RoPE needs no host read either.
+        """
+        mask = create_causal_mask(
+            config=self._llm.config,
+            inputs_embeds=embeds,
+            attention_mask=padding_mask,
+            cache=None,
+            allow_is_causal_skip=padding_mask is None,
+        )
+        with self.lmm.positions_below(embeds.shape[1]):
+            return self._llm.model(
+                inputs_embeds=embeds,
+                attention_mask={"full_attention": mask},
+                position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state
+
+    def condition(
+        self, input_ids: Tensor, attention_mask: Tensor, *, padded: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """DiT conditions [B, Q, caption] from prompt + meta queries, and the prompt's hidden states.
 
         As ``prepare_forward_input``: queries follow the right-padded prompt, positions count
-        only valid tokens, the LLM is causal.
+        only valid tokens, the LLM is causal. ``padded=False`` promises that no prompt is padded.
         """
         embeds = self._llm.get_input_embeddings()(input_ids)
         b, q = len(input_ids), self.config.num_queries
@@ -247,11 +279,9 @@ class OpenUni(MLLMAdapter):
             [attention_mask.bool(), attention_mask.new_ones(b, q, dtype=torch.bool)], dim=1
         )
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)
-        hidden = self._llm.model(
-            inputs_embeds=torch.cat([embeds, queries], dim=1),
-            attention_mask=mask,
-            position_ids=positions,
-        ).last_hidden_state
+        hidden = self._run_llm(
+            torch.cat([embeds, queries], dim=1), mask if padded else None, positions
+        )
         conditions = self.projector(self.connector(inputs_embeds=hidden[:, -q:]).last_hidden_state)
         return conditions, hidden[:, :-q]
 
@@ -293,12 +323,14 @@ class OpenUni(MLLMAdapter):
         ids, labels, mask = batch["i2t_input_ids"], batch["i2t_labels"], batch["i2t_attention_mask"]
         z_u = self.encode_shared_tokens(batch["i2t_pixel_values"])
         embeds = self._image_embeds(ids, z_u)
-        hidden = self._llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        out.loss_i2t = answer_loss(self._llm.lm_head, hidden, labels)
+        # Host-side facts from collate; a batch made otherwise gets the safe defaults.
+        hidden = self._run_llm(embeds, mask if batch.get("i2t_padded", True) else None)
+        max_answer = batch.get("i2t_max_answer", labels.shape[1])
+        out.loss_i2t = answer_loss(self._llm.lm_head, hidden, labels, max_answer)
         out.z_u = z_u
         out.text_u = masked_mean(hidden, batch["i2t_text_mask"])
-        out.answer_ids, out.answer_mask = answer_tokens(labels)
-        out.num_text_tokens += int(mask.sum()) - z_u.shape[0] * z_u.shape[1]
+        out.answer_ids, out.answer_mask = answer_tokens(labels, max_answer)
+        out.num_text_tokens += mask.sum() - z_u.shape[0] * z_u.shape[1]
         out.num_image_tokens += z_u.shape[0] * z_u.shape[1]
 
     def _generation(
@@ -332,7 +364,7 @@ class OpenUni(MLLMAdapter):
         out.target_mask = torch.ones(
             out.target_patches.shape[:2], dtype=torch.bool, device=x.device
         )
-        out.num_text_tokens += int(mask.sum())
+        out.num_text_tokens += mask.sum()
         out.num_image_tokens += len(ids) * self.config.num_queries
 
     # ----------------------------------------------------------------- inference
@@ -370,7 +402,7 @@ class OpenUni(MLLMAdapter):
         mask = pad_rows([torch.ones(len(r), dtype=torch.bool) for r in rows], False).to(
             self._device
         )
-        conditions, _ = self.condition(ids, mask)
+        conditions, _ = self.condition(ids, mask, padded=len({len(r) for r in rows}) > 1)
         if use_cfg:
             cond, uncond = conditions.chunk(2)
             conditions = torch.cat([uncond, cond])
@@ -535,9 +567,7 @@ class OpenUni(MLLMAdapter):
         llm = model.lmm.language_model
         if config.llm.tie_word_embeddings:
             llm.tie_weights()  # to_empty re-creates parameters, untying lm_head from embed_tokens
-        llm.model.rotary_emb = Qwen2RotaryEmbedding(
-            llm.config
-        )  # non-persistent buffers are not in checkpoints
+        model.lmm.reset_rotary_embedding()
         model.vae = vae.requires_grad_(False).eval()
         return model
 

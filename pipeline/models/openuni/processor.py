@@ -209,11 +209,16 @@ class OpenUniProcessor:
         )
         return {"task": "t2i", "input_ids": torch.tensor(ids[: self.config.max_prompt_len])}
 
-    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """A flat batch: ``i2t_*`` and ``t2i_*`` tensors (right-padded), each present when the task is."""
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A flat batch: ``i2t_*`` and ``t2i_*`` tensors (right-padded), present when their task is.
+
+        Two host-side values let the training step run without reading the I2T tensors back:
+        ``i2t_padded`` (whether the rows differ in length) and ``i2t_max_answer`` (the most answer
+        tokens of a row, at least 1).
+        """
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
-        batch: dict[str, torch.Tensor] = {}
+        batch: dict[str, Any] = {}
         for task in ("i2t", "t2i"):
             group = [s for s in samples if s["task"] == task]
             if not group:
@@ -227,4 +232,8 @@ class OpenUniProcessor:
             if task == "i2t":
                 batch["i2t_labels"] = pad_rows([s["labels"] for s in group], IGNORE)
                 batch["i2t_text_mask"] = pad_rows([s["text_mask"] for s in group], False)
+                batch["i2t_padded"] = len({len(i) for i in ids}) > 1
+                batch["i2t_max_answer"] = max(
+                    max(int((s["labels"] != IGNORE).sum()) for s in group), 1
+                )
         return batch

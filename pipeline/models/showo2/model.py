@@ -371,28 +371,26 @@ class Showo2(MLLMAdapter):
         tensor itself. T2I images enter noisy; ``z_g`` is a second ``V_enc`` pass over the clean
         latents, batched with the task pass.
         """
-        input_ids, offsets, is_gen = batch["input_ids"], batch["image_offset"], batch["is_gen"]
+        input_ids, offsets = batch["input_ids"], batch["image_offset"]
+        und, gen = batch["und_index"], batch["gen_index"]
         device = input_ids.device
-        is_und = ~is_gen
-        n_gen = int(is_gen.sum())
         x1 = self.encode_latents(
             batch["pixel_values"],
             sample=self.config.sample_vae_posterior and self.training,
             generator=generator,
         )
+        x1_gen = x1.index_select(0, gen)
         latents, t = x1, torch.ones(len(x1), device=device)
-        if n_gen:
-            x0 = torch.randn(x1[is_gen].shape, generator=generator, device=device).to(x1.dtype)
+        if len(gen):
+            x0 = torch.randn(x1_gen.shape, generator=generator, device=device).to(x1.dtype)
             shift = self.config.train_time_shift
             if shift is None:
                 shift = resolution_shift(self.config.num_image_tokens + 1)
-            t_gen = sample_timesteps(n_gen, shift, generator, device)
+            t_gen = sample_timesteps(len(gen), shift, generator, device)
             t_view = t_gen.view(-1, 1, 1, 1).to(x1.dtype)
-            latents = x1.clone()
-            latents[is_gen] = t_view * x1[is_gen] + (1 - t_view) * x0
-            t = t.clone()
-            t[is_gen] = t_gen
-        clean_gen = x1[is_gen] if infotok_inputs else x1[:0]
+            latents = x1.index_copy(0, gen, t_view * x1_gen + (1 - t_view) * x0)
+            t = t.index_copy(0, gen, t_gen)
+        clean_gen = x1_gen if infotok_inputs else x1[:0]
         tokens = self.encode_shared_tokens(torch.cat([latents, clean_gen]))
         task_tokens, clean_gen_tokens = tokens[: len(x1)], tokens[len(x1) :]
         hidden, t_emb, mask = self._run_llm(input_ids, offsets, task_tokens, t)
@@ -408,25 +406,36 @@ class Showo2(MLLMAdapter):
             answer_mask=None,
             target_patches=None,
             target_mask=None,
-            num_text_tokens=int(batch["lengths"].sum()) - slots * len(x1),
+            num_text_tokens=batch["lengths"].sum() - slots * len(x1),
             num_image_tokens=self.config.num_image_tokens * len(x1),
         )
-        if bool(is_und.any()):
-            labels = batch["labels"][is_und]
-            hidden_u = hidden[is_und]
-            out.loss_i2t = answer_loss(self.showo.lm_head, hidden_u, labels)
-            out.z_u = task_tokens[is_und]
-            out.text_u = masked_mean(hidden_u, batch["text_mask"][is_und])
-            out.answer_ids, out.answer_mask = answer_tokens(labels)
-        if n_gen:
+        if len(und):
+            labels = batch["labels"].index_select(0, und)
+            hidden_u = hidden.index_select(0, und)
+            # An I2T row's BOS and image block (<boi>, the slots, <eoi>) are no answer tokens.
+            max_answer = batch.get("max_answer", max(labels.shape[1] - slots - 3, 1))
+            out.loss_i2t = answer_loss(self.showo.lm_head, hidden_u, labels, max_answer)
+            out.z_u = task_tokens.index_select(0, und)
+            out.text_u = masked_mean(hidden_u, batch["text_mask"].index_select(0, und))
+            out.answer_ids, out.answer_mask = answer_tokens(labels, max_answer)
+        if len(gen):
+            # A gather per consumer of ``hidden``: one shared gather would reorder the sum of
+            # their gradients (same value up to float rounding).
             velocity = self._velocity(
-                hidden[is_gen], t_emb[is_gen], offsets[is_gen], mask[is_gen], latents[is_gen], t_gen
+                hidden.index_select(0, gen),
+                t_emb.index_select(0, gen),
+                offsets.index_select(0, gen),
+                mask.index_select(0, gen),
+                latents.index_select(0, gen),
+                t_gen,
             )
-            target = velocity_rows(x1[is_gen] - x0, self.config.patch_size, self.config.flow_layout)
+            target = velocity_rows(x1_gen - x0, self.config.patch_size, self.config.flow_layout)
             out.loss_t2i = F.mse_loss(velocity.float(), target.float())
             out.z_g = clean_gen_tokens if infotok_inputs else None
-            out.text_g = masked_mean(hidden[is_gen], batch["text_mask"][is_gen])
-            out.target_patches = patchify(x1[is_gen], self.config.patch_size, "pqc")
+            out.text_g = masked_mean(
+                hidden.index_select(0, gen), batch["text_mask"].index_select(0, gen)
+            )
+            out.target_patches = patchify(x1_gen, self.config.patch_size, "pqc")
             out.target_mask = torch.ones(
                 out.target_patches.shape[:2], dtype=torch.bool, device=device
             )

@@ -228,12 +228,20 @@ class Showo2Processor:
         }
 
     def pad_sequences(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad the token fields to the longest sequence; keeps the sample order."""
+        """Right-pad the token fields to the longest sequence; keeps the sample order.
+
+        ``und_index`` / ``gen_index`` list the rows of the I2T / T2I samples: the model reads
+        each task's count from their shapes, so a training step needs no host sync.
+        """
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
 
         def padded(key: str, value: int | bool) -> torch.Tensor:
             return pad_rows([s[key] for s in samples], value)
+
+        def rows_of(task: str) -> torch.Tensor:
+            rows = [i for i, s in enumerate(samples) if s["task"] == task]
+            return torch.tensor(rows, dtype=torch.long)
 
         return {
             "input_ids": padded("input_ids", self.ids.pad),
@@ -241,11 +249,20 @@ class Showo2Processor:
             "text_mask": padded("text_mask", False),
             "image_offset": torch.tensor([s["image_offset"] for s in samples]),
             "lengths": torch.tensor([len(s["input_ids"]) for s in samples]),
-            "is_gen": torch.tensor([s["task"] == "t2i" for s in samples]),
+            "und_index": rows_of("i2t"),
+            "gen_index": rows_of("t2i"),
         }
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """A training batch: padded token fields plus the stacked images."""
+        """A training batch: padded token fields plus the stacked images, and ``max_answer`` (an
+        int: the most answer tokens of an I2T row, at least 1), which bounds the answer loss's
+        rows without a host sync in the model."""
         batch: dict[str, Any] = self.pad_sequences(samples)
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+        answers = [
+            int(torch.as_tensor(s["labels"]).ne(IGNORE).sum())
+            for s in samples
+            if s["task"] == "i2t"
+        ]
+        batch["max_answer"] = max(answers, default=1) or 1
         return batch
