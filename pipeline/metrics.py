@@ -1,4 +1,4 @@
-"""Per-step metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object per step) and TensorBoard scalars."""
+"""Training metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object per record) and TensorBoard."""
 
 from __future__ import annotations
 

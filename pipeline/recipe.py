@@ -91,7 +91,7 @@ RECIPE_OWNED = 'set it in the recipe, or use "auto"'
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The JSON of ``cfg.deepspeed`` with everything the recipe owns filled in; disagreements fail."""
+    """The JSON of ``cfg.deepspeed`` with all the recipe owns filled in; disagreements fail."""
     path = Path(cfg.deepspeed)
     where = f"deepspeed: {path}"
     try:

@@ -1,6 +1,8 @@
-"""InfoTok fine-tuning with DeepSpeed ZeRO-2: L_total = w_i2t*L_i2t + w_t2i*L_t2i + lam*L_InfoTok (Eq. 11).
+"""InfoTok fine-tuning with DeepSpeed ZeRO-2 (Eq. 11):
+L_total = w_i2t*L_i2t + w_t2i*L_t2i + lam*L_InfoTok.
 
-    python -m pipeline.train --config configs/tiny_showo2.yaml data.i2t=[D] data.t2i=[D] [key=value ...]
+    python -m pipeline.train --config configs/tiny_showo2.yaml data.i2t=[D] data.t2i=[D] \\
+        [key=value ...]
 
 Launch with torchrun, the deepspeed launcher, srun, or as one plain process. Before building
 anything, every rank runs the checks of ``python -m pipeline.preflight`` (recipe, DeepSpeed JSON,
@@ -38,7 +40,7 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed after a stop signal; run again wi
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases, norms, embeddings' 1-D scales and learned vectors are not decayed."""
+    """Decay matrices only: biases, norms, 1-D scales and learned vectors are not decayed."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -272,10 +274,8 @@ def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
             if healthy and last_saved != done:
                 save(done)
             if rank == 0:
-                print(
-                    f"[train] stop signal: saved step {done} to {ckpt_root}; exiting {EXIT_STOPPED}",
-                    flush=True,
-                )
+                saved = f"saved step {done} to {ckpt_root}"
+                print(f"[train] stop signal: {saved}; exiting {EXIT_STOPPED}", flush=True)
             close()
             return EXIT_STOPPED
     close()
