@@ -86,10 +86,11 @@ from pipeline.models.common.tiny_tokenizer import make_tokenizer
 from pipeline.objective import InfoTokModel, wrap_adapter
 from pipeline.recipe import TrainConfig, load_train_config
 
-RECIPES = {
-    "showo2": ("configs/showo2_1.5b.yaml", "configs/tiny_showo2.yaml"),
-    "harmon": ("configs/harmon_0.5b.yaml", "configs/tiny_harmon.yaml"),
-    "openuni": ("configs/openuni_b_512.yaml", "configs/tiny_openuni.yaml"),
+CHECKED = ("configs/showo2_1.5b.yaml", "configs/harmon_0.5b.yaml", "configs/openuni_b_512.yaml")
+RECIPES = {  # model family -> (the released-size recipe, its tiny CPU counterpart)
+    family: (recipe, f"configs/tiny_{family}.yaml")
+    for recipe in CHECKED
+    for family in [load_train_config(ROOT / recipe).model.family]
 }
 MODES = ("off", "csa")
 BACKENDS = (
