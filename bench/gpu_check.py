@@ -23,6 +23,8 @@ and every image at the preset's size, so the GPU and the planner see the same ba
   before and after each; ``samples_per_s``: I2T + T2I samples of the micro-batch / ``step_s``.
 - ``flops``: FLOPs of one further, untimed step counted by ``torch.utils.flop_counter``
   (forward + backward, the frozen VAE's encode included, not the optimizer's element-wise work);
+  grouped-query attention (OpenUni's LLM) runs there with keys and values repeated per query
+  head, because the counter's formulas for the GPU's fused kernels reject grouped shapes;
   ``planned_flops``: the planner's count of the same step; ``flops_vs_planned``: their ratio.
 - ``tflops_per_s`` = ``flops / step_s``; ``mfu``: that against the GPU's dense bf16 peak
   (``plan.peak_bf16_tflops``; null for a GPU it does not know).
@@ -130,7 +132,8 @@ def free_memory() -> None:
 def recorded_sdpa() -> Iterator[dict[tuple, dict[str, Any]]]:
     """Records every ``F.scaled_dot_product_attention`` call while open: its signature (shapes,
     strides, dtypes, mask, keyword arguments) -> the layout of its first call (and its mask) and a
-    count."""
+    count. A grouped-query call runs with its keys and values repeated per query head (the same
+    products), which ``FlopCounterMode`` can count on the GPU."""
     calls: dict[tuple, dict[str, Any]] = {}
     original = F.scaled_dot_product_attention
 
@@ -144,6 +147,10 @@ def recorded_sdpa() -> Iterator[dict[tuple, dict[str, Any]]]:
             mask_ref = None if attn_mask is None else attn_mask.detach()
             calls[signature] = {"qkv": qkv, "attn_mask": mask_ref, "kwargs": kw, "count": 0}
         calls[signature]["count"] += 1
+        if kw.get("enable_gqa") and key.shape[-3] != query.shape[-3]:
+            groups = query.shape[-3] // key.shape[-3]
+            key, value = (t.repeat_interleave(groups, dim=-3) for t in (key, value))
+            kw = {**kw, "enable_gqa": False}
         return original(query, key, value, attn_mask=attn_mask, **kw)
 
     F.scaled_dot_product_attention = recorder

@@ -373,6 +373,35 @@ def part_flop_counter(model: InfoTokModel) -> Any:
 
 
 @contextmanager
+def attention_without_dropout() -> Iterator[None]:
+    """``scaled_dot_product_attention`` with ``dropout_p=0`` inside the block.
+
+    On the GPU, attention with dropout runs in a fused kernel that redraws its dropout mask in the
+    backward from a seed, so it keeps no more than attention without dropout. On the CPU that the
+    planner runs on, dropout sends it to the unfused path that keeps the attention matrix, its
+    mask and the dropped copy for the backward: Harmon's MAR blocks planned 29 GiB of activations
+    where an H200 used 8. The function itself is replaced (not intercepted by a torch-function
+    mode), so that activation checkpointing's recomputation in the backward sees it too.
+    """
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def without_dropout(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > 4:
+            args = (*args[:4], 0.0, *args[5:])
+        else:
+            kwargs["dropout_p"] = 0.0
+        return original(*args, **kwargs)
+
+    F.scaled_dot_product_attention = without_dropout
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@contextmanager
 def tracked_step(
     model: InfoTokModel, fake_mode: Any | None, memory: bool = True
 ) -> Iterator[dict[str, Any]]:
@@ -428,7 +457,8 @@ def profile_step(
     """One micro-step of ``model`` on ``batch``: forward (both tasks, InfoTok) and backward.
 
     With ``fake`` (``model`` may live on the meta device) nothing is computed or allocated, and
-    the model is left as it was; ``memory=False`` counts FLOPs only (faster).
+    the model is left as it was. Attention is measured as the GPU's fused kernels keep it
+    (:func:`attention_without_dropout`); ``memory=False`` counts FLOPs only (faster).
     """
     from contextlib import nullcontext
 
@@ -443,6 +473,7 @@ def profile_step(
         batch = tree_map_only(torch.Tensor, mode.from_tensor, batch)
     with (
         fake_parameters(model, mode) if mode is not None else nullcontext(),
+        attention_without_dropout(),
         torch.random.fork_rng(devices=[]),
         warnings.catch_warnings(),
         tracked_step(model, mode, memory) as result,

@@ -84,6 +84,35 @@ def test_the_longest_batch_reaches_the_maximum_sequence_length(tokenizer_dir):
     assert batch["pixel_values"].shape[-1] == model.adapter.config.image_size
 
 
+def test_attention_dropout_is_switched_off_only_inside_the_block():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 16, 8).unbind(0)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with plan.attention_without_dropout():
+        by_keyword = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.9)
+        by_position = torch.nn.functional.scaled_dot_product_attention(q, k, v, None, 0.9)
+    assert torch.equal(by_keyword, plain) and torch.equal(by_position, plain)
+    dropped = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.9)
+    assert not torch.equal(dropped, plain)
+
+
+def test_attention_dropout_is_planned_as_the_fused_gpu_kernels_keep_it(tokenizer_dir):
+    """A fused kernel redraws its dropout mask in the backward, so Harmon's MAR blocks with
+    dropout plan the activations they plan without it, also when checkpointing recomputes them."""
+    cfg = tiny_recipe("harmon", tokenizer_dir)
+    profiles = []
+    for options in ({}, {"mar": {"attn_dropout": 0.0}}, {"gradient_checkpointing": True}):
+        recipe = replace(cfg, model=replace(cfg.model, options={**cfg.model.options, **options}))
+        model = plan.build_on_meta(recipe)
+        batch = plan.longest_batch(model, cfg.data.micro_batch_i2t, cfg.data.micro_batch_t2i)
+        profiles.append(plan.profile_step(model, batch))
+    dropout, no_dropout, checkpointed = profiles
+    assert build_objective(cfg.model, cfg.infotok).adapter.config.mar.attn_dropout > 0
+    assert dropout.activation_bytes == no_dropout.activation_bytes
+    assert dropout.flops == no_dropout.flops
+    assert 0 < checkpointed.activation_bytes < dropout.activation_bytes
+
+
 def test_flops_per_sample_leaves_the_model_and_the_rng_untouched(tokenizer_dir):
     cfg = tiny_recipe("showo2", tokenizer_dir)
     torch.manual_seed(0)

@@ -40,6 +40,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, in_chunks
 from pipeline.models.common.decoding import decode_texts, greedy_decode
+from pipeline.models.common.device import filled
 from pipeline.models.common.latents import patchify
 from pipeline.models.common.model_dir import write_config_json
 from pipeline.models.common.processing import to_pil
@@ -72,11 +73,6 @@ from pipeline.models.openuni.processor import (
 )
 
 TOKENIZER_HINT = "tokenizer_path (the InternVL3 directory holds it)"
-
-
-def _filled(values: Sequence[float], device: torch.device) -> Tensor:
-    """``torch.tensor(values, device=device)`` (float32) without a blocking host-to-device copy."""
-    return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
 
 
 class OpenUni(MLLMAdapter):
@@ -203,8 +199,8 @@ class OpenUni(MLLMAdapter):
 
     def vit_input(self, pixels: Tensor) -> Tensor:
         """Generation pixels in [-1, 1] → ViT input (OpenUni ``get_semantic_features``: bilinear resize)."""
-        mean = _filled(IMAGENET_MEAN, pixels.device).view(1, 3, 1, 1)
-        std = _filled(IMAGENET_STD, pixels.device).view(1, 3, 1, 1)
+        mean = filled(IMAGENET_MEAN, pixels.device).view(1, 3, 1, 1)
+        std = filled(IMAGENET_STD, pixels.device).view(1, 3, 1, 1)
         x = ((pixels.float() + 1) / 2 - mean) / std
         size = self.config.vision.image_size
         return F.interpolate(x, size=(size, size), mode="bilinear")

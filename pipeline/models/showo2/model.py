@@ -36,6 +36,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, in_chunks
 from pipeline.models.common.decoding import decode_texts, greedy_decode
+from pipeline.models.common.device import filled
 from pipeline.models.common.latents import patchify
 from pipeline.models.common.model_dir import read_adapter_record, write_config_json
 from pipeline.models.common.presets import deep_merge
@@ -225,8 +226,8 @@ class Showo2(MLLMAdapter):
         std times unit noise (the noise is not divided by ``std``; the released models trained so).
         """
         posterior = self.vae.encode(pixels.to(self.vae.dtype)[:, :, None]).latent_dist
-        mean = torch.tensor(self.config.vae.latents_mean, device=pixels.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(self.config.vae.latents_std, device=pixels.device).view(1, -1, 1, 1, 1)
+        mean = filled(self.config.vae.latents_mean, pixels.device).view(1, -1, 1, 1, 1)
+        std = filled(self.config.vae.latents_std, pixels.device).view(1, -1, 1, 1, 1)
         latents = (posterior.mean.float() - mean) / std
         if sample:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device)
@@ -236,10 +237,8 @@ class Showo2(MLLMAdapter):
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Normalised latents [B, C, h, w] → pixels [B, 3, H, W] in [-1, 1]."""
-        mean = torch.tensor(self.config.vae.latents_mean, device=latents.device).view(
-            1, -1, 1, 1, 1
-        )
-        std = torch.tensor(self.config.vae.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        mean = filled(self.config.vae.latents_mean, latents.device).view(1, -1, 1, 1, 1)
+        std = filled(self.config.vae.latents_std, latents.device).view(1, -1, 1, 1, 1)
         raw = latents.float()[:, :, None] * std + mean
         return self.vae.decode(raw.to(self.vae.dtype)).sample[:, :, 0].float()
 
