@@ -13,6 +13,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,3 +100,14 @@ def device() -> torch.device:
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
+
+
+def to_device(obj: Any, dev: torch.device) -> Any:
+    """Tensors of a (nested dict/list) batch moved to ``dev`` without waiting for the copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, dev) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_device(v, dev) for v in obj]
+    return obj

@@ -22,16 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class LocalRun:
-    """``world`` processes of ``python -m pipeline.train --config RECIPE OVERRIDES``."""
+    """``world`` processes of ``python -m pipeline.train --config RECIPE OVERRIDES`` (or of
+    ``python -m MODULE OVERRIDES`` when ``recipe`` is None, e.g. ``pipeline.replay``)."""
 
     def __init__(
         self,
-        recipe: str,
+        recipe: str | None,
         overrides: list[str],
         log_dir: Path,
         world: int = 2,
         extra_env: dict[str, str] | None = None,
+        module: str = "pipeline.train",
     ):
+        args = overrides if recipe is None else ["--config", recipe, *overrides]
         port = str(free_port())
         log_dir.mkdir(parents=True, exist_ok=True)
         self.logs = [log_dir / f"rank{r}.log" for r in range(world)]
@@ -51,7 +54,7 @@ class LocalRun:
             with open(self.logs[rank], "ab") as log:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "pipeline.train", "--config", recipe, *overrides],
+                        [sys.executable, "-m", module, *args],
                         cwd=ROOT,
                         env=env,
                         stdout=log,

@@ -1,4 +1,5 @@
-"""Training metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object per record) and TensorBoard."""
+"""Training metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object per record), TensorBoard and,
+optionally, Weights & Biases."""
 
 from __future__ import annotations
 
@@ -8,7 +9,20 @@ from typing import Any
 
 import torch
 
+from pipeline.wandb_log import WandbConfig, WandbSink
+
 METRICS_FILE = "metrics.jsonl"
+LOSS_TERMS = (  # the total, the two task losses and the InfoTok terms of each branch
+    "loss",
+    "loss_i2t",
+    "loss_t2i",
+    "kl_u",
+    "kl_g",
+    "suff_u",
+    "suff_g",
+    "align_u",
+    "align_g",
+)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -24,10 +38,21 @@ class MetricsLog:
     """Written by one rank. On resume, records past the resumed step (logged after the checkpoint
     by a run that then died) are dropped, so every step appears exactly once."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, truncate_after: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        truncate_after: int,
+        wandb: WandbConfig | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        """``config``: the resolved recipe as a plain dict, stored as the W&B run's config."""
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,26 +64,33 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=truncate_after + 1)
+        if wandb is not None and wandb.project is not None:
+            self._wandb = WandbSink.open(wandb, run_dir, config)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        step = record["step"]
+        scalars = {
+            key: value
+            for key, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"
+        }
         if self._tb is not None:
-            for key, value in record.items():
-                if (
-                    isinstance(value, (int, float))
-                    and not isinstance(value, bool)
-                    and key != "step"
-                ):
-                    self._tb.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, scalars)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def gpu_memory(device: torch.device) -> dict[str, float]:

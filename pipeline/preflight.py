@@ -45,35 +45,46 @@ def _world_size() -> int:
 
 
 def check_data(cfg: TrainConfig, world: int) -> str:
-    """Every dataset of an enabled stream: manifest present, every listed shard present."""
-    from pipeline.data import STREAMS, parse_dataset_spec, read_manifest
+    """Every dataset of an enabled stream, and every held-out one when validation is on:
+    manifest present, every listed shard present, a sample for every rank."""
+    from pipeline.data import STREAMS
 
     parts = []
     for stream in STREAMS:
-        if cfg.data.micro_batch(stream) == 0:
-            continue
-        shards = samples = 0
-        for spec in getattr(cfg.data, stream):
-            try:
-                path, _ = parse_dataset_spec(spec)
-            except ValueError as e:
-                raise PreflightError(f"data.{stream}: {e}") from None
-            if not path.is_dir():
-                raise PreflightError(f"data.{stream}: dataset directory {path} does not exist")
-            try:
-                spans = read_manifest(path, stream)
-            except (OSError, ValueError, KeyError) as e:
-                raise PreflightError(f"data.{stream}: {e}") from None
-            total = sum(s.count for s in spans)
-            if total < world:
-                raise PreflightError(
-                    f"data.{stream}: {path} has {total} {stream} samples, fewer than the "
-                    f"{world} ranks of this job (each rank needs at least one per epoch)"
-                )
-            shards += len(spans)
-            samples += total
-        parts.append(f"{stream} {samples} samples in {shards} shards")
+        if cfg.data.micro_batch(stream) > 0:
+            parts.append(
+                _check_datasets(f"data.{stream}", getattr(cfg.data, stream), stream, world)
+            )
+        if cfg.eval.every and getattr(cfg.eval, stream):
+            held_out = _check_datasets(f"eval.{stream}", getattr(cfg.eval, stream), stream, world)
+            parts.append(f"held-out {held_out}")
     return ", ".join(parts)
+
+
+def _check_datasets(key: str, specs: list[str], stream: str, world: int) -> str:
+    from pipeline.data import parse_dataset_spec, read_manifest
+
+    shards = samples = 0
+    for spec in specs:
+        try:
+            path, _ = parse_dataset_spec(spec)
+        except ValueError as e:
+            raise PreflightError(f"{key}: {e}") from None
+        if not path.is_dir():
+            raise PreflightError(f"{key}: dataset directory {path} does not exist")
+        try:
+            spans = read_manifest(path, stream)
+        except (OSError, ValueError, KeyError) as e:
+            raise PreflightError(f"{key}: {e}") from None
+        total = sum(s.count for s in spans)
+        if total < world:
+            raise PreflightError(
+                f"{key}: {path} has {total} {stream} samples, fewer than the "
+                f"{world} ranks of this job (each rank needs at least one per epoch)"
+            )
+        shards += len(spans)
+        samples += total
+    return f"{stream} {samples} samples in {shards} shards"
 
 
 def _satisfied(requirement: Requirement, path: Path) -> bool:

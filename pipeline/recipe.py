@@ -12,6 +12,8 @@ from pipeline.config import ConfigError, load_config, param
 from pipeline.data import DataConfig
 from pipeline.infotok import InfoTokConfig
 from pipeline.models.base import ModelConfig
+from pipeline.param_groups import ParamGroupConfig
+from pipeline.wandb_log import WandbConfig
 
 
 @dataclass
@@ -23,6 +25,20 @@ class OptimConfig:
     warmup_steps: int = param(0, ge=0, help="linear warm-up steps")
     min_lr_ratio: float = param(0.0, ge=0, le=1, help="cosine decay floor, as a fraction of lr")
     grad_clip: float = param(1.0, ge=0, help="global gradient-norm clip (0: off)")
+    groups: list[ParamGroupConfig] = param(
+        default_factory=list,
+        help="parameter groups with their own learning rate (name, params: glob patterns, "
+        "lr_scale); trained parameters no group claims train at optim.lr",
+    )
+    heads_lr_scale: float = param(
+        1.0, gt=0, help="the InfoTok heads' learning rate (their own group) as a multiple of lr"
+    )
+    skip_grad_norm_above: float = param(
+        0.0,
+        ge=0,
+        help="skip the optimizer step (no update) when the global gradient norm, before "
+        "clipping, is above this (0: off); a non-finite norm is always skipped",
+    )
 
 
 @dataclass
@@ -52,6 +68,26 @@ class LogConfig:
         "agree on stop signals and time-based checkpoints then (the only host syncs of the loop)",
     )
     tensorboard: bool = param(True, help="also write TensorBoard scalars to RUN_DIR/tensorboard")
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    every: int = param(0, ge=0, help="validate every N optimizer steps and at the end (0: off)")
+    i2t: list[str] = param(
+        default_factory=list, help="held-out I2T data directories (python -m data_prep output)"
+    )
+    t2i: list[str] = param(default_factory=list, help="held-out T2I data directories")
+    batches: int = param(
+        4, ge=1, help="micro-batches per rank per validation (the training micro-batch sizes)"
+    )
+
+    def check(self, source: str, prefix: str) -> None:
+        if self.every and not (self.i2t or self.t2i):
+            raise ConfigError(
+                f"{source}: {prefix}every: validation every {self.every} steps needs held-out "
+                f"data: set {prefix}i2t and/or {prefix}t2i to data directories"
+            )
 
 
 @dataclass
@@ -73,7 +109,9 @@ class TrainConfig:
     loss_weight_i2t: float = param(1.0, ge=0, help="w_i2t of Eq. 11")
     loss_weight_t2i: float = param(1.0, ge=0, help="w_t2i of Eq. 11")
     max_nonfinite_steps: int = param(
-        5, ge=1, help="consecutive non-finite losses before the run stops"
+        5,
+        ge=1,
+        help="consecutive skipped steps (non-finite or too large gradient) before the run stops",
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -81,6 +119,14 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self, source: str, prefix: str) -> None:
+        if self.eval.every % self.log.every:
+            raise ConfigError(
+                f"{source}: eval.every: {self.eval.every} is not a multiple of log.every "
+                f"({self.log.every}); held-out losses are written into that step's metrics record"
+            )
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -15,40 +15,33 @@ from __future__ import annotations
 
 import argparse
 import math
-from functools import partial
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline import checkpoint, plan
 from pipeline.config import ConfigError, dump_yaml, to_dict
 from pipeline.data import TwoStreamLoader
-from pipeline.distributed import DistEnv, device, init_distributed, resolve_env
+from pipeline.distributed import DistEnv, device, init_distributed, resolve_env, to_device
+from pipeline.grad_guard import SKIPPED_STEPS_FILE, GradGuard, SkippedStepLog, injected_fault
 from pipeline.metrics import MetricsLog, gpu_memory, throughput
-from pipeline.objective import build_objective
+from pipeline.objective import InfoTokModel, build_objective
+from pipeline.param_groups import format_groups, optimizer_groups
 from pipeline.preflight import PreflightError, failure_line, run_checks
+from pipeline.progress import ConsoleProgress
 from pipeline.recipe import OptimConfig, TrainConfig, deepspeed_config, load_train_config
+from pipeline.validation import Validator
 
 EXIT_BAD_SETUP = 2  # a check failed: fix the recipe, a path or a file (argparse's usage code)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed after a stop signal; run again with resume=auto
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases, norms, 1-D scales and learned vectors are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -76,16 +69,6 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-
-
-def to_device(obj: Any, dev: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(dev, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: to_device(v, dev) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_device(v, dev) for v in obj]
-    return obj
 
 
 class LogInterval:
@@ -150,136 +133,235 @@ class LogInterval:
         return record, [a > 0 for a in agreed]
 
 
-def train(cfg: TrainConfig, layout: DistEnv | None = None) -> int:
-    """Run (or resume) the job; returns the process exit code."""
-    layout = init_distributed(layout)
-    dev = device()
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # the VAE's convolutions: fixed shapes every step
-    rank, world = layout.rank, layout.world_size
-    run_dir = Path(cfg.run_dir)
-    torch.manual_seed(cfg.seed)
-    model = build_objective(cfg.model, cfg.infotok, cfg.loss_weight_i2t, cfg.loss_weight_t2i)
-    flops_per_sample = plan.flops_per_sample(
-        model, cfg.data.micro_batch_i2t, cfg.data.micro_batch_t2i
-    )  # counted on fake tensors: the model's weights and the RNG streams are untouched
-    torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout and any global-RNG noise
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + rank)
-    loader = TwoStreamLoader(
-        cfg.data,
-        model.adapter.processor,
-        model.adapter.collate,
-        rank=rank,
-        world_size=world,
-        pin_memory=dev.type == "cuda",
-    )
+@dataclass
+class StepResult:
+    """One optimizer step of one rank: its loss terms (means over the micro-steps, on the
+    device), what it processed and whether the optimizer applied it."""
 
-    import deepspeed
+    terms: dict[str, Tensor]
+    tokens: Tensor | int
+    skipped_samples: int
+    applied: bool
+    samples: list[dict[str, Any]]  # per micro-step: {"keys": ..., "sources": ...} by stream
 
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=parameter_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, world),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(cfg.optim, cfg.steps)
-        ),
-    )
-    ckpt_root = run_dir / checkpoint.CHECKPOINT_DIR
-    start = 0
-    resume = checkpoint.resolve_resume(run_dir, cfg.resume)
-    if resume is not None:
-        client_state, rank_state = checkpoint.load(engine, *resume)
-        start = int(client_state["step"])
-        loader.load_state_dict(client_state["loader"])
-        checkpoint.set_rng_state(rank_state["rng"], generator)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    metrics = MetricsLog(
-        run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard, truncate_after=start
-    )
-    stop = StopFlag(cfg.checkpoint.stop_signals)
-    retention = checkpoint.Retention(ckpt_root, cfg.checkpoint.keep_last)
-    save_interval_s = cfg.checkpoint.every_minutes * 60
-    last_save_time = time.monotonic()
 
-    def save(step: int) -> None:
-        nonlocal last_saved, last_save_time
-        client = {"step": step, "loader": loader.state_dict(), "config": to_dict(cfg)}
-        tag = checkpoint.save(
-            engine, ckpt_root, step, client, {"rng": checkpoint.rng_state(generator)}, retention
+class Trainer:
+    """The model, the data, the DeepSpeed engine and the run's logs, resumed when the recipe
+    says so. :meth:`train_step` runs one optimizer step; :meth:`run` the whole job."""
+
+    def __init__(self, cfg: TrainConfig, layout: DistEnv | None = None, recipe: str = "") -> None:
+        layout = init_distributed(layout)
+        self.cfg, self.recipe = cfg, recipe
+        self.dev = dev = device()
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the VAE's convolutions: fixed shapes every step
+        self.rank, self.world = rank, world = layout.rank, layout.world_size
+        self.run_dir = Path(cfg.run_dir)
+        torch.manual_seed(cfg.seed)
+        model = build_objective(cfg.model, cfg.infotok, cfg.loss_weight_i2t, cfg.loss_weight_t2i)
+        self.flops_per_sample = plan.flops_per_sample(
+            model, cfg.data.micro_batch_i2t, cfg.data.micro_batch_t2i
+        )  # counted on fake tensors: the model's weights and the RNG streams are untouched
+        torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout and global-RNG noise
+        self.generator = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + rank)
+        self.loader = TwoStreamLoader(
+            cfg.data,
+            model.adapter.processor,
+            model.adapter.collate,
+            rank=rank,
+            world_size=world,
+            pin_memory=dev.type == "cuda",
         )
-        if rank == 0:
-            (ckpt_root / tag / "config.yaml").write_text(dump_yaml(cfg))
-        last_saved, last_save_time = step, time.monotonic()
+        self.validator = (
+            Validator(cfg, model, rank=rank, world_size=world) if cfg.eval.every else None
+        )
+        groups, self.groups = optimizer_groups(
+            model, cfg.optim.groups, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.heads_lr_scale
+        )
 
-    def close() -> None:
-        metrics.close()
-        retention.wait()  # old checkpoints are gone before the process ends
+        import deepspeed
 
-    batches = iter(loader)
-    bad_in_a_row = 0
-    samples_per_step = (
-        (cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i) * cfg.grad_accum * world
-    )
-    peak_tflops = (
-        plan.peak_bf16_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
-    )
-    last_saved = start
-    interval = LogInterval(dev)
-    for step in range(start, cfg.steps):
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            config=deepspeed_config(cfg, world),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_lambda(cfg.optim, cfg.steps)
+            ),
+        )
+        self.guard = GradGuard(self.engine.optimizer, cfg.optim.skip_grad_norm_above)
+        self.fault = injected_fault()
+        self.start = 0
+        resume = checkpoint.resolve_resume(self.run_dir, cfg.resume)
+        if resume is not None:
+            client_state, rank_state = checkpoint.load(self.engine, *resume)
+            self.start = int(client_state["step"])
+            self.loader.load_state_dict(client_state["loader"])
+            checkpoint.set_rng_state(rank_state["rng"], self.generator)
+        self.batches = iter(self.loader)
+        self.done = self.start  # optimizer steps done
+        self.samples_per_step = (
+            (cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i) * cfg.grad_accum * world
+        )
+
+    @property
+    def model(self) -> InfoTokModel:
+        return self.engine.module
+
+    def train_step(self) -> StepResult:
+        """The next optimizer step: ``grad_accum`` micro-steps, then the update (skipped by
+        DeepSpeed when the gradient guard finds the global norm non-finite or too large)."""
+        cfg, engine = self.cfg, self.engine
         tokens, skipped = 0, 0
         terms: dict[str, Tensor] = {}
+        samples = []
         skipped_before = engine.skipped_steps
-        for _ in range(cfg.grad_accum):
-            batch = next(batches)
+        self.done += 1
+        for micro in range(cfg.grad_accum):
+            batch = next(self.batches)
+            samples.append({"keys": batch["keys"], "sources": batch["sources"]})
             skipped += sum(batch["skipped"].values())
-            loss, micro_terms, n_tokens = engine(to_device(batch["inputs"], dev), generator)
+            loss, micro_terms, n_tokens = engine(
+                to_device(batch["inputs"], self.dev), self.generator
+            )
             tokens += n_tokens
+            if micro == 0 and self.fault and self.fault[0] == self.done:
+                loss = loss * self.fault[1]
             engine.backward(loss)
-            engine.step()  # DeepSpeed skips the update when a gradient is not finite
+            engine.step()  # the update comes at the last micro-step
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0) + v.detach() / cfg.grad_accum
         applied = engine.skipped_steps == skipped_before
-        interval.add_step(terms, tokens, skipped, applied, engine.get_global_grad_norm())
-        bad_in_a_row = 0 if applied else bad_in_a_row + 1
-        done = step + 1
-        failing = bad_in_a_row >= cfg.max_nonfinite_steps
-        stopping, clock_due = False, False
-        if done % cfg.log.every == 0 or done == cfg.steps or failing:
-            overdue = 0 < save_interval_s <= time.monotonic() - last_save_time
-            record, (stopping, clock_due) = interval.reduce(stop.requested, overdue)
-            record.update(
-                step=done,
-                lr=engine.get_lr()[0],
-                samples_per_s=samples_per_step / record["seconds"],
-                **throughput(
-                    flops_per_sample, samples_per_step / world, record["seconds"], peak_tflops
-                ),
-                **gpu_memory(dev),
+        return StepResult(terms, tokens, skipped, applied, samples)
+
+    def run(self) -> int:
+        """Train (or resume) to ``cfg.steps``; returns the process exit code."""
+        cfg, engine, rank, world = self.cfg, self.engine, self.rank, self.world
+        run_dir, start = self.run_dir, self.start
+        ckpt_root = run_dir / checkpoint.CHECKPOINT_DIR
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = "\n".join(f"#   {line}" for line in format_groups(self.groups))
+            (run_dir / "config.yaml").write_text(
+                dump_yaml(cfg) + f"# optimizer groups as resolved at start:\n{resolved}\n"
             )
-            metrics.write(record)
-            interval = LogInterval(dev)
-        if failing:
-            close()
-            raise RuntimeError(
-                f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient "
-                f"(last: step {done}); stopping without saving. Lower optim.lr or check the data."
-            )
-        healthy = bad_in_a_row == 0  # never checkpoint weights a non-finite step may have touched
-        stopping = stopping and done < cfg.steps
-        if healthy and (done % cfg.checkpoint.every == 0 or done == cfg.steps or clock_due):
-            save(done)
-        if stopping:
-            if healthy and last_saved != done:
-                save(done)
+        metrics = MetricsLog(
+            run_dir,
+            enabled=rank == 0,
+            tensorboard=cfg.log.tensorboard,
+            truncate_after=start,
+            wandb=cfg.log.wandb,
+            config=to_dict(cfg),
+        )
+        skip_log = SkippedStepLog(run_dir, enabled=rank == 0, truncate_after=start)
+        progress = ConsoleProgress(enabled=rank == 0, total_steps=cfg.steps, start_step=start)
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        progress.banner(
+            recipe=f"{self.recipe or 'recipe'} -> {cfg.run_dir}",
+            family=cfg.model.family,
+            world_size=world,
+            trainable=trained,
+            frozen=sum(p.numel() for p in self.model.parameters()) - trained,
+            samples_per_step=self.samples_per_step,
+            groups=format_groups(self.groups),
+        )
+        stop = StopFlag(cfg.checkpoint.stop_signals)
+        retention = checkpoint.Retention(ckpt_root, cfg.checkpoint.keep_last)
+        save_interval_s = cfg.checkpoint.every_minutes * 60
+        last_save_time = time.monotonic()
+        last_saved = start
+
+        def save(step: int) -> None:
+            nonlocal last_saved, last_save_time
+            client = {"step": step, "loader": self.loader.state_dict(), "config": to_dict(cfg)}
+            rng = {"rng": checkpoint.rng_state(self.generator)}
+            tag = checkpoint.save(engine, ckpt_root, step, client, rng, retention)
             if rank == 0:
-                saved = f"saved step {done} to {ckpt_root}"
-                print(f"[train] stop signal: {saved}; exiting {EXIT_STOPPED}", flush=True)
-            close()
-            return EXIT_STOPPED
-    close()
-    return 0
+                (ckpt_root / tag / "config.yaml").write_text(dump_yaml(cfg))
+            last_saved, last_save_time = step, time.monotonic()
+
+        def close(outcome: str, step: int) -> None:
+            metrics.close()
+            retention.wait()  # old checkpoints are gone before the process ends
+            progress.finish(step, outcome)
+
+        bad_in_a_row = 0
+        peak_tflops = (
+            plan.peak_bf16_tflops(torch.cuda.get_device_name(self.dev))
+            if self.dev.type == "cuda"
+            else None
+        )
+        interval = LogInterval(self.dev)
+        for step in range(start, cfg.steps):
+            result = self.train_step()
+            done = step + 1
+            grad_norm = self.guard.norm if result.applied else None
+            interval.add_step(
+                result.terms, result.tokens, result.skipped_samples, result.applied, grad_norm
+            )
+            if not result.applied:
+                self._log_skip(done, result, skip_log, progress)
+            bad_in_a_row = 0 if result.applied else bad_in_a_row + 1
+            failing = bad_in_a_row >= cfg.max_nonfinite_steps
+            stopping, clock_due = False, False
+            if done % cfg.log.every == 0 or done == cfg.steps or failing:
+                overdue = 0 < save_interval_s <= time.monotonic() - last_save_time
+                record, (stopping, clock_due) = interval.reduce(stop.requested, overdue)
+                record.update(
+                    step=done,
+                    lr=engine.get_lr()[0],
+                    samples_per_s=self.samples_per_step / record["seconds"],
+                    **throughput(
+                        self.flops_per_sample,
+                        self.samples_per_step / world,
+                        record["seconds"],
+                        peak_tflops,
+                    ),
+                    **gpu_memory(self.dev),
+                )
+                if self.validator and (done % cfg.eval.every == 0 or done == cfg.steps):
+                    record.update(self.validator.run(self.model, self.dev))
+                metrics.write(record)
+                progress.step(record)
+                interval = LogInterval(self.dev)
+            if failing:
+                close("stopped: too many skipped steps", done)
+                raise RuntimeError(
+                    f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient, or a "
+                    f"gradient norm above optim.skip_grad_norm_above (last: step {done}); "
+                    f"stopping without saving. Lower optim.lr or check the data "
+                    f"({SKIPPED_STEPS_FILE} lists the samples)."
+                )
+            healthy = bad_in_a_row == 0  # never checkpoint weights a bad step may have touched
+            stopping = stopping and done < cfg.steps
+            if healthy and (done % cfg.checkpoint.every == 0 or done == cfg.steps or clock_due):
+                save(done)
+            if stopping:
+                if healthy and last_saved != done:
+                    save(done)
+                if rank == 0:
+                    saved = f"saved step {done} to {ckpt_root}"
+                    print(f"[train] stop signal: {saved}; exiting {EXIT_STOPPED}", flush=True)
+                close(f"stopped by signal (exit {EXIT_STOPPED}, resume=auto continues)", done)
+                return EXIT_STOPPED
+        close("finished", cfg.steps)
+        return 0
+
+    def _log_skip(
+        self, step: int, result: StepResult, log: SkippedStepLog, progress: ConsoleProgress
+    ) -> None:
+        """A skipped step's record with every rank's sample keys (one gather; rare)."""
+        norm = float(self.guard.norm) if self.guard.norm is not None else math.nan
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, result.samples)
+        reason = self.guard.reason(norm)
+        log.write({"step": step, "reason": reason, "grad_norm": norm, "ranks": everyone})
+        progress.skipped(step, reason)
+
+
+def train(cfg: TrainConfig, layout: DistEnv | None = None, recipe: str = "") -> int:
+    """Run (or resume) the job; returns the process exit code."""
+    return Trainer(cfg, layout, recipe).run()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,11 +377,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_train_config(args.config, args.overrides)
         run_checks(cfg, layout.world_size)
+        code = train(cfg, layout, args.config or "")
     except (ConfigError, PreflightError) as e:
-        if layout.rank == 0:  # every rank fails the same check; one line in the job log
+        # every rank fails the same check (an optim.groups pattern only against the built
+        # model); one line in the job log
+        if layout.rank == 0:
             print(failure_line(str(e)), file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_SETUP)
-    code = train(cfg, layout)
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)

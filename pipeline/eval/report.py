@@ -12,22 +12,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
-LOSS_PLOT_KEYS = (
-    "loss",
-    "loss_i2t",
-    "loss_t2i",
-    "kl_u",
-    "kl_g",
-    "suff_u",
-    "suff_g",
-    "align_u",
-    "align_g",
-)
+from pipeline.metrics import LOSS_TERMS  # noqa: E402
 
 
 def plot_training_curves(records: list[dict[str, Any]], path: Path) -> bool:
     """One panel per logged loss term over optimizer steps; False when nothing was logged."""
-    keys = [k for k in LOSS_PLOT_KEYS if any(_finite(r.get(k)) for r in records)]
+    keys = [k for k in LOSS_TERMS if any(_finite(r.get(k)) for r in records)]
     if not keys:
         return False
     cols = min(3, len(keys))
