@@ -235,6 +235,14 @@ def test_validation_is_logged_and_leaves_training_and_resume_bit_identical(works
     resumed = Run(RECIPE, overrides(workspace, run_dir, **held_out), tmp_path / "l2")
     assert resumed.wait() == [0, 0], resumed.output()
     assert loss_table(run_dir) == loss_table(plain)  # training numbers untouched
+    whole = tmp_path / "whole"
+    assert Run(RECIPE, overrides(workspace, whole, **held_out), tmp_path / "l3").wait() == [0, 0]
+    held_out_terms = [
+        {k: v for k, v in r.items() if k.startswith("val/")} for r in read_metrics(whole)
+    ]
+    assert held_out_terms == [
+        {k: v for k, v in r.items() if k.startswith("val/")} for r in read_metrics(run_dir)
+    ]  # and the held-out numbers of the resumed run are those of an uninterrupted one
     records = read_metrics(run_dir)
     validated = [r["step"] for r in records if "val/loss" in r]
     assert validated == [2, 4, 6]
