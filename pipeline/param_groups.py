@@ -61,16 +61,6 @@ class ResolvedGroup:
     tensors: int
     numel: int
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "patterns": list(self.patterns),
-            "lr_scale": self.lr_scale,
-            "lr": self.lr,
-            "tensors": self.tensors,
-            "params": self.numel,
-        }
-
 
 def resolve_groups(
     model: nn.Module, groups: list[ParamGroupConfig], lr: float, heads_lr_scale: float = 1.0
