@@ -10,18 +10,6 @@ from typing import Any, TextIO
 
 from pipeline.metrics import LOSS_TERMS
 
-TERMS = (
-    "loss_i2t",
-    "loss_t2i",
-    "infotok",
-    "kl_u",
-    "kl_g",
-    "suff_u",
-    "suff_g",
-    "align_u",
-    "align_g",
-)
-
 
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
