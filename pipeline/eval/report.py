@@ -90,11 +90,13 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
     if m["model"].get("step") is not None:
         lines.append(
             f"Step {m['model']['step']}, family `{m['model']['family']}`, InfoTok mode "
-            f"`{m['model']['infotok_mode']}`; held-out data: {', '.join(f'`{d}`' for d in m['data'])}."
+            f"`{m['model']['infotok_mode']}`; held-out data: "
+            f"{', '.join(f'`{d}`' for d in m['data'])}."
         )
     else:
         lines.append(
-            f"Family `{m['model']['family']}`; held-out data: {', '.join(f'`{d}`' for d in m['data'])}."
+            f"Family `{m['model']['family']}`; held-out data: "
+            f"{', '.join(f'`{d}`' for d in m['data'])}."
         )
     h = m["heldout"]
     lines += [
@@ -126,7 +128,8 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
         ]
         for name, e in c.items():
             lines.append(
-                f"| {name} | {e['value']:.4f} | [{e['ci_low']:.4f}, {e['ci_high']:.4f}] | {e['n']} |"
+                f"| {name} | {e['value']:.4f} | [{e['ci_low']:.4f}, {e['ci_high']:.4f}] "
+                f"| {e['n']} |"
             )
     r = m.get("reconstruction")
     if r:
@@ -134,7 +137,8 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
         fid = "n/a (no --inception)" if r["fid"] is None else f"{r['fid']:.2f}"
         lines += [
             "",
-            f"## Reconstruction probe (frozen V_enc, {cfg['steps']}-step decoder on {cfg['train_images']} "
+            f"## Reconstruction probe (frozen V_enc, {cfg['steps']}-step decoder on "
+            f"{cfg['train_images']} "
             f"images, scored on {cfg['test_images']} held-out; {r['resolution']} px, "
             f"{r['token_grid']}×{r['token_grid']} token grid)",
             "",
@@ -150,7 +154,8 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
             "",
             "## Understanding accuracy by question type",
             "",
-            "The baseline answers every question with the most common answer of its type on these items; "
+            "The baseline answers every question with the most common answer of its type on these "
+            "items; "
             "± is one standard error over the items.",
             "",
             *_accuracy_table(
@@ -162,8 +167,8 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
         if benchmark.get("understanding_by_scene"):
             lines += [
                 "",
-                "Questions about a lone object against those about scenes of several objects, where each "
-                "shape must be bound to its own colour and place:",
+                "Questions about a lone object against those about scenes of several objects, "
+                "where each shape must be bound to its own colour and place:",
                 "",
                 "| scene | accuracy ± SE | n |",
                 "|---|---:|---:|",
@@ -177,7 +182,8 @@ def markdown(metrics: dict[str, Any], plots: list[str]) -> str:
             "",
             "## Generation accuracy by GenEval category (shape detector)",
             "",
-            "The baseline scores each prompt against the ground-truth images of the other held-out prompts: "
+            "The baseline scores each prompt against the ground-truth images of the other held-out "
+            "prompts: "
             "flawless shapes that ignore the prompt; ± is one standard error over the items.",
             "",
             *_accuracy_table(

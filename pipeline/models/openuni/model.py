@@ -163,7 +163,8 @@ class OpenUni(MLLMAdapter):
         }
 
     def _init_openuni_weights(self) -> None:
-        """OpenUni's own modules: queries N(0, 1/width), connector as ``ConnectorEncoder.init_weights``."""
+        """OpenUni's own modules: queries N(0, 1/width), connector as
+        ``ConnectorEncoder.init_weights``."""
         with torch.no_grad():
             nn.init.normal_(self.meta_queries, std=1 / math.sqrt(self.config.llm.hidden_size))
             for layer in self.connector.layers:
@@ -198,7 +199,8 @@ class OpenUni(MLLMAdapter):
         return self.lmm.extract_feature(vit_pixels.to(self._dtype))
 
     def vit_input(self, pixels: Tensor) -> Tensor:
-        """Generation pixels in [-1, 1] → ViT input (OpenUni ``get_semantic_features``: bilinear resize)."""
+        """Generation pixels in [-1, 1] → ViT input (OpenUni ``get_semantic_features``: bilinear
+        resize)."""
         mean = filled(IMAGENET_MEAN, pixels.device).view(1, 3, 1, 1)
         std = filled(IMAGENET_STD, pixels.device).view(1, 3, 1, 1)
         x = ((pixels.float() + 1) / 2 - mean) / std
@@ -230,7 +232,8 @@ class OpenUni(MLLMAdapter):
         return {"vae": {"scaling_factor": 1 / max(float(latents.std()), 1e-3)}}
 
     def _image_embeds(self, input_ids: Tensor, tokens: Tensor) -> Tensor:
-        """Token embeddings with the ``<IMG_CONTEXT>`` slots replaced by ``tokens`` [B, N, D] in order."""
+        """Token embeddings with the ``<IMG_CONTEXT>`` slots replaced by ``tokens`` [B, N, D] in
+        order."""
         embeds = self._llm.get_input_embeddings()(input_ids)
         slots = (input_ids == self._processor().ids.img_context)[..., None]
         return embeds.masked_scatter(slots, tokens.to(embeds.dtype))
@@ -263,7 +266,8 @@ class OpenUni(MLLMAdapter):
     def condition(
         self, input_ids: Tensor, attention_mask: Tensor, *, padded: bool = True
     ) -> tuple[Tensor, Tensor]:
-        """DiT conditions [B, Q, caption] from prompt + meta queries, and the prompt's hidden states.
+        """DiT conditions [B, Q, caption] from prompt + meta queries, and the prompt's hidden
+        states.
 
         As ``prepare_forward_input``: queries follow the right-padded prompt, positions count
         only valid tokens, the LLM is causal. ``padded=False`` promises that no prompt is padded.
@@ -381,10 +385,12 @@ class OpenUni(MLLMAdapter):
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Image.Image]:
-        """SANA's flow DPM-Solver with classifier-free guidance (OpenUni ``generate`` / ``SanaPipeline``).
+        """SANA's flow DPM-Solver with classifier-free guidance (OpenUni ``generate`` /
+        ``SanaPipeline``).
 
         The unconditional input is the CFG prompt; guidance applies when the scale exceeds 1, as in
-        ``SanaPipeline``: ``v = v_uncond + s·(v_cond − v_uncond)``. ``generator`` draws the start noise.
+        ``SanaPipeline``: ``v = v_uncond + s·(v_cond − v_uncond)``. ``generator`` draws the start
+        noise.
         """
         processor = self._processor()
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale

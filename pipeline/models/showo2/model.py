@@ -191,7 +191,8 @@ class Showo2(MLLMAdapter):
         )
 
     def _init_show_o2_weights(self) -> None:
-        """The official ``reset_parameters``: xavier linears, N(0, 0.02) time MLP, zero adaLN and output."""
+        """The official ``reset_parameters``: xavier linears, N(0, 0.02) time MLP, zero adaLN and
+        output."""
         for module in (self.image_embedder_und, self.image_embedder_gen):
             nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
             nn.init.zeros_(module.proj.bias)
@@ -300,7 +301,8 @@ class Showo2(MLLMAdapter):
     def _llm_inputs(
         self, input_ids: Tensor, offsets: Tensor, time_tokens: Tensor, image_tokens: Tensor
     ) -> Tensor:
-        """Token embeddings with each image slot filled: the time token, then the N visual tokens."""
+        """Token embeddings with each image slot filled: the time token, then the N visual
+        tokens."""
         embeds = self.showo.model.embed_tokens(input_ids)
         n = image_tokens.shape[1]
         rows = torch.arange(len(input_ids), device=input_ids.device)[:, None]
@@ -320,7 +322,8 @@ class Showo2(MLLMAdapter):
     def _velocity(
         self, hidden: Tensor, t_emb: Tensor, offsets: Tensor, mask: Tensor, noisy: Tensor, t: Tensor
     ) -> Tensor:
-        """Flow head on the LLM's last hidden states → velocity rows [B, N, p·p·C] of the image tokens.
+        """Flow head on the LLM's last hidden states → velocity rows [B, N, p·p·C] of the image
+        tokens.
 
         ``noisy`` [B, C, h, w] are the latents x_t the visual tokens were encoded from.
         """
@@ -342,7 +345,8 @@ class Showo2(MLLMAdapter):
     def _run_llm(
         self, input_ids: Tensor, offsets: Tensor, image_tokens: Tensor, t: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """LLM last hidden states, flow conditioning and mask for visual tokens at timesteps ``t``."""
+        """LLM last hidden states, flow conditioning and mask for visual tokens at timesteps
+        ``t``."""
         t_emb, time_tokens = self._time_embeddings(t)
         embeds = self._llm_inputs(input_ids, offsets, time_tokens, image_tokens)
         mask = omni_attention_mask(
@@ -628,7 +632,8 @@ class Showo2(MLLMAdapter):
         with torch.device("meta"):
             model = cls(config, tokenizer)
         model.to_empty(device="cpu")
-        model.showo.tie_weights()  # to_empty re-creates parameters, untying lm_head from embed_tokens
+        # to_empty re-creates parameters, untying lm_head from embed_tokens
+        model.showo.tie_weights()
         # Non-persistent buffers are not in checkpoints: rebuild the RoPE tables.
         model.showo.model.rotary_emb = Qwen2RotaryEmbedding(model.showo.config)
         model.flow_rotary = LlamaRotaryEmbedding(flow_llama_config(config.flow_head))
@@ -664,7 +669,8 @@ def load_vae(source: str | Path, config: Showo2Config) -> AutoencoderKLWan:
         return vae.requires_grad_(False).eval()
     if not source.is_file():
         raise FileNotFoundError(
-            f"no VAE at {source}: pass vae_path (Wan2.1_VAE.pth or a diffusers AutoencoderKLWan directory)"
+            f"no VAE at {source}: pass vae_path (Wan2.1_VAE.pth or a diffusers AutoencoderKLWan "
+            "directory)"
         )
     state = read_weight_file(source)
     if any(key.startswith(("encoder.middle.", "encoder.conv1.")) for key in state):
