@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
     code = EXIT_DIFFERENT if report is not None and report["differences"] else 0
     if dist.is_initialized():
+        dist.barrier()  # the ranks leave together: one tearing gloo down early can abort another
         dist.destroy_process_group()
     sys.exit(code)
 
