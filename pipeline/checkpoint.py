@@ -1,32 +1,41 @@
-"""Checkpoints: DeepSpeed state + client state, per-rank RNG files, an atomic ``latest`` marker.
+"""Checkpoints: DeepSpeed state + the trainer's state, an atomic ``latest`` marker, and
+DeepSpeed's universal format for a resume on another number of ranks.
 
 Layout under ``RUN_DIR/checkpoints/``::
 
     step_00000020/          DeepSpeed's files (model states, ZeRO-2 optimizer partitions)
-                            + rank_00000.pt, rank_00001.pt ... (each rank's RNG states)
+                            + trainer_state.json (step, ranks, accumulation, loader state)
+                            + config.yaml (the resolved recipe)
     latest                  the tag of the newest COMPLETE checkpoint, written last
+    universal/step_00000020/  a checkpoint (of this run, or the one ``resume`` names) converted
+                            by DeepSpeed's ds_to_universal when the run resumes on another number
+                            of ranks; removed by retention once this run has a newer checkpoint
 
 A save writes everything, waits for every rank, and only then replaces ``latest`` (write to a
 temporary file, fsync, rename); so a crash at any point of a save leaves ``latest`` naming the
 previous complete checkpoint. Retention then removes the oldest tags beyond ``keep_last`` in a
-background thread of rank 0, off the ranks' critical path (:class:`Retention`).
+background thread of rank 0, off the ranks' critical path (:class:`Retention`). No random state
+is saved: every random draw of a step is seeded from (seed, step, micro-batch).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import random
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+UNIVERSAL_DIR = "universal"
+SOURCE_FILE = "converted_from"  # in a universal copy: the checkpoint it was made from
 TAG_PREFIX = "step_"
 FAULT_ENV = "INFOTOK_FAULT"  # fault injection for tests: "crash_in_save:STEP"
 NOT_A_CHECKPOINT = "not a run directory, checkpoints directory or step_* checkpoint"
@@ -107,27 +116,6 @@ def locate(path: Path, step: int | None = None) -> tuple[Path, str]:
     return root, tag
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class Retention:
     """Keeps the newest ``keep_last`` complete checkpoints of ``root``: after each save, rank 0
     deletes the older ones in a background thread while training goes on."""
@@ -150,23 +138,16 @@ class Retention:
             self._thread = None
 
 
-def save(
-    engine,
-    root: Path,
-    step: int,
-    client_state: dict[str, Any],
-    rank_state: dict[str, Any],
-    retention: Retention,
-) -> str:
-    """Save a complete checkpoint for ``step`` on every rank; returns its tag."""
+def save(engine, root: Path, step: int, files: dict[str, str], retention: Retention) -> str:
+    """Save a complete checkpoint for ``step`` on every rank, with ``files`` (name -> text,
+    written by rank 0) beside DeepSpeed's; returns its tag."""
     tag = tag_for(step)
     rank = dist.get_rank()
     root.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    rank_file = root / tag / f"rank_{rank:05d}.pt"
-    tmp = rank_file.with_name(rank_file.name + ".tmp")
-    torch.save(rank_state, tmp)
-    os.replace(tmp, rank_file)
+    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+    if rank == 0:
+        for name, text in files.items():
+            _atomic_write(root / tag / name, text.encode())
     _maybe_inject_fault(step)
     dist.barrier()
     if rank == 0:
@@ -177,19 +158,71 @@ def save(
     return tag
 
 
-def load(engine, root: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load DeepSpeed state into ``engine``; returns (client state, this rank's state)."""
-    rank_file = root / tag / f"rank_{dist.get_rank():05d}.pt"
-    if not rank_file.is_file():
+def read_trainer_state(root: Path, tag: str) -> dict[str, Any]:
+    """The trainer's state saved with checkpoint ``tag`` (one clear error when it is missing)."""
+    path = root / tag / TRAINER_STATE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"{rank_file} is missing: was the checkpoint written with a different world size?"
-        )
-    _, client_state = engine.load_checkpoint(
+            f"{path} is missing: {root / tag} is not a complete checkpoint of this trainer"
+        ) from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load(engine, root: Path, tag: str) -> None:
+    """Load DeepSpeed's state of ``root/tag`` into ``engine`` (native, or universal when the
+    engine was built with ``load_universal``)."""
+    loaded, _ = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
-    if client_state is None:
+    if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
-    return client_state, torch.load(rank_file, weights_only=False)
+
+
+class ConversionError(Exception):
+    """The universal conversion of a checkpoint failed; the checkpoint itself is untouched."""
+
+
+def universal_copy(root: Path, tag: str, into: Path, workers: int = 4) -> Path:
+    """``into/tag``: checkpoint ``root/tag`` in DeepSpeed's universal format (loadable on any
+    number of ranks), converted now unless an earlier conversion of the same checkpoint finished.
+    The conversion only reads the checkpoint and writes to a temporary directory renamed when
+    complete, so a failure half-way leaves nothing behind but its message."""
+    source = str((root / tag).resolve())
+    target = into / tag
+    if target.is_dir() and (target / SOURCE_FILE).read_text() == source:
+        return target
+    partial = into / f"{tag}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    into.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        source,
+        "--output_folder",
+        str(partial),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        str(workers),
+        "--num_merge_workers",
+        str(max(1, workers // 2)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not (partial / "zero").is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise ConversionError(
+            f"converting {root / tag} to DeepSpeed's universal format failed (exit "
+            f"{done.returncode}: {last}); the checkpoint is unchanged"
+        )
+    (partial / SOURCE_FILE).write_text(source)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return target
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -200,6 +233,11 @@ def prune(root: Path, keep_last: int) -> None:
     for tag in complete[:-keep_last] if keep_last > 0 else []:
         if tag != current:
             shutil.rmtree(root / tag, ignore_errors=True)
+    universal = root / UNIVERSAL_DIR
+    if universal.is_dir() and current is not None:
+        for copy in universal.iterdir():
+            if copy.is_dir() and step_of(copy.name.removesuffix(".partial")) < step_of(current):
+                shutil.rmtree(copy, ignore_errors=True)
 
 
 def _maybe_inject_fault(step: int) -> None:

@@ -1,22 +1,27 @@
-"""Streaming loader for data_prep shards: two task streams, deterministic, exactly resumable.
+"""Streaming loader for data_prep shards: two task streams, deterministic, exactly resumable,
+on any number of ranks.
 
-Every step yields, on each rank, one batch of ``micro_batch_i2t`` I2T and ``micro_batch_t2i`` T2I
-samples, decoded and preprocessed in worker processes by the adapter's processor and collated by
-its collate function (the loader knows no model family).
+Every micro-step yields, on each rank, one batch of ``micro_batch_i2t`` I2T and ``micro_batch_t2i``
+T2I samples, decoded and preprocessed in worker processes by the adapter's processor and collated
+by its collate function (the loader knows no model family).
 
-The order is a pure function of the step, computed from the manifests' sample counts alone:
+The order is defined on global sample slots and computed from the manifests' sample counts alone:
 
-* Stream mixing: for step t the dataset of each slot is drawn by weight from an RNG seeded with
-  (seed, stream, t), identical on every rank, so per-dataset read positions advance in lockstep.
-* Dataset d is, on rank r, an endless sequence of positions. Position p lies in epoch
-  e = p // R_d with R_d = total_d // world (the remainder, fewer than ``world`` samples per epoch,
-  is dropped, a different set each epoch). Epoch e shuffles the shard order, concatenates the
-  shards' samples of the task, gives rank r the contiguous slice [r*R_d, (r+1)*R_d), and permutes
-  that slice within blocks of ``shuffle_block`` samples (the shuffle buffer). Every rank therefore
-  reads the same number of samples per epoch however uneven the shards, even with fewer shards
-  than ranks x workers, and samples never repeat within an epoch.
-* Steps are dealt round-robin to the workers (step t to worker t mod W), which is the order the
-  DataLoader returns them in; so the result does not depend on the number of workers either.
+* An optimizer step consumes the next ``global_batch`` slots of each stream: its ``world x
+  grad_accum`` micro-batches of ``micro_batch`` slots each. Micro-step k of rank r takes
+  micro-batch q = k * world + r, i.e. the slots [q * micro_batch, (q + 1) * micro_batch). The
+  micro-batches themselves, and so every sample's place in the step, do not depend on how the
+  global batch is split between ranks and accumulation.
+* Stream mixing: the dataset of each slot of step t is drawn by weight from an RNG seeded with
+  (seed, stream, t), identical on every rank; per-dataset read positions are global.
+* Dataset d is one endless sequence of positions. Position p lies in epoch e = p // total_d.
+  Epoch e shuffles the shard order, concatenates the shards' samples of the task and permutes them
+  within blocks of ``shuffle_block`` samples (the shuffle buffer). Each epoch therefore gives
+  every sample exactly once, whatever the number of ranks, however uneven the shards.
+* The loader's state is rank-free (the step and the samples consumed per dataset), so a run
+  resumes on another number of ranks with exactly the samples an uninterrupted run would take.
+* Micro-batches are dealt round-robin to the workers, which is the order the DataLoader returns
+  them in; so the result does not depend on the number of workers either.
 
 Each sample is read with one seek through the shard's index (``data_prep.shard_index``); resuming
 at step t reads nothing that came before. A sample that cannot be used (bad image bytes, bad
@@ -57,10 +62,18 @@ class DataConfig:
         default_factory=list, help="T2I datasets: data_prep output dirs, each 'DIR[:weight]'"
     )
     micro_batch_i2t: int = param(
-        4, ge=0, help="I2T samples per rank per step (0 disables the stream)"
+        4, ge=0, help="I2T samples per rank per micro-step (0 disables the stream)"
     )
     micro_batch_t2i: int = param(
-        4, ge=0, help="T2I samples per rank per step (0 disables the stream)"
+        4, ge=0, help="T2I samples per rank per micro-step (0 disables the stream)"
+    )
+    global_batch: int | None = param(
+        None,
+        ge=1,
+        help="samples per optimizer step over all ranks and both streams; the gradient "
+        "accumulation becomes global_batch / ((micro_batch_i2t + micro_batch_t2i) x ranks), so "
+        "the run keeps its batch on any number of GPUs (unset: the micro-batch x grad_accum x "
+        "ranks of the first start, kept on resume)",
     )
     num_workers: int = param(
         2, ge=0, help="decode/preprocess worker processes per rank (0: in the main process)"
@@ -114,40 +127,21 @@ class ShardSpan:
 
 
 class DatasetOrder:
-    """Rank ``rank``'s endless, epoch-by-epoch shuffled sequence of one dataset's task samples."""
+    """One dataset's endless, epoch-by-epoch shuffled sequence of its task samples (the same on
+    every rank: positions are global)."""
 
-    def __init__(
-        self,
-        path: Path,
-        shards: list[ShardSpan],
-        *,
-        seed: Sequence[int],
-        rank: int,
-        world: int,
-        block: int,
-    ):
-        self.path, self.shards, self.seed, self.rank, self.block = (
-            path,
-            shards,
-            tuple(seed),
-            rank,
-            block,
-        )
+    def __init__(self, path: Path, shards: list[ShardSpan], *, seed: Sequence[int], block: int):
+        self.path, self.shards, self.seed, self.block = path, shards, tuple(seed), block
         self.total = sum(s.count for s in shards)
-        self.per_rank = self.total // world
-        if self.per_rank == 0:
-            raise ValueError(
-                f"{path}: {self.total} samples cannot give each of {world} ranks one per epoch"
-            )
         self._epoch_cache: tuple[int, list[int], list[int]] | None = None
         self._block_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
     def locate(self, position: int) -> tuple[str, int]:
         """(shard path, index among the shard's samples of this task) at ``position``."""
-        epoch, i = divmod(position, self.per_rank)
+        epoch, i = divmod(position, self.total)
         order, starts = self._epoch(epoch)
         b, offset = divmod(i, self.block)
-        g = self.rank * self.per_rank + b * self.block + int(self._permutation(epoch, b)[offset])
+        g = b * self.block + int(self._permutation(epoch, b)[offset])
         k = bisect.bisect_right(starts, g) - 1
         return self.shards[order[k]].path, g - starts[k]
 
@@ -162,11 +156,8 @@ class DatasetOrder:
 
     def _permutation(self, epoch: int, b: int) -> np.ndarray:
         if self._block_cache is None or self._block_cache[0] != (epoch, b):
-            size = min(self.block, self.per_rank - b * self.block)
-            self._block_cache = (
-                (epoch, b),
-                _rng(*self.seed, epoch, self.rank, b).permutation(size),
-            )
+            size = min(self.block, self.total - b * self.block)
+            self._block_cache = ((epoch, b), _rng(*self.seed, epoch, b).permutation(size))
         return self._block_cache[1]
 
 
@@ -199,20 +190,22 @@ def read_manifest(path: Path, stream: str) -> list[ShardSpan]:
 
 
 class StepPlanner:
-    """Which (dataset, position) fills each slot of each step; the same on every rank."""
+    """Which (dataset, position) fills each global slot of each optimizer step; the same on every
+    rank and for every split of the global batch."""
 
     def __init__(
-        self, weights: Mapping[str, list[float]], micro_batch: Mapping[str, int], seed: int
+        self, weights: Mapping[str, list[float]], global_batch: Mapping[str, int], seed: int
     ):
-        self.micro_batch = dict(micro_batch)
+        self.global_batch = dict(global_batch)
         self.probs = {s: np.asarray(w) / np.sum(w) for s, w in weights.items()}
         self.seed = seed
 
     def slots(self, step: int, positions: dict[str, list[int]]) -> dict[str, list[tuple[int, int]]]:
-        """The slots of ``step``; advances ``positions`` (per stream, per dataset) past them."""
+        """The global slots of ``step``; advances ``positions`` (per stream, per dataset) past
+        them."""
         out = {}
         for sid, stream in enumerate(STREAMS):
-            n = self.micro_batch.get(stream, 0)
+            n = self.global_batch.get(stream, 0)
             if n == 0:
                 continue
             probs = self.probs[stream]
@@ -303,7 +296,8 @@ def decode_sample(key: str, members: Mapping[str, bytes], task: str) -> dict[str
 
 
 class _StepDataset(IterableDataset):
-    """Yields the batches of steps start, start+1, ...; a worker keeps only its own steps."""
+    """Yields this rank's micro-batches of steps start, start+1, ...; a worker keeps only its own
+    (micro-batch number u of the stream goes to worker u mod workers)."""
 
     def __init__(self, loader: TwoStreamLoader, start: int, positions: dict[str, list[int]]):
         self.loader = loader
@@ -313,21 +307,26 @@ class _StepDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader = self.loader
         positions = {s: list(p) for s, p in self.positions.items()}
         reader = ShardReader()
-        step = self.start
+        step, u = self.start, 0
         while True:
-            slots = self.loader.planner.slots(step, positions)
-            if (step - self.start) % workers == worker:
-                yield self.loader.make_batch(step, slots, reader)
+            slots = loader.planner.slots(step, positions)
+            for micro in range(loader.grad_accum):
+                if u % workers == worker:
+                    yield loader.make_batch(step, micro, slots, reader)
+                u += 1
             step += 1
 
 
 class TwoStreamLoader:
-    """Iterate for batches; ``state_dict()`` after a batch resumes right after it.
+    """Iterate for this rank's micro-batches, ``grad_accum`` per optimizer step; ``state_dict()``
+    after a step's last micro-batch resumes right after that step, on any number of ranks.
 
-    Each item is ``{"inputs": collated batch, "step": int, "keys": {stream: [key, ...]},
-    "sources": {stream: [dataset index, ...]}, "skipped": {reason: count}}``.
+    Each item is ``{"inputs": collated batch, "step": int, "micro_step": int, "micro_batch": int
+    (its number q in the step), "keys": {stream: [key, ...]}, "sources": {stream: [dataset index,
+    ...]}, "skipped": {reason: count}}``.
     """
 
     def __init__(
@@ -338,13 +337,17 @@ class TwoStreamLoader:
         *,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum: int = 1,
         pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         cfg.check_datasets()
         self.cfg, self.processor, self.collate = cfg, processor, collate
-        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.pin_memory = pin_memory
         self.orders: dict[str, list[DatasetOrder]] = {}
         weights = {}
         for sid, stream in enumerate(STREAMS):
@@ -356,49 +359,56 @@ class TwoStreamLoader:
                     path,
                     read_manifest(path, stream),
                     seed=(cfg.seed, sid, d),
-                    rank=rank,
-                    world=world_size,
                     block=cfg.shuffle_block,
                 )
                 for d, (path, _) in enumerate(specs)
             ]
             weights[stream] = [w for _, w in specs]
-        self.planner = StepPlanner(weights, {s: cfg.micro_batch(s) for s in self.orders}, cfg.seed)
+        self.global_batch = {s: cfg.micro_batch(s) * world_size * grad_accum for s in self.orders}
+        self.planner = StepPlanner(weights, self.global_batch, cfg.seed)
         self.step = 0
         self.positions = {s: [0] * len(o) for s, o in self.orders.items()}
         self.skipped: Counter[str] = Counter()
+        self._micro = 0  # micro-batches of the current step already yielded
 
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Rank-independent: every rank is at the same step with the same per-dataset positions."""
+        """Rank-free: the step, the samples consumed per dataset, the global batch per stream."""
+        if self._micro:
+            raise RuntimeError(
+                f"loader state asked for in the middle of step {self.step} "
+                f"({self._micro} of {self.grad_accum} micro-batches taken)"
+            )
         return {
             "step": self.step,
             "positions": {s: list(p) for s, p in self.positions.items()},
+            "global_batch": dict(self.global_batch),
             "skipped": dict(self.skipped),
             "fingerprint": self.fingerprint(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mismatched = [k for k, v in self.fingerprint().items() if state["fingerprint"].get(k) != v]
+        now = self.fingerprint()
+        mismatched = [k for k, v in now.items() if state["fingerprint"].get(k) != v]
         if mismatched:
             details = "; ".join(
-                f"{k}: saved {state['fingerprint'].get(k)!r}, now {self.fingerprint()[k]!r}"
-                for k in mismatched
+                f"{k}: saved {state['fingerprint'].get(k)!r}, now {now[k]!r}" for k in mismatched
             )
             raise ValueError(
-                f"loader state does not match this data setup, exact resume is impossible ({details})"
+                "loader state does not match this data setup, exact resume is impossible "
+                f"({details})"
             )
         self.step = int(state["step"])
         self.positions = {s: list(p) for s, p in state["positions"].items()}
         self.skipped = Counter(state.get("skipped", {}))
+        self._micro = 0
 
     def fingerprint(self) -> dict[str, Any]:
+        """What the data order depends on besides the batch (the number of ranks is not in it)."""
         return {
             "seed": self.cfg.seed,
-            "world_size": self.world_size,
             "shuffle_block": self.cfg.shuffle_block,
-            "micro_batch": {s: self.cfg.micro_batch(s) for s in STREAMS},
             "datasets": {
                 s: [[str(o.path), o.total] for o in orders] for s, orders in self.orders.items()
             },
@@ -408,7 +418,7 @@ class TwoStreamLoader:
     def epochs(self) -> dict[str, list[int]]:
         """Current epoch of each dataset of each stream."""
         return {
-            s: [p // o.per_rank for p, o in zip(self.positions[s], self.orders[s])]
+            s: [p // o.total for p, o in zip(self.positions[s], self.orders[s])]
             for s in self.orders
         }
 
@@ -420,7 +430,7 @@ class TwoStreamLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = _StepDataset(self, self.step, self.positions)
         workers = self.cfg.num_workers
-        # Its own generator: creating workers must not draw from the global RNG the trainer restores.
+        # Its own generator: creating workers must not draw from the global RNG.
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -429,23 +439,34 @@ class TwoStreamLoader:
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
-        expected_positions = {s: list(p) for s, p in self.positions.items()}
+        self._micro = 0
         for batch in loader:
-            if batch["step"] != self.step:
-                raise RuntimeError(f"loader returned step {batch['step']}, expected {self.step}")
-            self.planner.slots(self.step, expected_positions)
-            self.positions = {s: list(p) for s, p in expected_positions.items()}
-            self.step += 1
+            if (batch["step"], batch["micro_step"]) != (self.step, self._micro):
+                raise RuntimeError(
+                    f"loader returned step {batch['step']} micro-step {batch['micro_step']}, "
+                    f"expected {self.step}/{self._micro}"
+                )
             self.skipped.update(batch["skipped"])
+            self._micro += 1
+            if self._micro == self.grad_accum:
+                self.planner.slots(self.step, self.positions)
+                self.step += 1
+                self._micro = 0
             yield batch
 
+    def micro_batch_number(self, micro: int) -> int:
+        """q of this rank's micro-step ``micro``: its place among the step's micro-batches."""
+        return micro * self.world_size + self.rank
+
     def make_batch(
-        self, step: int, slots: dict[str, list[tuple[int, int]]], reader: ShardReader
+        self, step: int, micro: int, slots: dict[str, list[tuple[int, int]]], reader: ShardReader
     ) -> dict[str, Any]:
+        q = self.micro_batch_number(micro)
         samples, keys, sources, skipped = [], {}, {}, Counter()
         for stream, stream_slots in slots.items():
+            n = self.cfg.micro_batch(stream)
             keys[stream], sources[stream] = [], []
-            for d, position in stream_slots:
+            for d, position in stream_slots[q * n : (q + 1) * n]:
                 key, sample = self._first_usable(stream, d, position, reader, skipped)
                 keys[stream].append(key)
                 sources[stream].append(d)
@@ -453,6 +474,8 @@ class TwoStreamLoader:
         return {
             "inputs": self.collate(samples),
             "step": step,
+            "micro_step": micro,
+            "micro_batch": q,
             "keys": keys,
             "sources": sources,
             "skipped": dict(skipped),

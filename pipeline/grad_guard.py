@@ -10,9 +10,7 @@ path, and keeps the real norm for the log. Nothing is read back to the host here
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,25 +52,3 @@ class GradGuard:
         if norm != norm or norm in (float("inf"), float("-inf")):
             return "non-finite gradient norm"
         return f"gradient norm {norm:.4g} above optim.skip_grad_norm_above={self.threshold:g}"
-
-
-class SkippedStepLog:
-    """``RUN_DIR/skipped_steps.jsonl``: one line per skipped step (step, reason, norm, the sample
-    keys and sources of every rank). Written by rank 0; on resume the lines past the resumed step
-    are dropped, as in ``metrics.jsonl``."""
-
-    def __init__(self, run_dir: Path, *, enabled: bool, truncate_after: int) -> None:
-        self.path = run_dir / SKIPPED_STEPS_FILE
-        self.enabled = enabled
-        if enabled and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= truncate_after
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")

@@ -34,6 +34,28 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     )
 
 
+class StepLog:
+    """A JSONL file of per-step records in the run dir (``skipped_steps.jsonl``,
+    ``samples.jsonl``). Written by rank 0; on resume the lines past the resumed step are dropped,
+    as in ``metrics.jsonl``."""
+
+    def __init__(self, path: Path, *, enabled: bool, truncate_after: int) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= truncate_after
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 class MetricsLog:
     """Written by one rank. On resume, records past the resumed step (logged after the checkpoint
     by a run that then died) are dropped, so every step appears exactly once."""

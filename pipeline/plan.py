@@ -526,7 +526,7 @@ def plan_recipe(
         peak=states.resident + max(backward, states.step_extra),
         flops_per_sample=step.flops / micro,
         flops_by_part={k: v / micro for k, v in step.flops_by_part.items()},
-        samples_per_step=micro * cfg.grad_accum * gpus,
+        samples_per_step=micro * ds["gradient_accumulation_steps"] * gpus,
         steps=cfg.steps,
     )
 

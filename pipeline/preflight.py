@@ -44,24 +44,22 @@ def _world_size() -> int:
     return 1
 
 
-def check_data(cfg: TrainConfig, world: int) -> str:
+def check_data(cfg: TrainConfig) -> str:
     """Every dataset of an enabled stream, and every held-out one when validation is on:
-    manifest present, every listed shard present, a sample for every rank."""
+    manifest present, every listed shard present."""
     from pipeline.data import STREAMS
 
     parts = []
     for stream in STREAMS:
         if cfg.data.micro_batch(stream) > 0:
-            parts.append(
-                _check_datasets(f"data.{stream}", getattr(cfg.data, stream), stream, world)
-            )
+            parts.append(_check_datasets(f"data.{stream}", getattr(cfg.data, stream), stream))
         if cfg.eval.every and getattr(cfg.eval, stream):
-            held_out = _check_datasets(f"eval.{stream}", getattr(cfg.eval, stream), stream, world)
+            held_out = _check_datasets(f"eval.{stream}", getattr(cfg.eval, stream), stream)
             parts.append(f"held-out {held_out}")
     return ", ".join(parts)
 
 
-def _check_datasets(key: str, specs: list[str], stream: str, world: int) -> str:
+def _check_datasets(key: str, specs: list[str], stream: str) -> str:
     from pipeline.data import parse_dataset_spec, read_manifest
 
     shards = samples = 0
@@ -77,11 +75,6 @@ def _check_datasets(key: str, specs: list[str], stream: str, world: int) -> str:
         except (OSError, ValueError, KeyError) as e:
             raise PreflightError(f"{key}: {e}") from None
         total = sum(s.count for s in spans)
-        if total < world:
-            raise PreflightError(
-                f"{key}: {path} has {total} {stream} samples, fewer than the "
-                f"{world} ranks of this job (each rank needs at least one per epoch)"
-            )
         shards += len(spans)
         samples += total
     return f"{stream} {samples} samples in {shards} shards"
@@ -173,18 +166,24 @@ def check_model(model: ModelConfig) -> str:
     return f"{model.family} from {', '.join(sources)}"
 
 
-def check_resume(cfg: TrainConfig) -> str:
-    """An explicit resume path must be a checkpoint; ``auto`` reports what it will pick."""
-    from pipeline.checkpoint import resolve_resume
+def check_resume(cfg: TrainConfig, world: int) -> str:
+    """An explicit resume path must be a checkpoint; ``auto`` reports what it will pick, and
+    how the checkpoint's global batch is split over ``world`` ranks when that changes."""
+    from pipeline.checkpoint import read_trainer_state, resolve_resume
+    from pipeline.config import ConfigError
+    from pipeline.elastic import split_batch
 
     try:
         found = resolve_resume(Path(cfg.run_dir), cfg.resume)
+        if found is None:
+            return "starts fresh" if cfg.resume == "none" else "no checkpoint yet, starts fresh"
+        root, tag = found
+        split = split_batch(cfg, world, read_trainer_state(root, tag), str(root / tag))
     except (OSError, ValueError) as e:
-        raise PreflightError(f"resume: {e}") from None
-    if found is None:
-        return "starts fresh" if cfg.resume == "none" else "no checkpoint yet, starts fresh"
-    root, tag = found
-    return f"resumes from {root / tag}"
+        message = str(e) if isinstance(e, ConfigError) else f"resume: {e}"
+        raise PreflightError(message) from None
+    changes = f"; {split.changes}" if split.changes else ""
+    return f"resumes from {root / tag}{changes}"
 
 
 def check_run_dir(run_dir: Path) -> str:
@@ -207,12 +206,12 @@ def run_checks(cfg: TrainConfig, world: int) -> str:
 
     try:
         deepspeed_config(cfg, world)
-        data = check_data(cfg, world)
+        data = check_data(cfg)
         model = check_model(cfg.model)
     except ConfigError as e:
         raise PreflightError(str(e)) from None
     run_dir = check_run_dir(Path(cfg.run_dir))
-    resume = check_resume(cfg)
+    resume = check_resume(cfg, world)
     return f"{model}; {data}; {world} rank(s); run_dir {run_dir} ({resume})"
 
 

@@ -58,13 +58,21 @@ class ConsoleProgress:
         trainable: int,
         frozen: int,
         samples_per_step: int,
+        grad_accum: int,
         groups: list[str],
+        changes: str | None = None,
     ) -> None:
         resume = f"resuming after step {self.start}" if self.start else "starting at step 0"
         self._print(
             f"[train] {recipe}: {family}, {world_size} rank(s), {self.total} steps of "
             f"{samples_per_step} samples; {resume}"
         )
+        self._print(
+            f"[train] global batch {samples_per_step} = {world_size} rank(s) x {grad_accum} "
+            f"micro-step(s) x {samples_per_step // (world_size * grad_accum)} samples"
+        )
+        if changes:
+            self._print(f"[train] resume: {changes}")
         self._print(f"[train] parameters: {_count(trainable)} trained, {_count(frozen)} frozen")
         for line in groups:
             self._print(f"[train]   group {line}")

@@ -68,6 +68,11 @@ class LogConfig:
         "agree on stop signals and time-based checkpoints then (the only host syncs of the loop)",
     )
     tensorboard: bool = param(True, help="also write TensorBoard scalars to RUN_DIR/tensorboard")
+    samples: bool = param(
+        False,
+        help="write every step's sample keys, in global slot order, to RUN_DIR/samples.jsonl (an "
+        "audit of the data order across resumes; one gather per metrics record)",
+    )
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -79,7 +84,10 @@ class EvalConfig:
     )
     t2i: list[str] = param(default_factory=list, help="held-out T2I data directories")
     batches: int = param(
-        4, ge=1, help="micro-batches per rank per validation (the training micro-batch sizes)"
+        4,
+        ge=1,
+        help="held-out global batches per validation (each the size of the training global "
+        "batch, split over the ranks and micro-steps like it)",
     )
 
     def check(self, source: str, prefix: str) -> None:
@@ -100,7 +108,14 @@ class TrainConfig:
     )
     seed: int = param(0, help="seeds initialisation and every rank's noise")
     steps: int = param(100, ge=1, help="optimizer steps of the whole run")
-    grad_accum: int = param(1, ge=1, help="micro-steps per optimizer step")
+    grad_accum: int = param(
+        1, ge=1, help="micro-steps per optimizer step (or set data.global_batch instead)"
+    )
+    allow_global_batch_change: bool = param(
+        False,
+        help="resuming on a number of ranks that cannot keep the checkpoint's global batch: "
+        "continue with this recipe's (logged) instead of refusing",
+    )
     precision: Literal["fp32", "bf16"] = param("bf16", help="bf16 on GPU; fp32 or bf16 on CPU")
     deepspeed: str = param(
         "ds_configs/zero2.json",
@@ -122,6 +137,12 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self, source: str, prefix: str) -> None:
+        if self.data.global_batch is not None and self.grad_accum != 1:
+            raise ConfigError(
+                f"{source}: {prefix}grad_accum: {self.grad_accum} and data.global_batch: "
+                f"{self.data.global_batch} are both set; give one (the accumulation follows from "
+                "the global batch)"
+            )
         if self.eval.every % self.log.every:
             raise ConfigError(
                 f"{source}: eval.every: {self.eval.every} is not a multiple of log.every "
@@ -136,8 +157,28 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
 RECIPE_OWNED = 'set it in the recipe, or use "auto"'
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The JSON of ``cfg.deepspeed`` with all the recipe owns filled in; disagreements fail."""
+def grad_accum_for(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step on ``world_size`` ranks: from ``data.global_batch`` when
+    it is set (it must split evenly), else ``grad_accum``."""
+    if cfg.data.global_batch is None:
+        return cfg.grad_accum
+    micro = cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i
+    accum, rest = divmod(cfg.data.global_batch, micro * world_size)
+    if rest or accum == 0:
+        raise ConfigError(
+            f"data.global_batch: {cfg.data.global_batch} is not a multiple of the micro-batch "
+            f"({micro}) x {world_size} ranks = {micro * world_size}; choose a global batch, "
+            "micro-batch or number of ranks that divide"
+        )
+    return accum
+
+
+def deepspeed_config(
+    cfg: TrainConfig, world_size: int, grad_accum: int | None = None
+) -> dict[str, Any]:
+    """The JSON of ``cfg.deepspeed`` with all the recipe owns filled in; disagreements fail.
+    ``grad_accum`` overrides the recipe's accumulation (a resume that keeps its global batch)."""
+    accum = grad_accum_for(cfg, world_size) if grad_accum is None else grad_accum
     path = Path(cfg.deepspeed)
     where = f"deepspeed: {path}"
     try:
@@ -149,9 +190,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     micro = cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i
     owned = {
         ("train_micro_batch_size_per_gpu",): (micro, "data.micro_batch_i2t + data.micro_batch_t2i"),
-        ("gradient_accumulation_steps",): (cfg.grad_accum, "grad_accum"),
+        ("gradient_accumulation_steps",): (accum, "grad_accum or data.global_batch"),
         ("train_batch_size",): (
-            micro * cfg.grad_accum * world_size,
+            micro * accum * world_size,
             "micro batch x grad_accum x world size",
         ),
         ("gradient_clipping",): (cfg.optim.grad_clip, "optim.grad_clip"),

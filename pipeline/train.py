@@ -14,6 +14,7 @@ a checkpoint (resume with ``resume=auto``); anything else is a failure.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import signal
 import sys
@@ -31,8 +32,10 @@ from pipeline import checkpoint, plan
 from pipeline.config import ConfigError, dump_yaml, to_dict
 from pipeline.data import TwoStreamLoader
 from pipeline.distributed import DistEnv, device, init_distributed, resolve_env, to_device
-from pipeline.grad_guard import SKIPPED_STEPS_FILE, GradGuard, SkippedStepLog, injected_fault
-from pipeline.metrics import MetricsLog, gpu_memory, throughput
+from pipeline.elastic import split_batch
+from pipeline.grad_guard import SKIPPED_STEPS_FILE, GradGuard, injected_fault
+from pipeline.metrics import MetricsLog, StepLog, gpu_memory, throughput
+from pipeline.noise import seed_noise
 from pipeline.objective import InfoTokModel, build_objective
 from pipeline.param_groups import format_groups, optimizer_groups
 from pipeline.preflight import PreflightError, failure_line, run_checks
@@ -41,6 +44,7 @@ from pipeline.recipe import OptimConfig, TrainConfig, deepspeed_config, load_tra
 from pipeline.validation import Validator
 
 EXIT_BAD_SETUP = 2  # a check failed: fix the recipe, a path or a file (argparse's usage code)
+SAMPLES_FILE = "samples.jsonl"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed after a stop signal; run again with resume=auto
 
 
@@ -54,6 +58,46 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def universal_resume(root: Path, tag: str, into: Path, rank: int) -> tuple[Path, str]:
+    """(root, tag) of checkpoint ``tag`` in DeepSpeed's universal format under ``into``,
+    converted by rank 0 while the others wait; every rank raises the same error if the
+    conversion fails."""
+    outcome: list[Any] = [None]
+    if rank == 0:
+        try:
+            outcome[0] = str(checkpoint.universal_copy(root, tag, into).parent)
+        except checkpoint.ConversionError as e:
+            outcome[0] = e
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return Path(outcome[0]), tag
+
+
+def gather_sample_keys(
+    steps: list[tuple[int, list[dict[str, Any]]]], world: int
+) -> list[dict[str, Any]]:
+    """Every rank's sample keys of ``steps`` (this rank's ``StepResult.samples`` per step),
+    gathered and put in global slot order: one ``{"step", "keys": {stream: [...]}}`` per step
+    on rank 0, nothing elsewhere."""
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, steps)
+    if dist.get_rank() != 0:
+        return []
+    lines = []
+    for j, (step, _) in enumerate(steps):
+        micro_batches = sorted(
+            (m for rank_steps in everyone for m in rank_steps[j][1]),
+            key=lambda m: m["micro_batch"],
+        )
+        keys: dict[str, list[str]] = {}
+        for m in micro_batches:
+            for stream, stream_keys in m["keys"].items():
+                keys.setdefault(stream, []).extend(stream_keys)
+        lines.append({"step": step, "keys": keys})
+    return lines
 
 
 class StopFlag:
@@ -142,7 +186,7 @@ class StepResult:
     tokens: Tensor | int
     skipped_samples: int
     applied: bool
-    samples: list[dict[str, Any]]  # per micro-step: {"keys": ..., "sources": ...} by stream
+    samples: list[dict[str, Any]]  # per micro-step: its micro_batch number, keys, sources
 
 
 class Trainer:
@@ -157,23 +201,37 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # the VAE's convolutions: fixed shapes every step
         self.rank, self.world = rank, world = layout.rank, layout.world_size
         self.run_dir = Path(cfg.run_dir)
+        resume = checkpoint.resolve_resume(self.run_dir, cfg.resume)
+        saved = checkpoint.read_trainer_state(*resume) if resume is not None else None
+        where = str(resume[0] / resume[1]) if resume is not None else ""
+        self.split = split = split_batch(cfg, world, saved, where)
         torch.manual_seed(cfg.seed)
         model = build_objective(cfg.model, cfg.infotok, cfg.loss_weight_i2t, cfg.loss_weight_t2i)
         self.flops_per_sample = plan.flops_per_sample(
             model, cfg.data.micro_batch_i2t, cfg.data.micro_batch_t2i
         )  # counted on fake tensors: the model's weights and the RNG streams are untouched
-        torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout and global-RNG noise
-        self.generator = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + rank)
+        self.generator = torch.Generator(device=dev)
         self.loader = TwoStreamLoader(
             cfg.data,
             model.adapter.processor,
             model.adapter.collate,
             rank=rank,
             world_size=world,
+            grad_accum=split.grad_accum,
             pin_memory=dev.type == "cuda",
         )
+        if saved is not None:
+            try:
+                self.loader.load_state_dict(saved["loader"])
+            except ValueError as e:  # another data set or seed: before any conversion
+                raise ConfigError(f"resume: {where}: {e}") from None
+        if resume is not None and split.resharded:
+            into = self.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.UNIVERSAL_DIR
+            resume = universal_resume(*resume, into, rank)
         self.validator = (
-            Validator(cfg, model, rank=rank, world_size=world) if cfg.eval.every else None
+            Validator(cfg, model, rank=rank, world_size=world, grad_accum=split.grad_accum)
+            if cfg.eval.every
+            else None
         )
         groups, self.groups = optimizer_groups(
             model, cfg.optim.groups, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.heads_lr_scale
@@ -181,10 +239,13 @@ class Trainer:
 
         import deepspeed
 
+        ds_config = deepspeed_config(cfg, world, split.grad_accum)
+        if split.resharded:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=groups,
-            config=deepspeed_config(cfg, world),
+            config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lr_lambda(cfg.optim, cfg.steps)
             ),
@@ -192,17 +253,12 @@ class Trainer:
         self.guard = GradGuard(self.engine.optimizer, cfg.optim.skip_grad_norm_above)
         self.fault = injected_fault()
         self.start = 0
-        resume = checkpoint.resolve_resume(self.run_dir, cfg.resume)
         if resume is not None:
-            client_state, rank_state = checkpoint.load(self.engine, *resume)
-            self.start = int(client_state["step"])
-            self.loader.load_state_dict(client_state["loader"])
-            checkpoint.set_rng_state(rank_state["rng"], self.generator)
+            checkpoint.load(self.engine, *resume)
+            self.start = int(saved["step"])
         self.batches = iter(self.loader)
         self.done = self.start  # optimizer steps done
-        self.samples_per_step = (
-            (cfg.data.micro_batch_i2t + cfg.data.micro_batch_t2i) * cfg.grad_accum * world
-        )
+        self.samples_per_step = split.total
 
     @property
     def model(self) -> InfoTokModel:
@@ -212,15 +268,17 @@ class Trainer:
         """The next optimizer step: ``grad_accum`` micro-steps, then the update (skipped by
         DeepSpeed when the gradient guard finds the global norm non-finite or too large)."""
         cfg, engine = self.cfg, self.engine
+        accum = self.split.grad_accum
         tokens, skipped = 0, 0
         terms: dict[str, Tensor] = {}
         samples = []
         skipped_before = engine.skipped_steps
         self.done += 1
-        for micro in range(cfg.grad_accum):
+        for micro in range(accum):
             batch = next(self.batches)
-            samples.append({"keys": batch["keys"], "sources": batch["sources"]})
+            samples.append({k: batch[k] for k in ("micro_batch", "keys", "sources")})
             skipped += sum(batch["skipped"].values())
+            seed_noise(self.generator, cfg.seed, batch["step"], batch["micro_batch"])
             loss, micro_terms, n_tokens = engine(
                 to_device(batch["inputs"], self.dev), self.generator
             )
@@ -230,7 +288,7 @@ class Trainer:
             engine.backward(loss)
             engine.step()  # the update comes at the last micro-step
             for k, v in micro_terms.items():
-                terms[k] = terms.get(k, 0) + v.detach() / cfg.grad_accum
+                terms[k] = terms.get(k, 0) + v.detach() / accum
         applied = engine.skipped_steps == skipped_before
         return StepResult(terms, tokens, skipped, applied, samples)
 
@@ -253,7 +311,11 @@ class Trainer:
             wandb=cfg.log.wandb,
             config=to_dict(cfg),
         )
-        skip_log = SkippedStepLog(run_dir, enabled=rank == 0, truncate_after=start)
+        skip_log = StepLog(run_dir / SKIPPED_STEPS_FILE, enabled=rank == 0, truncate_after=start)
+        sample_log = StepLog(
+            run_dir / SAMPLES_FILE, enabled=rank == 0 and cfg.log.samples, truncate_after=start
+        )
+        pending_samples: list[tuple[int, list[dict[str, Any]]]] = []
         progress = ConsoleProgress(enabled=rank == 0, total_steps=cfg.steps, start_step=start)
         trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         progress.banner(
@@ -263,7 +325,9 @@ class Trainer:
             trainable=trained,
             frozen=sum(p.numel() for p in self.model.parameters()) - trained,
             samples_per_step=self.samples_per_step,
+            grad_accum=self.split.grad_accum,
             groups=format_groups(self.groups),
+            changes=self.split.changes,
         )
         stop = StopFlag(cfg.checkpoint.stop_signals)
         retention = checkpoint.Retention(ckpt_root, cfg.checkpoint.keep_last)
@@ -273,11 +337,17 @@ class Trainer:
 
         def save(step: int) -> None:
             nonlocal last_saved, last_save_time
-            client = {"step": step, "loader": self.loader.state_dict(), "config": to_dict(cfg)}
-            rng = {"rng": checkpoint.rng_state(self.generator)}
-            tag = checkpoint.save(engine, ckpt_root, step, client, rng, retention)
-            if rank == 0:
-                (ckpt_root / tag / "config.yaml").write_text(dump_yaml(cfg))
+            state = {
+                "step": step,
+                "world_size": world,
+                "grad_accum": self.split.grad_accum,
+                "loader": self.loader.state_dict(),
+            }
+            files = {
+                checkpoint.TRAINER_STATE: json.dumps(state, indent=1),
+                "config.yaml": dump_yaml(cfg),
+            }
+            checkpoint.save(engine, ckpt_root, step, files, retention)
             last_saved, last_save_time = step, time.monotonic()
 
         def close(outcome: str, step: int) -> None:
@@ -301,6 +371,8 @@ class Trainer:
             )
             if not result.applied:
                 self._log_skip(done, result, skip_log, progress)
+            if cfg.log.samples:
+                pending_samples.append((done, result.samples))
             bad_in_a_row = 0 if result.applied else bad_in_a_row + 1
             failing = bad_in_a_row >= cfg.max_nonfinite_steps
             stopping, clock_due = False, False
@@ -323,6 +395,10 @@ class Trainer:
                     record.update(self.validator.run(self.model, self.dev))
                 metrics.write(record)
                 progress.step(record)
+                if cfg.log.samples:
+                    for line in gather_sample_keys(pending_samples, world):
+                        sample_log.write(line)
+                    pending_samples = []
                 interval = LogInterval(self.dev)
             if failing:
                 close("stopped: too many skipped steps", done)
@@ -348,7 +424,7 @@ class Trainer:
         return 0
 
     def _log_skip(
-        self, step: int, result: StepResult, log: SkippedStepLog, progress: ConsoleProgress
+        self, step: int, result: StepResult, log: StepLog, progress: ConsoleProgress
     ) -> None:
         """A skipped step's record with every rank's sample keys (one gather; rare)."""
         norm = float(self.guard.norm) if self.guard.norm is not None else math.nan
@@ -378,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_train_config(args.config, args.overrides)
         run_checks(cfg, layout.world_size)
         code = train(cfg, layout, args.config or "")
-    except (ConfigError, PreflightError) as e:
+    except (ConfigError, PreflightError, checkpoint.ConversionError) as e:
         # every rank fails the same check (an optim.groups pattern only against the built
         # model); one line in the job log
         if layout.rank == 0:

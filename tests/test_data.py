@@ -66,7 +66,7 @@ def manifest_count(path: Path, task: str) -> int:
     return json.loads((path / "manifest.json").read_text())["totals"]["tasks"][task]
 
 
-def make_loader(datasets, rank=0, world=1, **overrides) -> TwoStreamLoader:
+def make_loader(datasets, rank=0, world=1, grad_accum=1, **overrides) -> TwoStreamLoader:
     fields = dict(
         i2t=[str(datasets["a"])],
         t2i=[str(datasets["a"])],
@@ -78,7 +78,12 @@ def make_loader(datasets, rank=0, world=1, **overrides) -> TwoStreamLoader:
     )
     fields.update(overrides)
     return TwoStreamLoader(
-        DataConfig(**fields), TinyProcessor(), collate, rank=rank, world_size=world
+        DataConfig(**fields),
+        TinyProcessor(),
+        collate,
+        rank=rank,
+        world_size=world,
+        grad_accum=grad_accum,
     )
 
 
@@ -108,31 +113,73 @@ def test_batches_hold_both_streams_with_their_tasks(datasets):
     assert batch["inputs"]["pixels"].shape == (3, SIZE, SIZE, 3)
 
 
-@pytest.mark.parametrize("name,world", [("a", 2), ("a", 3), ("b", 3)])
-def test_ranks_cover_an_epoch_disjointly_with_equal_counts(datasets, name, world):
-    """Uneven shards and fewer shards than ranks x workers still give every rank R = total // world."""
-    total = manifest_count(datasets[name], "i2t")
-    per_rank = total // world
-    seen = []
+def global_keys(datasets, name: str, world: int, accum: int, steps: int, **overrides) -> list:
+    """The I2T keys of ``steps`` optimizer steps in global slot order, read rank by rank."""
+    slots = []
     for rank in range(world):
         loader = make_loader(
             {"a": datasets[name]},
             rank=rank,
             world=world,
+            grad_accum=accum,
             t2i=[],
             micro_batch_t2i=0,
-            micro_batch_i2t=1,
-            num_workers=2 if name == "b" else 0,
+            micro_batch_i2t=2,
+            **overrides,
         )
-        batches = take(loader, per_rank)
-        assert loader.epochs() == {"i2t": [1]}  # every rank finishes its epoch at the same step
-        keys = [k for b in batches for k in b["keys"]["i2t"]]
-        assert len(keys) == len(set(keys)) == per_rank
-        seen.append(set(keys))
-    union = set().union(*seen)
-    assert (
-        len(union) == sum(len(s) for s in seen) == total - total % world
-    )  # disjoint; the remainder dropped
+        for b in take(loader, steps * accum):
+            slots += [(b["step"], b["micro_batch"], i, k) for i, k in enumerate(b["keys"]["i2t"])]
+    return [k for *_, k in sorted(slots)]
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_every_split_of_the_global_batch_reads_the_same_samples_each_once_per_epoch(datasets, name):
+    """A global batch of 12 (micro-batch 2) on 1, 2, 3 or 6 ranks with 6, 3, 2 or 1 micro-steps:
+    the same samples in the same global slots, every sample once per epoch (uneven shards, and
+    fewer shards than ranks x workers)."""
+    total = manifest_count(datasets[name], "i2t")
+    steps = total // 12 + 2
+    reference = global_keys(datasets, name, 1, 6, steps)
+    assert len(reference) == 12 * steps
+    assert sorted(reference[:total]) == sorted(set(reference[:total]))  # each sample once
+    assert len(set(reference[:total])) == total
+    assert set(reference[total : 2 * total]) <= set(reference[:total])
+    for world, accum in [(2, 3), (3, 2), (6, 1)]:
+        workers = {"num_workers": 2} if name == "b" else {}
+        assert global_keys(datasets, name, world, accum, steps, **workers) == reference
+
+
+def test_a_resume_on_another_split_continues_with_the_uninterrupted_samples(datasets):
+    """Stopped after 3 steps on 2 ranks, resumed on 1 rank with twice the micro-steps (and the
+    reverse): the next steps read exactly what the uninterrupted run reads."""
+    mixed = dict(i2t=[str(datasets["a"]), f"{datasets['b']}:0.5"], num_workers=0)
+
+    def run(splits: list[tuple[int, int, int]]) -> list:
+        """Steps per (world, accum) segment; returns the global keys of every step."""
+        keys, state = [], None
+        for world, accum, steps in splits:
+            segment = []
+            for rank in range(world):
+                loader = make_loader(datasets, rank=rank, world=world, grad_accum=accum, **mixed)
+                if state is not None:
+                    loader.load_state_dict(state)
+                for b in take(loader, steps * accum):
+                    segment += [
+                        (b["step"], b["micro_batch"], s, i, k)
+                        for s, ks in b["keys"].items()
+                        for i, k in enumerate(ks)
+                    ]
+                new_state = json.loads(json.dumps(loader.state_dict()))
+            state = new_state
+            keys += sorted(segment)
+        return keys
+
+    uninterrupted = run([(2, 1, 9)])
+    assert run([(2, 1, 3), (1, 2, 4), (2, 1, 2)]) == uninterrupted
+    with pytest.raises(RuntimeError, match="in the middle of step"):
+        loader = make_loader(datasets, grad_accum=2, **mixed)
+        take(loader, 1)
+        loader.state_dict()
 
 
 def test_the_next_epoch_reshuffles(datasets):
@@ -167,10 +214,10 @@ def test_resume_refuses_a_different_setup(datasets):
     loader = make_loader(datasets)
     take(loader, 2)
     state = loader.state_dict()
-    with pytest.raises(ValueError, match="world_size: saved 1, now 2"):
-        make_loader(datasets, world=2).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         make_loader(datasets, seed=99).load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle_block: saved 8, now 4"):
+        make_loader(datasets, shuffle_block=4).load_state_dict(state)
 
 
 def test_the_order_does_not_depend_on_the_worker_count(datasets):
@@ -250,8 +297,10 @@ def test_config_errors_are_clear(datasets):
     assert parse_dataset_spec("/d/x") == (Path("/d/x"), 1.0)
     with pytest.raises(ValueError, match="weight must be > 0"):
         parse_dataset_spec("/d/x:0")
-    with pytest.raises(ValueError, match="cannot give each of 500 ranks one per epoch"):
-        make_loader(datasets, world=500)
+    with pytest.raises(ValueError, match="grad_accum must be >= 1"):
+        make_loader(datasets, grad_accum=0)
+    # more ranks than samples is no error: a step's global slots run on into the next epochs
+    assert take(make_loader(datasets, rank=499, world=500), 1)[0]["micro_batch"] == 499
 
 
 def test_too_long_texts_are_skipped(datasets):

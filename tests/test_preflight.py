@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -109,9 +110,17 @@ def test_missing_datasets_manifests_and_shards(workspace, tmp_path):
     assert "shard-000002.tar: listed in" in failure(workspace, tmp_path, f"data.i2t=[{broken}]")
 
 
-def test_a_dataset_too_small_for_the_ranks(workspace, tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_NTASKS", "1000")
-    assert "fewer than the 1000 ranks" in failure(workspace, tmp_path)
+def test_a_global_batch_the_ranks_cannot_split(workspace, tmp_path, monkeypatch):
+    """The tiny recipe's micro-batch is 2 + 2: 24 samples per step split over 3 ranks (x 2
+    micro-steps) but not over 4."""
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    line = failure(workspace, tmp_path, "data.global_batch=24")
+    assert "data.global_batch: 24 is not a multiple of the micro-batch (4) x 4 ranks" in line
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    summary, _ = preflight(
+        RECIPE, [*base(workspace, tmp_path / "run"), "data.global_batch=24"], None
+    )
+    assert "3 rank(s)" in summary, summary
 
 
 def test_an_unwritable_run_dir(workspace, tmp_path):
@@ -183,8 +192,26 @@ def test_resume_paths(workspace, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_00000004")
+    assert "trainer_state.json is missing" in failure(workspace, tmp_path)
+    state = {
+        "step": 4,
+        "world_size": 2,
+        "grad_accum": 1,
+        "loader": {"global_batch": {"i2t": 4, "t2i": 4}},
+    }
+    (run / "checkpoints" / "step_00000004" / "trainer_state.json").write_text(json.dumps(state))
     summary, _ = preflight(RECIPE, base(workspace, run))
-    assert f"resumes from {run / 'checkpoints' / 'step_00000004'}" in summary
+    assert (
+        f"resumes from {run / 'checkpoints' / 'step_00000004'}; ranks 2 -> 1, "
+        "gradient accumulation 1 -> 2" in summary
+    )
+    state["loader"]["global_batch"] = {"i2t": 5, "t2i": 5}  # micro-batches of 2 cannot make 5
+    (run / "checkpoints" / "step_00000004" / "trainer_state.json").write_text(json.dumps(state))
+    line = failure(workspace, tmp_path)
+    assert "global batch of 5 i2t + 5 t2i per step" in line
+    assert "allow_global_batch_change=true" in line
+    summary, _ = preflight(RECIPE, [*base(workspace, run), "allow_global_batch_change=true"])
+    assert "global batch CHANGED from 5 i2t + 5 t2i to 2 i2t + 2 t2i per step" in summary
     (run / "checkpoints" / "latest").write_text("step_00000008")
     assert "names 'step_00000008'" in failure(workspace, tmp_path)
 

@@ -238,9 +238,32 @@ def test_self_requeue_is_bounded_by_max_restarts(slurm, workspace):
 # ---------------------------------------------------------------------------------- end to end
 
 
+def local_reference(workspace, recipe: str, root: Path, args: list[str]):
+    """The uninterrupted reference: the same config on 2 plain local ranks, started now (it runs
+    while the job does); returns the run and its run dir."""
+    from pipeline.launch import LocalRun
+
+    reference_dir = root / "reference"
+    overrides = [
+        f"run_dir={reference_dir}",
+        f"data.i2t=[{workspace['shards']}]",
+        f"data.t2i=[{workspace['shards']}]",
+        f"model.tokenizer_path={workspace['tokenizer']}",
+        *args,
+    ]
+    return LocalRun(recipe, overrides, root / "reference-logs"), reference_dir
+
+
+def assert_in_order(text: str, expected: list[str]) -> None:
+    position = 0
+    for line in expected:
+        found = text.find(line, position)
+        assert found >= 0, f"{line!r} missing (or out of order) in the job log:\n{text}"
+        position = found
+
+
 @pytest.mark.parametrize("family", ["showo2", "harmon", "openuni"])
 def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspace, family):
-    from pipeline.launch import LocalRun
     from train_helpers import loss_table
 
     recipe = f"configs/tiny_{family}.yaml"
@@ -253,19 +276,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspac
         args,
         job_env(workspace, run_dir, recipe),
     )
-    # The uninterrupted reference: the same config on 2 plain local ranks, while the job runs.
-    reference_dir = root / "reference"
-    reference = LocalRun(
-        recipe,
-        [
-            f"run_dir={reference_dir}",
-            f"data.i2t=[{workspace['shards']}]",
-            f"data.t2i=[{workspace['shards']}]",
-            f"model.tokenizer_path={workspace['tokenizer']}",
-            *args,
-        ],
-        root / "reference-logs",
-    )
+    reference, reference_dir = local_reference(workspace, recipe, root, args)
     try:
         info = slurm.job(job)
         assert "gpu:8" in info.get("TresPerNode", ""), (
@@ -309,11 +320,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspac
         f"resumes from {run_dir / 'checkpoints'}/step_{k:08d}",
         "training finished (exit 0): not requeueing",
     ]
-    position = 0
-    for expected in order:
-        found = text.find(expected, position)
-        assert found >= 0, f"{expected!r} missing (or out of order) in the job log:\n{text}"
-        position = found
+    assert_in_order(text, order)
     assert text.count("requeueing job") == 1 and "attempt 3" not in text, text
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
 
@@ -321,3 +328,74 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, workspac
     table, expected_table = loss_table(run_dir), loss_table(reference_dir)
     assert [row[0] for row in table] == list(range(1, STEPS + 1))
     assert table == expected_table
+
+
+def test_a_job_requeued_onto_fewer_tasks_resumes_on_them(slurm, workspace):
+    """2 tasks, the warning signal, the job's own requeue; while it waits it is changed to 1 task
+    (as a scheduler or a user may), and the next attempt resumes on 1 rank with twice the
+    accumulation, without any user action: every step logged once, every loss term equal to an
+    uninterrupted 2-rank run within 1e-5 (the same sums in another order)."""
+    from train_helpers import assert_losses_close
+
+    root = workspace["root"] / "elastic"
+    run_dir, log = root / "run", root / "job.out"
+    args = [
+        f"steps={STEPS}",
+        f"checkpoint.every={EVERY}",
+        "data.num_workers=1",
+        "infotok.gather_negatives=false",  # negatives gathered across ranks depend on the ranks
+    ]
+    job = slurm.submit(
+        "jobs/infotok_showo2.sh",
+        [*SMALL, "--ntasks-per-node=2", f"--output={log}"],
+        args,
+        job_env(workspace, run_dir),
+    )
+    reference, reference_dir = local_reference(workspace, RECIPE, root, args)
+    try:
+
+        def stepped(i: dict[str, str]) -> bool:
+            metrics = run_dir / "metrics.jsonl"
+            return metrics.exists() and metrics.read_text().count("\n") >= SIGNAL_AFTER
+
+        slurm.wait_for(job, stepped, f"{SIGNAL_AFTER} logged steps", timeout=240, log=log, poll=0.1)
+        slurm.run("scancel", "--batch", "--signal=USR1", job)
+        slurm.wait_for(
+            job,
+            lambda i: i.get("JobState") == "PENDING" and i.get("Restarts") == "1",
+            "the job's own requeue",
+            timeout=240,
+            log=log,
+            poll=0.1,
+        )
+        slurm.run("scontrol", "hold", job)
+        slurm.run(
+            "scontrol",
+            "update",
+            f"JobId={job}",
+            "NumTasks=1",
+            "TasksPerNode=1",
+            "NumCPUs=1",
+            "MinCPUsNode=1",
+        )
+        slurm.run("scontrol", "release", job)
+        info = slurm.wait_done(job, timeout=300, log=log)
+        codes = reference.wait(timeout=240)
+    finally:
+        reference.kill()
+    text = "\n".join(log_lines(log))
+    assert codes == [0, 0], reference.output()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text}"
+    order = [
+        "attempt 1 (SLURM_RESTART_COUNT=0)",
+        "1 node(s) x 2 task(s)",
+        "trainer saved a checkpoint and stopped (exit 75)",
+        "this attempt's allocation has 1 task(s) (1 per node), not SLURM_NTASKS=2: running 1",
+        "attempt 2 (SLURM_RESTART_COUNT=1)",
+        "1 node(s) x 1 task(s)",
+        "[train] resume: ranks 2 -> 1, gradient accumulation 1 -> 2; global batch kept",
+        "training finished (exit 0): not requeueing",
+    ]
+    assert_in_order(text, order)
+
+    assert_losses_close(run_dir, reference_dir, STEPS, rel_tol=1e-5)

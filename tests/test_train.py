@@ -97,10 +97,11 @@ def test_checkpoints_by_time_agree_across_ranks_and_old_ones_are_pruned(
     run_to_end(workspace, run_dir, **{"checkpoint.every": 1000, "checkpoint.every_minutes": 1e-5})
     root = run_dir / CHECKPOINT_DIR
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000007", "step_00000008"]
-    assert sorted(p.name for p in (root / "step_00000007").glob("rank_*.pt")) == [
-        "rank_00000.pt",
-        "rank_00001.pt",
+    assert sorted(p.name for p in (root / "step_00000007").glob("*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
+    assert (root / "step_00000007" / "trainer_state.json").is_file()
     assert loss_table(run_dir) == reference
     run_to_end(
         workspace, run_dir, **{"resume": str(root / "step_00000007"), "checkpoint.every": 1000}

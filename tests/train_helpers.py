@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from data_prep import shard, synth
@@ -46,3 +47,16 @@ LOSS_KEYS = (
 def loss_table(run_dir: Path) -> list[tuple]:
     """Per-step losses (every term, lr, grad norm) as logged, for bit-for-bit comparison."""
     return [(r["step"], *(r.get(k) for k in LOSS_KEYS)) for r in read_metrics(run_dir)]
+
+
+def assert_losses_close(run_dir: Path, reference_dir: Path, steps: int, rel_tol: float) -> None:
+    """Every step 1..steps logged once, each loss term, lr and grad norm within ``rel_tol``
+    (relative) of the reference run's: the check for runs that sum in another order."""
+    got, expected = read_metrics(run_dir), read_metrics(reference_dir)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert [r["step"] for r in expected] == list(range(1, steps + 1))
+    for a, b in zip(got, expected):
+        for key in LOSS_KEYS:
+            assert math.isclose(a[key], b[key], rel_tol=rel_tol, abs_tol=1e-12), (
+                f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+            )

@@ -83,6 +83,34 @@ _infotok_yaml_list() {
     printf '[%s]' "$out"
 }
 
+# A job requeued onto another task count (e.g. `scontrol update JobId=J NumTasks=8 ...` while it
+# is pending) keeps the first attempt's SLURM_NTASKS, but SLURM_TASKS_PER_NODE describes this
+# allocation ("8(x2)", "2,1"). srun, the preflight and the trainer's world size all follow
+# SLURM_NTASKS, so it is set from the allocation; the trainer then resumes on the new number of
+# ranks with the run's global batch (see README, "Elastic resume").
+_infotok_sync_task_count() {
+    local spec="${SLURM_TASKS_PER_NODE:-}" total=0 part count times
+    [[ -n "$spec" ]] || return 0
+    local -a parts
+    IFS=, read -r -a parts <<< "$spec"
+    for part in "${parts[@]}"; do
+        count="${part%%(*}"
+        times=1
+        if [[ "$part" == *"(x"* ]]; then times="${part#*(x}"; times="${times%)}"; fi
+        total=$(( total + count * times ))
+    done
+    if [[ "${SLURM_NTASKS:-}" != "$total" ]]; then
+        infotok_log "this attempt's allocation has $total task(s) ($spec per node)," \
+            "not SLURM_NTASKS=${SLURM_NTASKS:-unset}: running $total"
+        export SLURM_NTASKS="$total" SLURM_NPROCS="$total"
+        if (( ${#parts[@]} == 1 )); then
+            export SLURM_NTASKS_PER_NODE="${parts[0]%%(*}"
+        else
+            unset SLURM_NTASKS_PER_NODE
+        fi
+    fi
+}
+
 # Requeue this job unless it has used up its restarts; returns 0 when requeued.
 _infotok_requeue() {
     local why="$1" restarts="${SLURM_RESTART_COUNT:-0}" max="${INFOTOK_MAX_RESTARTS:-20}"
@@ -119,6 +147,7 @@ infotok_job_main() {
     trap _infotok_on_usr1 USR1
     trap _infotok_on_term TERM
 
+    _infotok_sync_task_count
     infotok_log "job ${SLURM_JOB_ID:-?} ($family) attempt $((restarts + 1)) (SLURM_RESTART_COUNT=$restarts) on ${SLURM_JOB_NODELIST:-$(hostname)}: ${SLURM_NNODES:-1} node(s) x ${SLURM_NTASKS_PER_NODE:-?} task(s); recipe $recipe; workdir $workdir"
 
     cd "$workdir" || return "$EXIT_PREFLIGHT"
@@ -211,6 +240,7 @@ infotok_job_main() {
     # --kill-on-bad-exit=0: exit 75 is non-zero too, and the first rank done with its save must not
     # kill the others mid-save; --wait bounds how long a crashed rank can leave the others hanging.
     local -a srun_args=(--kill-on-bad-exit=0 "--wait=${INFOTOK_STEP_GRACE:-300}")
+    if [[ -n "${SLURM_NTASKS:-}" ]]; then srun_args+=("--ntasks=$SLURM_NTASKS"); fi
     if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then srun_args+=("--cpus-per-task=$SLURM_CPUS_PER_TASK"); fi
     if [[ -n "${INFOTOK_SRUN_ARGS:-}" ]]; then
         local -a site_args
