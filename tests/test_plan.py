@@ -188,9 +188,26 @@ def test_a_gpu_count_that_does_not_give_the_json_batch_fails(tmp_path):
     ds["train_batch_size"] = 128  # 16 GPUs x (4 + 4); 12 GPUs cannot give it
     path = tmp_path / "fixed_batch.json"
     path.write_text(json.dumps(ds))
-    result = run_plan("--config", "configs/showo2_1.5b.yaml", "--gpus", "12", f"deepspeed={path}")
+    # Without the recipe's data.global_batch (which refuses 12 GPUs first, tested below), the
+    # accumulation is the recipe's grad_accum and only the JSON's fixed batch is in the way.
+    result = run_plan(
+        "--config",
+        "configs/showo2_1.5b.yaml",
+        "--gpus",
+        "12",
+        "data.global_batch=null",
+        f"deepspeed={path}",
+    )
     assert result.returncode == plan.EXIT_BAD_INPUT
     assert "train_batch_size is 128 but the recipe gives 96" in result.stderr
+
+
+def test_a_gpu_count_that_cannot_split_the_recipes_global_batch_fails():
+    result = run_plan("--config", "configs/showo2_1.5b.yaml", "--gpus", "12")
+    assert result.returncode == plan.EXIT_BAD_INPUT
+    assert "data.global_batch: 128 is not a multiple of the micro-batch (8) x 12 ranks" in (
+        result.stderr
+    )
 
 
 def test_a_device_name_gives_its_bf16_peak():
