@@ -192,7 +192,8 @@ def universal_copy(root: Path, tag: str, into: Path, workers: int = 4) -> Path:
     complete, so a failure half-way leaves nothing behind but its message."""
     source = str((root / tag).resolve())
     target = into / tag
-    if target.is_dir() and (target / SOURCE_FILE).read_text() == source:
+    marker = target / SOURCE_FILE
+    if marker.is_file() and marker.read_text() == source:
         return target
     partial = into / f"{tag}.partial"
     shutil.rmtree(partial, ignore_errors=True)

@@ -94,7 +94,8 @@ class DataConfig:
             )
 
     def check_datasets(self) -> None:
-        """Each enabled stream has datasets (checked when loading, so recipes may leave paths out)."""
+        """Each enabled stream has datasets (checked when loading, so recipes may leave paths
+        out)."""
         for stream in STREAMS:
             if self.micro_batch(stream) > 0 and not getattr(self, stream):
                 raise ValueError(
@@ -278,9 +279,8 @@ def decode_sample(key: str, members: Mapping[str, bytes], task: str) -> dict[str
     try:
         meta = json.loads(members[JSON_EXTENSION])
         if not isinstance(meta, dict) or meta.get("task") != task:
-            raise ValueError(
-                f"task is {meta.get('task') if isinstance(meta, dict) else None!r}, expected {task!r}"
-            )
+            found = meta.get("task") if isinstance(meta, dict) else None
+            raise ValueError(f"task is {found!r}, expected {task!r}")
     except (KeyError, ValueError, UnicodeDecodeError) as e:
         raise SampleError("bad_json", f"{key}: {e}") from None
     ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)

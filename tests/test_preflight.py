@@ -1,4 +1,5 @@
-"""``python -m pipeline.preflight``: what a job checks before it takes GPUs, one line per failure."""
+"""``python -m pipeline.preflight``: what a job checks before it takes GPUs, one line per
+failure."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ tasks instead of the header's 2 x 8), sends the warning signal mid-run with
 finished, with per-step losses identical bit for bit to an uninterrupted run of the same config.
 Preflight failures and the requeue bounds are checked on the same cluster.
 
-Skipped (with the reason) only where SLURM is not installed: ``bash scripts/slurm_local.sh install``.
+Skipped (with the reason) only where SLURM is not installed:
+``bash scripts/slurm_local.sh install``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ SMALL = ["--nodes=1", "--cpus-per-task=1", "--mem-per-cpu=500M"]
 def slurm():
     if not slurm_installed():
         print(
-            "SKIP test_slurm: slurmctld/sbatch not installed (run: bash scripts/slurm_local.sh install)"
+            "SKIP test_slurm: slurmctld/sbatch not installed "
+            "(run: bash scripts/slurm_local.sh install)"
         )
         pytest.skip("slurmctld is not installed (bash scripts/slurm_local.sh install)")
     cluster = LocalSlurm.acquire()
@@ -152,7 +154,8 @@ def test_a_preflight_failure_ends_the_job_with_one_line_and_no_requeue(preflight
 # ------------------------------------------------------------------- requeue bounds (stand-in)
 
 FAKE_TRAINER = textwrap.dedent("""\
-    # A stand-in with the trainer's exit-code contract, written by the test (not part of the product).
+    # A stand-in with the trainer's exit-code contract, written by the test (not part of the
+    # product).
     import os, sys
     mode, record = os.environ["FAKE_TRAINER_MODE"], os.environ["FAKE_TRAINER_RECORD"]
     with open(record, "a") as f:
