@@ -5,10 +5,12 @@
 Exactly what ``python -m pipeline.train`` with the same arguments would read: the recipe and
 overrides validate (and the family's preset/options, and the DeepSpeed JSON against the recipe);
 every dataset of an enabled stream has its manifest and every shard it lists; the model
-checkpoint, tokenizer and VAE paths hold what the adapter loads; an explicit ``resume`` path is a
-checkpoint; the run dir can be created and written. Loads no weights and touches no GPU. Then
-the memory planner (``python -m pipeline.plan``) checks that one micro-step of the recipe fits the
-GPU memory of this host (or ``--gpu-memory-gib`` / ``INFOTOK_GPU_MEMORY_GIB``) with 10% to spare.
+checkpoint, tokenizer and VAE paths hold what the adapter loads; the checkpoint to resume from
+matches its manifest (``resume=auto`` falls back to an older one when the newest is damaged; an
+explicit path must be intact); the run dir can be created and written. Loads no weights and
+touches no GPU. Then the memory planner (``python -m pipeline.plan``) checks that one micro-step
+of the recipe fits the GPU memory of this host (or ``--gpu-memory-gib`` /
+``INFOTOK_GPU_MEMORY_GIB``) with 10% to spare.
 
 Prints one line and exits 0 (``preflight: ok: ...``) or 78 (``preflight: FAILED: <reason>``), the
 line a SLURM job log shows when a job ends without training. ``--env-out FILE`` also writes
@@ -167,14 +169,16 @@ def check_model(model: ModelConfig) -> str:
 
 
 def check_resume(cfg: TrainConfig, world: int) -> str:
-    """An explicit resume path must be a checkpoint; ``auto`` reports what it will pick, and
-    how the checkpoint's global batch is split over ``world`` ranks when that changes."""
+    """An explicit resume path must be an intact checkpoint; ``auto`` reports what it will pick
+    (an older checkpoint when the newest is damaged, saying so), and how the checkpoint's global
+    batch is split over ``world`` ranks when that changes."""
     from pipeline.checkpoint import read_trainer_state, resolve_resume
     from pipeline.config import ConfigError
     from pipeline.elastic import split_batch
 
+    notes: list[str] = []
     try:
-        found = resolve_resume(Path(cfg.run_dir), cfg.resume)
+        found = resolve_resume(Path(cfg.run_dir), cfg.resume, notes.append)
         if found is None:
             return "starts fresh" if cfg.resume == "none" else "no checkpoint yet, starts fresh"
         root, tag = found
@@ -182,7 +186,7 @@ def check_resume(cfg: TrainConfig, world: int) -> str:
     except (OSError, ValueError) as e:
         message = str(e) if isinstance(e, ConfigError) else f"resume: {e}"
         raise PreflightError(message) from None
-    changes = f"; {split.changes}" if split.changes else ""
+    changes = "".join(f"; {note}" for note in [*notes, split.changes] if note)
     return f"resumes from {root / tag}{changes}"
 
 

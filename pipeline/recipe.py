@@ -14,6 +14,7 @@ from pipeline.infotok import InfoTokConfig
 from pipeline.models.base import ModelConfig
 from pipeline.param_groups import ParamGroupConfig
 from pipeline.wandb_log import WandbConfig
+from pipeline.watchdog import WatchdogConfig
 
 
 @dataclass
@@ -135,6 +136,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def check(self, source: str, prefix: str) -> None:
         if self.data.global_batch is not None and self.grad_accum != 1:

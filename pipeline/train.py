@@ -8,7 +8,10 @@ Launch with torchrun, the deepspeed launcher, srun, or as one plain process. Bef
 anything, every rank runs the checks of ``python -m pipeline.preflight`` (recipe, DeepSpeed JSON,
 data, model files, resume path, run dir). Exit codes: 0 finished all steps; 2 a check failed
 (rank 0 prints the one line the SLURM preflight prints); 75 stopped by a stop signal after saving
-a checkpoint (resume with ``resume=auto``); anything else is a failure.
+a checkpoint (resume with ``resume=auto``); 74 a checkpoint could not be saved, e.g. on a full
+disk (rank 0 prints ``checkpoint: FAILED: ...`` with the space needed and free; ``latest`` still
+names the previous checkpoint; never requeued); 69 another rank died or froze, or this one overran
+a phase's limit (``pipeline.watchdog`` names the rank); anything else is a failure.
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ from pipeline.preflight import PreflightError, failure_line, run_checks
 from pipeline.progress import ConsoleProgress
 from pipeline.recipe import OptimConfig, TrainConfig, deepspeed_config, load_train_config
 from pipeline.validation import Validator
+from pipeline.watchdog import Watchdog
 
 EXIT_BAD_SETUP = 2  # a check failed: fix the recipe, a path or a file (argparse's usage code)
 SAMPLES_FILE = "samples.jsonl"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed after a stop signal; run again with resume=auto
+EXIT_SAVE_FAILED = 74  # EX_IOERR: a checkpoint could not be written (full disk); not requeued
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -193,15 +198,23 @@ class Trainer:
     """The model, the data, the DeepSpeed engine and the run's logs, resumed when the recipe
     says so. :meth:`train_step` runs one optimizer step; :meth:`run` the whole job."""
 
-    def __init__(self, cfg: TrainConfig, layout: DistEnv | None = None, recipe: str = "") -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        layout: DistEnv | None = None,
+        recipe: str = "",
+        watchdog: Watchdog | None = None,
+    ) -> None:
         layout = init_distributed(layout)
         self.cfg, self.recipe = cfg, recipe
+        self.watchdog = watchdog or Watchdog(cfg.watchdog, None, layout.rank)  # None: not watched
         self.dev = dev = device()
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the VAE's convolutions: fixed shapes every step
         self.rank, self.world = rank, world = layout.rank, layout.world_size
         self.run_dir = Path(cfg.run_dir)
-        resume = checkpoint.resolve_resume(self.run_dir, cfg.resume)
+        notice = partial(print, "[train] resume:", flush=True) if rank == 0 else None
+        resume = checkpoint.resolve_resume(self.run_dir, cfg.resume, notice)  # verified
         saved = checkpoint.read_trainer_state(*resume) if resume is not None else None
         where = str(resume[0] / resume[1]) if resume is not None else ""
         self.split = split = split_batch(cfg, world, saved, where)
@@ -330,6 +343,7 @@ class Trainer:
             changes=self.split.changes,
         )
         stop = StopFlag(cfg.checkpoint.stop_signals)
+        watchdog = self.watchdog
         retention = checkpoint.Retention(ckpt_root, cfg.checkpoint.keep_last)
         save_interval_s = cfg.checkpoint.every_minutes * 60
         last_save_time = time.monotonic()
@@ -337,6 +351,7 @@ class Trainer:
 
         def save(step: int) -> None:
             nonlocal last_saved, last_save_time
+            watchdog.begin(f"saving step {step}", cfg.watchdog.phase_timeout_s)
             state = {
                 "step": step,
                 "world_size": world,
@@ -347,10 +362,15 @@ class Trainer:
                 checkpoint.TRAINER_STATE: json.dumps(state, indent=1),
                 "config.yaml": dump_yaml(cfg),
             }
-            checkpoint.save(engine, ckpt_root, step, files, retention)
+            try:
+                checkpoint.save(engine, ckpt_root, step, files, retention)
+            except checkpoint.SaveError:  # on every rank; main() exits EXIT_SAVE_FAILED
+                close(f"checkpoint failed (exit {EXIT_SAVE_FAILED})", step)
+                raise
             last_saved, last_save_time = step, time.monotonic()
 
         def close(outcome: str, step: int) -> None:
+            watchdog.begin("finishing", cfg.watchdog.phase_timeout_s)
             metrics.close()
             retention.wait()  # old checkpoints are gone before the process ends
             progress.finish(step, outcome)
@@ -363,6 +383,7 @@ class Trainer:
         )
         interval = LogInterval(self.dev)
         for step in range(start, cfg.steps):
+            watchdog.step(step + 1)
             result = self.train_step()
             done = step + 1
             grad_norm = self.guard.norm if result.applied else None
@@ -392,6 +413,7 @@ class Trainer:
                     **gpu_memory(self.dev),
                 )
                 if self.validator and (done % cfg.eval.every == 0 or done == cfg.steps):
+                    watchdog.begin(f"evaluation after step {done}", cfg.watchdog.phase_timeout_s)
                     record.update(self.validator.run(self.model, self.dev))
                 metrics.write(record)
                 progress.step(record)
@@ -436,8 +458,21 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, layout: DistEnv | None = None, recipe: str = "") -> int:
-    """Run (or resume) the job; returns the process exit code."""
-    return Trainer(cfg, layout, recipe).run()
+    """Run (or resume) the job under the watchdog; returns the process exit code. A collective
+    that fails because another rank died ends this rank with exit 69 and a line naming that
+    rank (pipeline.watchdog)."""
+    layout = init_distributed(layout)
+    watchdog = Watchdog.start(cfg.watchdog, Path(cfg.run_dir), layout.rank, dist.barrier)
+    try:
+        code = Trainer(cfg, layout, recipe, watchdog).run()
+    except BaseException as e:
+        if isinstance(e, RuntimeError) and layout.world_size > 1:
+            watchdog.exit_if_a_peer_failed(e)
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        watchdog.close(ended=f"{type(e).__name__}: {first_line}")
+        raise
+    watchdog.close(ended=f"exit {code}")
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -460,6 +495,10 @@ def main(argv: list[str] | None = None) -> None:
         if layout.rank == 0:
             print(failure_line(str(e)), file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_SETUP)
+    except checkpoint.SaveError as e:  # every rank, the same message; the partial save is gone
+        if layout.rank == 0:
+            print(f"checkpoint: FAILED: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_SAVE_FAILED)
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)

@@ -1,14 +1,20 @@
-"""A real single-node SLURM for the job-script tests: start/share/stop it, submit, watch jobs.
+"""A real two-node SLURM for the job-script tests: start/share/stop it, submit, watch jobs.
 
-The cluster is ``scripts/slurm_local.sh`` (munged + slurmctld + slurmd with fake gpu gres). A test
-session that finds it running (CI starts it in ``.ci/run``) uses it and leaves it alone; a session
-that had to start it stops it when the last concurrent test session using it is done (a shared
-``flock`` counts the users), so no daemon outlives the tests that started it.
+The cluster is ``scripts/slurm_local.sh``: munged, slurmctld and two slurmd nodes with fake gpu
+gres, each node in its own network namespace (``infotok-n1``, ``infotok-n2``; the controller in
+``infotok-ctl``). Its controller is reachable only from inside those namespaces, so the clients run
+here are the script's wrappers in ``STATE_DIR/bin`` (first on :meth:`LocalSlurm.env`'s PATH), which
+enter the controller's namespace.
+
+A test session that finds it running (CI starts it in ``.ci/run``) uses it and leaves it alone; a
+session that had to start it stops it when the last concurrent test session using it is done (a
+shared ``flock`` counts the users), so no daemon or namespace outlives the tests that started it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import re
 import shutil
@@ -20,6 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = ROOT / "scripts" / "slurm_local.sh"
 STATE_DIR = Path(os.environ.get("INFOTOK_SLURM_DIR", "/tmp/infotok-slurm"))
+NETNS = os.environ.get("INFOTOK_SLURM_NETNS", "infotok")  # the script's namespace/node prefix
+CONTROLLER, NODES = f"{NETNS}-ctl", (f"{NETNS}-n1", f"{NETNS}-n2")
+SUBNET = ipaddress.ip_network(os.environ.get("INFOTOK_SLURM_SUBNET", "10.77.31.0/24"))
+ADDRESSES = {CONTROLLER: str(SUBNET[1]), NODES[0]: str(SUBNET[11]), NODES[1]: str(SUBNET[12])}
 FINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -90,11 +100,14 @@ class LocalSlurm:
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for SLURM clients and the jobs (sbatch exports it): no SLURM_* of an
-        enclosing job leaks in, SLURM_CONF points at this cluster."""
+        enclosing job leaks in, SLURM_CONF points at this cluster, and its client wrappers come
+        first on PATH (here they enter the controller's namespace; on the nodes they run the
+        real client)."""
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
         }
         env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = f"{STATE_DIR / 'bin'}:{env.get('PATH', os.defpath)}"
         env.update(extra or {})
         return env
 

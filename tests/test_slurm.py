@@ -1,4 +1,4 @@
-"""The SLURM job scripts on a real single-node SLURM (munge, slurmctld, slurmd, fake gpu gres).
+"""The SLURM job scripts on a real SLURM (the local two-node cluster, fake gpu gres), one node each.
 
 The end-to-end test submits ``jobs/infotok_showo2.sh`` with the tiny recipe on CPU (1 node x 2
 tasks instead of the header's 2 x 8), sends the warning signal mid-run with
@@ -241,9 +241,9 @@ def test_self_requeue_is_bounded_by_max_restarts(slurm, workspace):
 # ---------------------------------------------------------------------------------- end to end
 
 
-def local_reference(workspace, recipe: str, root: Path, args: list[str]):
-    """The uninterrupted reference: the same config on 2 plain local ranks, started now (it runs
-    while the job does); returns the run and its run dir."""
+def local_reference(workspace, recipe: str, root: Path, args: list[str], world: int = 2):
+    """The uninterrupted reference: the same config on ``world`` plain local ranks, started now (it
+    runs while the job does); returns the run and its run dir."""
     from pipeline.launch import LocalRun
 
     reference_dir = root / "reference"
@@ -254,7 +254,7 @@ def local_reference(workspace, recipe: str, root: Path, args: list[str]):
         f"model.tokenizer_path={workspace['tokenizer']}",
         *args,
     ]
-    return LocalRun(recipe, overrides, root / "reference-logs"), reference_dir
+    return LocalRun(recipe, overrides, root / "reference-logs", world=world), reference_dir
 
 
 def assert_in_order(text: str, expected: list[str]) -> None:

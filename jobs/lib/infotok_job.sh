@@ -5,8 +5,12 @@
 #   trainer exit 0   finished: the job ends COMPLETED and is never requeued;
 #   trainer exit 75  stopped after a checkpoint: `scontrol requeue` this job; the next attempt
 #                    resumes with resume=auto. At most INFOTOK_MAX_RESTARTS requeues per job;
-#   anything else    a crash: the job ends FAILED (requeued only with INFOTOK_REQUEUE_ON_CRASH=1,
-#                    within the same bound, so a deterministic crash cannot loop);
+#   trainer exit 74  a checkpoint could not be written (disk full): FAILED, never requeued (the
+#                    next attempt would fill the same disk); `latest` names the last complete one;
+#   trainer exit 69  a rank died or froze; the watchdog names it (see below);
+#   anything else    a crash: the job ends FAILED (exit 69 and the rest are requeued only with
+#                    INFOTOK_REQUEUE_ON_CRASH=1, within the same bound, so a deterministic crash
+#                    cannot loop);
 #   preflight fails  one line saying why; the job ends FAILED with exit 78, never requeued.
 #
 # Signals. The scripts ask for `--signal=B:USR1@900`: SLURM sends USR1 to this batch shell only
@@ -21,6 +25,14 @@
 # A TERM reaching this shell therefore means SLURM is ending the job (a user's scancel, the limit,
 # preemption): nothing is forwarded and nothing is requeued here; the last complete checkpoint
 # stands, and a scheduler with PreemptMode=REQUEUE requeues preempted jobs itself.
+#
+# A dead or frozen rank. The trainer's watchdog (pipeline/watchdog.py) ends every rank that waits
+# for it, within watchdog.step_timeout_s (default 60 s) of the stuck step, and the first rank to
+# notice writes RUN_DIR/heartbeats/FAULT naming the rank and host. While srun runs, this shell
+# polls that file; when it appears, it logs it, sends SIGCONT to the job's tasks (a stopped task
+# then runs its own watchdog: it dumps its stacks and exits), and, if srun is still running
+# INFOTOK_FAULT_GRACE seconds later (default 30), ends the step (srun answers TERM by killing the
+# tasks). The crash policy below then applies.
 #
 # Settings (environment variables; sbatch exports the submitting shell's environment):
 #   INFOTOK_RECIPE          recipe YAML (default: the script's recipe, e.g. configs/showo2_1.5b.yaml)
@@ -39,12 +51,14 @@
 #   INFOTOK_MASTER_ADDR, INFOTOK_MASTER_PORT  rendezvous (default: first node; 20000 + job id % 12000)
 #   INFOTOK_SRUN_ARGS       extra srun flags (e.g. "--cpu-bind=cores --mpi=pmix")
 #   INFOTOK_STEP_GRACE      seconds srun lets the other tasks run once one has exited (default 300)
+#   INFOTOK_FAULT_GRACE     seconds between a watchdog FAULT report and ending the step (default 30)
 #   INFOTOK_GPU_MEMORY_GIB  memory per GPU the preflight plans for (default: the batch host's GPU)
 #   INFOTOK_SKIP_PREFLIGHT  1: skip the preflight (debugging only)
 #   INFOTOK_TRAIN_MODULE    module srun runs (default pipeline.train; for wrappers/profilers)
 #   NCCL_*, TORCH_NCCL_*, OMP_NUM_THREADS: the defaults below apply only where unset.
 
 EXIT_STOPPED=75         # trainer: stopped after a checkpoint, resume me (EX_TEMPFAIL)
+EXIT_SAVE_FAILED=74     # trainer: a checkpoint could not be written (EX_IOERR); never requeued
 EXIT_PREFLIGHT=78       # this job: configuration/preflight failure, do not requeue (EX_CONFIG)
 
 _infotok_step_pid=""
@@ -109,6 +123,30 @@ _infotok_sync_task_count() {
             unset SLURM_NTASKS_PER_NODE
         fi
     fi
+}
+
+# Until the training step (srun, $_infotok_step_pid) ends. Polls the watchdog's FAULT file (arg 1,
+# may be empty): once it appears, shows it, resumes stopped tasks so that they dump their stacks
+# and exit, and ends the step if it still runs INFOTOK_FAULT_GRACE seconds later. Sleeps in the
+# background so that the USR1/TERM traps run at once.
+_infotok_watch_step() {
+    local fault="$1" grace="${INFOTOK_FAULT_GRACE:-30}" seen_at="" ended=0
+    while kill -0 "$_infotok_step_pid" 2>/dev/null; do
+        if [[ -z "$seen_at" && -n "$fault" && -s "$fault" ]]; then
+            seen_at=$SECONDS
+            infotok_log "the watchdog reports a failed rank:"
+            sed 's/^/    /' "$fault"
+            infotok_log "resuming any stopped task (SIGCONT) so that it dumps its stacks;" \
+                "ending the step in ${grace} s if it still runs"
+            scancel --signal=CONT "$SLURM_JOB_ID" 2>/dev/null || true
+        elif [[ -n "$seen_at" ]] && (( !ended && SECONDS - seen_at >= grace )); then
+            ended=1
+            infotok_log "the step still runs ${grace} s after the watchdog's report: ending it"
+            kill -TERM "$_infotok_step_pid" 2>/dev/null || true
+        fi
+        sleep 1 &
+        wait $! 2>/dev/null || true
+    done
 }
 
 # Requeue this job unless it has used up its restarts; returns 0 when requeued.
@@ -247,6 +285,8 @@ infotok_job_main() {
         read -r -a site_args <<< "$INFOTOK_SRUN_ARGS"
         srun_args+=("${site_args[@]}")
     fi
+    # A FAULT report of an earlier attempt is not about this one.
+    if [[ -n "$run_dir" ]]; then rm -f "$run_dir/heartbeats/FAULT"; fi
     local -a cmd=(srun "${srun_args[@]}" "$py" -m "${INFOTOK_TRAIN_MODULE:-pipeline.train}"
                   --config "$recipe" "resume=$resume" "${overrides[@]}")
     infotok_log "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT; running: ${cmd[*]}"
@@ -257,14 +297,9 @@ infotok_job_main() {
     _infotok_step_pid=$!
     # A warning signal that came while srun was starting had nothing to forward to yet.
     if (( _infotok_stop_requested )); then kill -s "$_infotok_stop_signal" "$_infotok_step_pid" 2>/dev/null || true; fi
-    local rc
-    while :; do
-        rc=0
-        wait "$_infotok_step_pid" || rc=$?
-        # `wait` returns >128 when a trapped signal interrupts it; the step is still running then.
-        if (( rc > 128 )) && kill -0 "$_infotok_step_pid" 2>/dev/null; then continue; fi
-        break
-    done
+    _infotok_watch_step "${run_dir:+$run_dir/heartbeats/FAULT}"
+    local rc=0
+    wait "$_infotok_step_pid" || rc=$?
     _infotok_step_pid=""
 
     if (( rc == 0 )); then
@@ -273,6 +308,12 @@ infotok_job_main() {
     fi
     if (( _infotok_terminated )); then
         infotok_log "training ended (exit $rc) while SLURM ends the job: not requeueing"
+        return "$rc"
+    fi
+    if (( rc == EXIT_SAVE_FAILED )); then
+        infotok_log "a checkpoint could not be written (exit $EXIT_SAVE_FAILED, see the checkpoint" \
+            "line above): not requeueing into the same full disk; free space and resubmit to" \
+            "resume from the last complete checkpoint"
         return "$rc"
     fi
     if (( rc == EXIT_STOPPED )); then
