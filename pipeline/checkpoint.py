@@ -6,7 +6,8 @@ Layout under ``RUN_DIR/checkpoints/``::
     step_00000020/          DeepSpeed's files (model states, ZeRO-2 optimizer partitions)
                             + trainer_state.json (step, ranks, accumulation, loader state)
                             + config.yaml (the resolved recipe)
-                            + manifest.json (every other file's size, and sha256 up to 64 MiB)
+                            + manifest.json (every other file's size, and sha256 up to 64 MiB;
+                            not config.yaml, which a user may edit, e.g. a moved data path)
     latest                  the tag of the newest COMPLETE checkpoint, written last
     universal/step_00000020/  a checkpoint (of this run, or the one ``resume`` names) converted
                             by DeepSpeed's ds_to_universal when the run resumes on another number
@@ -43,6 +44,7 @@ import torch.distributed as dist
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+RECIPE_COPY = "config.yaml"  # the resolved recipe, for people and replay: editable, not verified
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 HASH_LIMIT = 64 * 2**20  # files up to this size get a sha256 in the manifest; larger: size only
@@ -112,10 +114,12 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(step_dir: Path) -> None:
     """``manifest.json``: every file of the checkpoint with its size, and its sha256 when it
-    is at most :data:`HASH_LIMIT` (the small files, cheap to hash; never the multi-GB states)."""
+    is at most :data:`HASH_LIMIT` (the small files, cheap to hash; never the multi-GB states).
+    The recipe copy is left out: nothing a resume loads, and users edit it."""
     files = {}
+    unverified = {step_dir / MANIFEST, step_dir / RECIPE_COPY}
     for path in sorted(step_dir.rglob("*")):
-        if path.is_file() and path != step_dir / MANIFEST:
+        if path.is_file() and path not in unverified:
             size = path.stat().st_size
             entry: dict[str, Any] = {"size": size}
             if size <= HASH_LIMIT:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from pipeline.checkpoint import step_of
+from pipeline.checkpoint import RECIPE_COPY, step_of
 from pipeline.recipe import TrainConfig, load_train_config
 
 # The submodule names of InfoTokModel: every key of a training checkpoint starts with one of them.
@@ -56,7 +56,7 @@ def consolidate(root: Path, tag: str) -> ConsolidatedCheckpoint:
     """The checkpoint ``root/tag`` (see :func:`pipeline.checkpoint.locate`) with its recipe."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    config = load_train_config(root / tag / "config.yaml")
+    config = load_train_config(root / tag / RECIPE_COPY)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     adapter_state, regularizer_state = split_state(state, root / tag)
     return ConsolidatedCheckpoint(config, adapter_state, regularizer_state, root, tag)

@@ -78,7 +78,7 @@ def replay_config(run_dir: Path, step: int) -> tuple[TrainConfig, int]:
     resume_after = before[-1] if before else 0
     source = kept[-1] if resume_after == 0 else resume_after
     root = run_dir / checkpoint.CHECKPOINT_DIR
-    cfg = load_train_config(root / checkpoint.tag_for(source) / "config.yaml")
+    cfg = load_train_config(root / checkpoint.tag_for(source) / checkpoint.RECIPE_COPY)
     resume = str(root / checkpoint.tag_for(resume_after)) if resume_after else "none"
     cfg = dataclasses.replace(
         cfg,

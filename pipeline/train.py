@@ -360,7 +360,7 @@ class Trainer:
             }
             files = {
                 checkpoint.TRAINER_STATE: json.dumps(state, indent=1),
-                "config.yaml": dump_yaml(cfg),
+                checkpoint.RECIPE_COPY: dump_yaml(cfg),
             }
             try:
                 checkpoint.save(engine, ckpt_root, step, files, retention)

@@ -162,7 +162,7 @@ FAKE_TRAINER = textwrap.dedent("""\
         print(os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ["SLURM_PROCID"], file=f)
     with open(record + ".argv", "w") as f:
         print("\\n".join(sys.argv[1:]), file=f)
-    sys.exit({"finish": 0, "crash": 3, "stop": 75}[mode])
+    sys.exit({"finish": 0, "crash": 3, "stop": 75, "save_failed": 74}[mode])
 """)
 
 
@@ -222,6 +222,20 @@ def test_a_crash_is_not_requeued(slurm, workspace):
     )
     assert attempts == ["0 0", "0 1"], attempts  # one attempt, both ranks
     assert any("training FAILED (exit 3)" in line for line in lines), "\n".join(lines)
+
+
+def test_a_failed_save_is_never_requeued_even_with_requeue_on_crash(slurm, workspace):
+    info, lines, attempts, _ = fake_job(
+        slurm,
+        workspace,
+        "save-failed",
+        FAKE_TRAINER_MODE="save_failed",
+        INFOTOK_REQUEUE_ON_CRASH="1",
+    )
+    text = "\n".join(lines)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "74:0", f"{info}\n{text}"
+    assert info["Restarts"] == "0" and attempts == ["0 0", "0 1"], (info, attempts)
+    assert "not requeueing into the same full disk" in text and "requeueing job" not in text, text
 
 
 def test_self_requeue_is_bounded_by_max_restarts(slurm, workspace):
