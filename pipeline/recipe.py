@@ -227,4 +227,10 @@ def deepspeed_config(
         raise ConfigError(
             f"{where}: has a scheduler; the LR schedule comes from the recipe (optim.*)"
         )
+    checkpointing = ds.get("checkpoint", {})
+    if isinstance(checkpointing, dict) and checkpointing.get("writer") is not None:
+        raise ConfigError(
+            f"{where}: checkpoint.writer is set; the trainer writes checkpoints itself (every "
+            "file fsynced before the manifest and `latest`), so DeepSpeed's writers are not used"
+        )
     return ds

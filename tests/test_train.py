@@ -288,6 +288,17 @@ def test_the_deepspeed_json_cannot_disagree_with_the_recipe(tmp_path):
     assert filled["bf16"]["enabled"] is False and filled["zero_optimization"]["stage"] == 2
 
 
+def test_a_deepspeed_checkpoint_writer_is_refused(tmp_path):
+    """A decoupled (asynchronous) writer could leave files incomplete when the manifest and
+    ``latest`` are written."""
+    cfg = load_train_config(RECIPE, ["data.i2t=[x]", "data.t2i=[x]"])
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"checkpoint": {"writer": {"type": "fast", "decoupled": True}}}))
+    cfg.deepspeed = str(ds)
+    with pytest.raises(ConfigError, match=r"ds\.json: checkpoint\.writer is set; the trainer"):
+        deepspeed_config(cfg, world_size=2)
+
+
 @pytest.mark.parametrize(
     "recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml"))
 )
