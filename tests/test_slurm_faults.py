@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -108,7 +109,7 @@ def test_a_frozen_rank_ends_the_job_within_two_minutes_with_every_stack(slurm, w
     assert info["ExitCode"] == f"{EXIT_PEER_FAILED}:0", info
     named = f"rank {VICTIM} on {NODES[1]} (pid {victim['pid']}) is not responding"
     fault = (run_dir / HEARTBEAT_DIR / FAULT_FILE).read_text()
-    assert named in fault and "(limit 60 s)" in fault, fault
+    assert named in fault and re.search(r"step \d+ has run \d+ s \(limit \d+ s\)", fault), fault
     for rank in range(4):
         prefix = f"[watchdog] rank {rank} on {NODES[rank // 2]}: "
         assert text.count(f"{prefix}Python stacks of every thread") == 1, f"{rank}\n{text}"
