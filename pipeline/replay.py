@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -211,8 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     code = EXIT_DIFFERENT if report is not None and report["differences"] else 0
     if dist.is_initialized():
         dist.barrier()  # the ranks leave together: one tearing gloo down early can abort another
-        dist.destroy_process_group()
-    sys.exit(code)
+    # Without the interpreter's teardown: destroying the engine's and the process group's C++
+    # threads at exit can abort a rank ("terminate called without an active exception") after
+    # its report is out. Nothing is left to write.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
