@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_prep {shard,verify,stats,synth} ...``.
+"""Command line: ``python -m data_prep {shard,verify,stats,synth,encode} ...``.
 
 A thin layer over :mod:`data_prep.commands`: each flag's destination is the keyword argument of
 the same name and its default is that of the function's signature.
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from data_prep.commands import default_workers, out_of_range, shard, stats, synth, verify
 from data_prep.errors import CommandError
@@ -270,11 +271,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(commands)
     _add_stats(commands)
     _add_synth(commands)
+    _add_encode(commands)
     return parser
+
+
+def _add_encode(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser(
+        "encode",
+        help="encode the images once with a recipe's frozen VAE (latent cache; needs pipeline)",
+        description="Runs python -m pipeline.encode with the same arguments; see its --help.",
+    )
+
+
+def encode(argv: list[str]) -> NoReturn:
+    """``encode`` is the one command that needs the models: the process becomes
+    ``python -m pipeline.encode`` (same pid, environment and signals, as srun expects)."""
+    os.execv(sys.executable, [sys.executable, "-m", "pipeline.encode", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (0: done; 1: verify found problems)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["encode"]:
+        encode(argv[1:])
     args = build_parser().parse_args(argv)
     prefix = f"{PROG} {args.command}: error:"
     try:

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from data_prep.latents import verify_caches
 from data_prep.manifest import read_ledger, read_manifest
 from data_prep.schema import (
     IMAGE_EXTENSIONS,
@@ -64,6 +65,8 @@ def run(out_dir: Path, workers: int) -> list[str]:
         problems += report.problems
     problems += _check_totals(manifest, reports)
     problems += _check_ledger(out_dir, manifest, reports)
+    cache_problems, cache_summaries = verify_caches(out_dir, shards)
+    problems += cache_problems
     samples = sum(len(r.keys) for r in reports)
     for line in problems:
         print(line)
@@ -74,6 +77,8 @@ def run(out_dir: Path, workers: int) -> list[str]:
             f"verify: OK: {len(shards)} shards, {samples} samples, sha256 and sizes match, every json "
             f"parses and every image decodes; ledger accounts for {manifest['totals']['records']} records"
         )
+        for line in cache_summaries:
+            print(line)
     return problems
 
 

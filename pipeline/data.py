@@ -38,16 +38,21 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from data_prep.latents import SidecarReader, SkippedSample, sidecar_name
 from data_prep.schema import IMAGE_EXTENSIONS, JSON_EXTENSION, MANIFEST_FILE, TASKS
 from data_prep.shard_index import IndexedSample, read_index
 from pipeline.config import param
+from pipeline.models.common.latents import LATENTS
+
+if TYPE_CHECKING:
+    from pipeline.latent_cache import LatentSource
 
 STREAMS = TASKS  # ("i2t", "t2i"); a stream is named after the task it carries
 MAX_CONSECUTIVE_BAD = 256  # unreadable positions in a row before a dataset is declared broken
@@ -86,6 +91,12 @@ class DataConfig:
     max_text_tokens: int | None = param(
         None, ge=1, help="skip samples whose processed input_ids are longer"
     )
+    latent_cache: Literal["auto", "required", "off"] = param(
+        "auto",
+        help="VAE latents from the datasets' caches (python -m data_prep encode): auto = when "
+        "every dataset has one matching the model, required = refuse to start without, off = "
+        "always encode on the fly; a cache of another VAE is an error unless off",
+    )
 
     def __post_init__(self) -> None:
         if not any(self.micro_batch(s) > 0 for s in STREAMS):
@@ -105,6 +116,14 @@ class DataConfig:
 
     def micro_batch(self, stream: str) -> int:
         return getattr(self, f"micro_batch_{stream}")
+
+    def datasets(self) -> dict[str, list[Path]]:
+        """The dataset directories of each enabled stream."""
+        return {
+            s: [parse_dataset_spec(spec)[0] for spec in getattr(self, s)]
+            for s in STREAMS
+            if self.micro_batch(s) > 0
+        }
 
 
 def parse_dataset_spec(spec: str) -> tuple[Path, float]:
@@ -224,12 +243,14 @@ class StepPlanner:
 
 
 class ShardReader:
-    """Reads one sample's members by seeking through the shard's index; keeps a few files open."""
+    """Reads one sample's members by seeking through the shard's index; keeps a few files open.
+    Its ``sidecars`` read the samples' cached latents."""
 
     def __init__(self, max_open: int = 16):
         self.max_open = max_open
         self._files: OrderedDict[str, Any] = OrderedDict()
         self._indexes: dict[str, dict[str, list[IndexedSample]]] = {}
+        self.sidecars = SidecarReader(max_open)
 
     def index(self, shard: str) -> dict[str, list[IndexedSample]]:
         if shard not in self._indexes:
@@ -274,8 +295,11 @@ class SampleError(Exception):
         self.reason = reason
 
 
-def decode_sample(key: str, members: Mapping[str, bytes], task: str) -> dict[str, Any]:
-    """data_prep sample -> ``{"__key__", "image": PIL RGB, **json}`` (what processors take)."""
+def decode_sample(
+    key: str, members: Mapping[str, bytes], task: str, image: bool = True
+) -> dict[str, Any]:
+    """data_prep sample -> ``{"__key__", "image": PIL RGB, **json}`` (what processors take);
+    without ``image`` the image member is not decoded (its latents come from a cache)."""
     try:
         meta = json.loads(members[JSON_EXTENSION])
         if not isinstance(meta, dict) or meta.get("task") != task:
@@ -286,6 +310,8 @@ def decode_sample(key: str, members: Mapping[str, bytes], task: str) -> dict[str
     ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if ext is None:
         raise SampleError("no_image", f"{key}: no image member")
+    if not image:
+        return {**meta, "__key__": key}
     try:
         with Image.open(io.BytesIO(members[ext])) as image:
             image.load()
@@ -339,6 +365,7 @@ class TwoStreamLoader:
         world_size: int = 1,
         grad_accum: int = 1,
         pin_memory: bool = False,
+        latents: LatentSource | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -348,6 +375,7 @@ class TwoStreamLoader:
         self.cfg, self.processor, self.collate = cfg, processor, collate
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.pin_memory = pin_memory
+        self.latents = latents
         self.orders: dict[str, list[DatasetOrder]] = {}
         weights = {}
         for sid, stream in enumerate(STREAMS):
@@ -485,11 +513,15 @@ class TwoStreamLoader:
         self, stream: str, d: int, position: int, reader: ShardReader, skipped: Counter[str]
     ) -> tuple[str, dict[str, Any]]:
         order = self.orders[stream][d]
+        cache = self._cache_of(order.path, stream)
+        decode_image = cache is None or stream in self.latents.decode_images
         for p in range(position, position + MAX_CONSECUTIVE_BAD):
             shard, j = order.locate(p)
             try:
                 key, members = reader.read(shard, stream, j)
-                sample = decode_sample(key, members, stream)
+                sample = decode_sample(key, members, stream, image=decode_image)
+                if cache is not None:
+                    sample[LATENTS] = self._cached(reader, cache / sidecar_name(shard), key)
                 processed = self._process(key, sample)
             except SampleError as e:
                 skipped[e.reason] += 1
@@ -499,6 +531,19 @@ class TwoStreamLoader:
             f"{order.path}: {MAX_CONSECUTIVE_BAD} unusable {stream} samples in a row from position "
             f"{position}; skips so far: {dict(skipped)}"
         )
+
+    def _cache_of(self, dataset: Path, stream: str) -> Path | None:
+        """The latent cache directory of ``dataset`` when this run reads ``stream``'s latents."""
+        if self.latents is None or stream not in self.latents.tasks:
+            return None
+        return self.latents.directories[str(dataset)]
+
+    @staticmethod
+    def _cached(reader: ShardReader, sidecar: Path, key: str) -> dict[str, torch.Tensor]:
+        try:
+            return reader.sidecars.read(sidecar, key)
+        except SkippedSample as e:  # the encoder could not use it: the reason it found
+            raise SampleError(e.reason, str(e)) from None
 
     def _process(self, key: str, sample: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -37,6 +37,7 @@ from pipeline.data import TwoStreamLoader
 from pipeline.distributed import DistEnv, device, init_distributed, resolve_env, to_device
 from pipeline.elastic import split_batch
 from pipeline.grad_guard import SKIPPED_STEPS_FILE, GradGuard, injected_fault
+from pipeline.latent_cache import latent_source
 from pipeline.metrics import MetricsLog, StepLog, gpu_memory, throughput
 from pipeline.noise import seed_noise
 from pipeline.objective import InfoTokModel, build_objective
@@ -232,6 +233,13 @@ class Trainer:
             world_size=world,
             grad_accum=split.grad_accum,
             pin_memory=dev.type == "cuda",
+            latents=latent_source(
+                cfg.data.datasets(),
+                model.adapter,
+                cfg.precision,
+                cfg.data.latent_cache,
+                partial(print, "[train] latent cache:", flush=True) if rank == 0 else None,
+            ),
         )
         if saved is not None:
             try:

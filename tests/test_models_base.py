@@ -90,7 +90,7 @@ class _Adapter(MLLMAdapter):
     ENCODER_PREFIXES = ("enc.",)
     TRAINABLE_GROUPS = {"head": ("head.",)}
     forward = build = from_pretrained = save_pretrained = generate = answer = None
-    autoencoder_pass = autoencoder_options = None
+    autoencoder_pass = autoencoder_options = vae_posterior = None
 
     def __init__(self, trainable: list[str]) -> None:
         super().__init__()

@@ -173,11 +173,28 @@ def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int = 64) -> Tens
 
 
 class Processor(Protocol):
-    """Turns raw samples (DESIGN §3) into per-sample tensors and batches them."""
+    """Turns raw samples (DESIGN §3) into per-sample tensors and batches them.
+
+    A sample may carry its image's cached posterior under ``latents`` (field → tensor, from a
+    latent cache) instead of pixels the model would encode; ``image`` is then absent unless
+    ``pixels_with_latents`` names the sample's task (pixels still needed for another encoder).
+    """
+
+    pixels_with_latents: tuple[str, ...]
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]: ...
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]: ...
+
+    def vae_input(self, sample: Mapping[str, Any]) -> Tensor:
+        """[3, H, W] in [-1, 1]: the pixels of ``sample``'s image the frozen autoencoder encodes
+        in training (the same transform, per-sample choices included)."""
+        ...
+
+    def vae_preprocessing(self) -> dict[str, Any]:
+        """Everything :meth:`vae_input` depends on besides the image (sizes, crop and pad rules,
+        seeds): part of a latent cache's identity."""
+        ...
 
 
 class FamilyConfig(Protocol):
@@ -211,6 +228,9 @@ class MLLMAdapter(nn.Module, ABC):
     """``config.trainable`` group name -> the parameter name prefixes it trains."""
     FROZEN_MODULE: ClassVar[str] = "vae"
     """The frozen autoencoder: never trained, always in eval mode, stored apart from the checkpoint."""
+    LATENT_TASKS: ClassVar[tuple[str, ...]]
+    """The tasks whose images the frozen autoencoder encodes in ``forward``: what a latent cache
+    (``python -m data_prep encode``) holds for this family."""
     config: FamilyConfig
     vocab_size: int
     processor: Processor
@@ -253,6 +273,13 @@ class MLLMAdapter(nn.Module, ABC):
         self, images: Sequence[Image.Image], questions: Sequence[str], **kwargs: Any
     ) -> list[str]:
         """Greedy answers to one question per image."""
+
+    @abstractmethod
+    def vae_posterior(self, pixels: Tensor) -> dict[str, Tensor]:
+        """What ``forward`` draws its latents from, for VAE-input pixels [B, 3, H, W] in [-1, 1]:
+        the frozen autoencoder's posterior fields (e.g. ``mean`` and ``std``), each [B, ...] in its
+        dtype. A latent cache stores exactly these; ``forward`` reads them from the batch
+        (``cached_posterior``) when present and calls this otherwise."""
 
     @abstractmethod
     def autoencoder_pass(

@@ -40,7 +40,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from pipeline.config import ConfigError, from_dict
 from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, in_chunks
 from pipeline.models.common.decoding import decode_texts, greedy_decode
-from pipeline.models.common.latents import patchify, unpatchify
+from pipeline.models.common.latents import cached_posterior, patchify, unpatchify
 from pipeline.models.common.model_dir import read_adapter_record, write_config_json
 from pipeline.models.common.presets import deep_merge
 from pipeline.models.common.processing import to_pil
@@ -142,6 +142,7 @@ class Harmon(MLLMAdapter):
         ),
     }
     config: HarmonConfig
+    LATENT_TASKS = ("i2t", "t2i")
     vae: AutoencoderKL
 
     def __init__(
@@ -181,17 +182,26 @@ class Harmon(MLLMAdapter):
     def _device(self) -> torch.device:
         return self.proj_in[0].weight.device
 
-    def _grid(self, pixels: Tensor) -> tuple[int, int]:
-        unit = self.config.pixels_per_token
-        return pixels.shape[-2] // unit, pixels.shape[-1] // unit
+    def _grid(self, latents: Tensor) -> tuple[int, int]:
+        """The token grid of VAE latents [B, C, h, w]."""
+        patch = self.config.mar.patch_size
+        return latents.shape[-2] // patch, latents.shape[-1] // patch
 
     @torch.no_grad()
-    def encode_latents(self, pixels: Tensor) -> Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] → latent tokens [B, N, P]: posterior mode × scaling factor, patchified."""
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+    def vae_posterior(self, pixels: Tensor) -> dict[str, Tensor]:
+        """Pixels [B, 3, H, W] in [-1, 1] → the KL-16 posterior's ``mean`` (Harmon takes the mode,
+        so nothing else is drawn), [B, C, H/16, W/16]."""
+        return {"mean": self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()}
+
+    def latent_tokens(self, mode: Tensor) -> Tensor:
+        """Posterior mode [B, C, h, w] → latent tokens [B, N, P]: × scaling factor, patchified."""
         return patchify(
-            latents.float() * self.config.vae.scaling_factor, self.config.mar.patch_size, "cpq"
+            mode.float() * self.config.vae.scaling_factor, self.config.mar.patch_size, "cpq"
         )
+
+    def encode_latents(self, pixels: Tensor) -> Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] → latent tokens [B, N, P]."""
+        return self.latent_tokens(self.vae_posterior(pixels)["mean"])
 
     @torch.no_grad()
     def decode_tokens(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -281,9 +291,15 @@ class Harmon(MLLMAdapter):
         left out without ``infotok_inputs``.
         """
         has_u, has_g = "u_input_ids" in batch, "g_input_ids" in batch
-        pixels = [batch[k] for k in ("u_pixel_values", "g_pixel_values") if k in batch]
-        grid = self._grid(pixels[0])
-        tokens = self.encode_latents(torch.cat(pixels))
+        branches = [p for p in ("u_", "g_") if f"{p}input_ids" in batch]
+        cached = [cached_posterior(batch, p) for p in branches]
+        if all(cached):
+            mode = torch.cat([c["mean"] for c in cached])
+        else:  # one VAE pass over both branches' images
+            mode = self.vae_posterior(torch.cat([batch[f"{p}pixel_values"] for p in branches]))
+            mode = mode["mean"]
+        grid = self._grid(mode)
+        tokens = self.latent_tokens(mode)
         n_u = len(batch["u_input_ids"]) if has_u else 0
         clean_images = tokens if infotok_inputs else tokens[:n_u]
         clean = None
@@ -445,8 +461,8 @@ class Harmon(MLLMAdapter):
             for im in images
         ]
         pixels = torch.stack([to_tensor(square) for square in squares]).to(self._device)
-        tokens = self.encode_latents(pixels)
-        _, z = self.encode_shared_tokens(tokens, None, self._grid(pixels))
+        mode = self.vae_posterior(pixels)["mean"]
+        _, z = self.encode_shared_tokens(self.latent_tokens(mode), None, self._grid(mode))
         cache = DynamicCache(config=self.llm.config)
         hidden = self._run_llm(self._i2t_embeds(ids, offsets, z), valid, cache)
 

@@ -30,6 +30,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.models.harmon.config import HarmonConfig
+from pipeline.models.common.latents import LATENTS, image_fields
 from pipeline.models.common.processing import keyed_fraction
 from pipeline.models.common.text import IGNORE, IMAGE_PLACEHOLDER, pad_rows
 
@@ -85,6 +86,8 @@ class HarmonProcessor:
     so a resumed run makes the same choices.
     """
 
+    pixels_with_latents = ()
+
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, config: HarmonConfig, *, train: bool = True
     ) -> None:
@@ -112,22 +115,36 @@ class HarmonProcessor:
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         task = sample.get("task")
-        size = self.config.image_size
-        image = sample["image"].convert("RGB") if task in ("i2t", "t2i") else None
         if task == "i2t":
             out = self.i2t_sequence(sample["messages"])
-            out["pixel_values"] = to_tensor(
-                expand_to_square(image).resize((size, size), Image.Resampling.BICUBIC)
-            )
         elif task == "t2i":
             dropped = self.train and self._hash(sample, "drop") < self.config.uncond_prob
             out = self.t2i_sequence(None if dropped else sample["prompt"])
-            fraction = self._hash(sample, "crop") if self.train else 0.5
-            square = crop_to_square(image, fraction).resize((size, size), Image.Resampling.BICUBIC)
-            out["pixel_values"] = to_tensor(square)
         else:
             raise ValueError(f"sample task must be 'i2t' or 't2i', got {task!r}")
+        if LATENTS in sample:
+            out[LATENTS] = sample[LATENTS]
+        else:
+            out["pixel_values"] = self.vae_input(sample)
         return out
+
+    def vae_input(self, sample: Mapping[str, Any]) -> torch.Tensor:
+        """Both tasks' images go through the KL-16 VAE: I2T padded to a square, T2I cropped."""
+        image, size = sample["image"].convert("RGB"), self.config.image_size
+        if sample["task"] == "i2t":
+            square = expand_to_square(image)
+        else:
+            square = crop_to_square(image, self._hash(sample, "crop") if self.train else 0.5)
+        return to_tensor(square.resize((size, size), Image.Resampling.BICUBIC))
+
+    def vae_preprocessing(self) -> dict[str, Any]:
+        return {
+            "image_size": self.config.image_size,
+            "i2t": "expand_to_square grey 127, bicubic",
+            "t2i": f"crop_to_square at keyed offset (seed {self.config.seed}), bicubic"
+            if self.train
+            else "crop_to_square centred, bicubic",
+        }
 
     def i2t_sequence(self, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
         """Token ids and labels of a conversation; ending on a user turn leaves the answer prompt open."""
@@ -211,11 +228,11 @@ class HarmonProcessor:
             batch["u_labels"] = pad_rows([s["labels"] for s in und], IGNORE)
             batch["u_text_mask"] = pad_rows([s["text_mask"] for s in und], False)
             batch["u_image_offset"] = torch.tensor([s["image_offset"] for s in und])
-            batch["u_pixel_values"] = torch.stack([s["pixel_values"] for s in und])
+            batch.update(image_fields(und, "u_"))
             batch["u_max_answer"] = max(max(int((s["labels"] != IGNORE).sum()) for s in und), 1)
         if gen:
             batch["g_input_ids"], batch["g_attention_mask"] = self.pad_ids(
                 [s["input_ids"] for s in gen]
             )
-            batch["g_pixel_values"] = torch.stack([s["pixel_values"] for s in gen])
+            batch.update(image_fields(gen, "g_"))
         return batch

@@ -41,7 +41,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, in_chunks
 from pipeline.models.common.decoding import decode_texts, greedy_decode
 from pipeline.models.common.device import filled
-from pipeline.models.common.latents import patchify
+from pipeline.models.common.latents import cached_posterior, patchify
 from pipeline.models.common.model_dir import write_config_json
 from pipeline.models.common.processing import to_pil
 from pipeline.models.common.text import answer_loss, answer_tokens, masked_mean, pad_rows
@@ -89,6 +89,7 @@ class OpenUni(MLLMAdapter):
         "connector": ("meta_queries", "connector.", "projector."),
         "transformer": ("transformer.",),
     }
+    LATENT_TASKS = ("t2i",)
     config: OpenUniConfig
     vae: AutoencoderDC
 
@@ -208,10 +209,17 @@ class OpenUni(MLLMAdapter):
         return F.interpolate(x, size=(size, size), mode="bilinear")
 
     @torch.no_grad()
+    def vae_posterior(self, pixels: Tensor) -> dict[str, Tensor]:
+        """Pixels in [-1, 1] → the DC-AE's ``latent`` (a deterministic autoencoder)."""
+        return {"latent": self.vae.encode(pixels.to(self.vae.dtype)).latent}
+
+    def scaled_latents(self, latent: Tensor) -> Tensor:
+        """DC-AE latents × ``scaling_factor`` (``pixels_to_latents``)."""
+        return (latent * self.vae.config.scaling_factor).to(self._dtype)
+
     def encode_latents(self, pixels: Tensor) -> Tensor:
-        """Pixels in [-1, 1] → DC-AE latents × ``scaling_factor`` (``pixels_to_latents``)."""
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent
-        return (latents * self.vae.config.scaling_factor).to(self._dtype)
+        """Pixels in [-1, 1] → DC-AE latents × ``scaling_factor``."""
+        return self.scaled_latents(self.vae_posterior(pixels)["latent"])
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -345,7 +353,8 @@ class OpenUni(MLLMAdapter):
             batch["t2i_attention_mask"],
             batch["t2i_pixel_values"],
         )
-        x = self.encode_latents(pixels)
+        posterior = cached_posterior(batch, "t2i_") or self.vae_posterior(pixels)
+        x = self.scaled_latents(posterior["latent"])
         noise = torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
         timesteps, sigmas = sample_timesteps(self.train_scheduler, len(x), generator, x.device)
         sigmas = sigmas.view(-1, 1, 1, 1).to(x.dtype)

@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.models.openuni.config import OpenUniConfig
+from pipeline.models.common.latents import LATENTS, image_fields
 from pipeline.models.common.processing import prompt_dropped
 from pipeline.models.common.text import IGNORE, IMAGE_PLACEHOLDER, pad_rows
 
@@ -107,6 +108,8 @@ class OpenUniProcessor:
     (I2T) or ``prompt`` (T2I), optionally ``__key__``.
     """
 
+    pixels_with_latents = ("t2i",)  # the ViT encodes the T2I target too (z_g)
+
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, config: OpenUniConfig, *, train: bool = True
     ) -> None:
@@ -131,10 +134,19 @@ class OpenUniProcessor:
             )
             message = self.config.cfg_prompt if dropped else None
             out = self.t2i_sequence(sample["prompt"], message=message)
-            out["pixel_values"] = square_tensor(sample["image"], self.config.image_size)
+            out["pixel_values"] = self.vae_input(sample)  # also the ViT's input for z_g
+            if LATENTS in sample:
+                out[LATENTS] = sample[LATENTS]
         else:
             raise ValueError(f"sample task must be 'i2t' or 't2i', got {task!r}")
         return out
+
+    def vae_input(self, sample: Mapping[str, Any]) -> torch.Tensor:
+        """The DC-AE encodes the T2I targets only: a centred square at ``image_size``."""
+        return square_tensor(sample["image"], self.config.image_size)
+
+    def vae_preprocessing(self) -> dict[str, Any]:
+        return {"image_size": self.config.image_size, "t2i": "centre square crop, bicubic"}
 
     def i2t_sequence(self, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
         """Token ids, labels and text mask of a conversation; ending on a user turn adds the answer prompt."""
@@ -228,7 +240,7 @@ class OpenUniProcessor:
             batch[f"{task}_attention_mask"] = pad_rows(
                 [torch.ones(len(i), dtype=torch.bool) for i in ids], False
             )
-            batch[f"{task}_pixel_values"] = torch.stack([s["pixel_values"] for s in group])
+            batch.update(image_fields(group, f"{task}_"))
             if task == "i2t":
                 batch["i2t_labels"] = pad_rows([s["labels"] for s in group], IGNORE)
                 batch["i2t_text_mask"] = pad_rows([s["text_mask"] for s in group], False)

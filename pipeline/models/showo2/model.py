@@ -37,7 +37,7 @@ from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.models.base import MLLMAdapter, MLLMOutput, ModelConfig, in_chunks
 from pipeline.models.common.decoding import decode_texts, greedy_decode
 from pipeline.models.common.device import filled
-from pipeline.models.common.latents import patchify
+from pipeline.models.common.latents import cached_posterior, patchify
 from pipeline.models.common.model_dir import read_adapter_record, write_config_json
 from pipeline.models.common.presets import deep_merge
 from pipeline.models.common.qwen import qwen2_config
@@ -121,6 +121,7 @@ class Showo2(MLLMAdapter):
             "diffusion_head_b.",
         ),
     }
+    LATENT_TASKS = ("i2t", "t2i")
     config: Showo2Config
     vae: AutoencoderKLWan
 
@@ -218,22 +219,39 @@ class Showo2(MLLMAdapter):
         return self.fusion_proj[1].weight.dtype
 
     @torch.no_grad()
-    def encode_latents(
-        self, pixels: Tensor, *, sample: bool, generator: torch.Generator | None = None
+    def vae_posterior(self, pixels: Tensor) -> dict[str, Tensor]:
+        """Pixels [B, 3, H, W] in [-1, 1] → the Wan posterior's ``mean`` and ``std``, [B, C, H/8,
+        W/8] each (one frame)."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)[:, :, None]).latent_dist
+        return {"mean": posterior.mean[:, :, 0], "std": posterior.std[:, :, 0]}
+
+    @torch.no_grad()
+    def latents_from(
+        self,
+        posterior: Mapping[str, Tensor],
+        *,
+        sample: bool,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] → normalised Wan latents [B, C, H/8, W/8].
+        """A Wan posterior (:meth:`vae_posterior`) → normalised latents [B, C, h, w].
 
         Like the official ``WanVAE.sample``: ``(μ − mean)/std`` plus, when ``sample``, the posterior
         std times unit noise (the noise is not divided by ``std``; the released models trained so).
         """
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)[:, :, None]).latent_dist
-        mean = filled(self.config.vae.latents_mean, pixels.device).view(1, -1, 1, 1, 1)
-        std = filled(self.config.vae.latents_std, pixels.device).view(1, -1, 1, 1, 1)
-        latents = (posterior.mean.float() - mean) / std
+        mu = posterior["mean"]
+        mean = filled(self.config.vae.latents_mean, mu.device).view(1, -1, 1, 1)
+        std = filled(self.config.vae.latents_std, mu.device).view(1, -1, 1, 1)
+        latents = (mu.float() - mean) / std
         if sample:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            latents = latents + posterior.std.float() * noise
-        return latents[:, :, 0].to(self._dtype)
+            latents = latents + posterior["std"].float() * noise
+        return latents.to(self._dtype)
+
+    def encode_latents(
+        self, pixels: Tensor, *, sample: bool, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] → normalised Wan latents [B, C, H/8, W/8]."""
+        return self.latents_from(self.vae_posterior(pixels), sample=sample, generator=generator)
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -377,8 +395,8 @@ class Showo2(MLLMAdapter):
         input_ids, offsets = batch["input_ids"], batch["image_offset"]
         und, gen = batch["und_index"], batch["gen_index"]
         device = input_ids.device
-        x1 = self.encode_latents(
-            batch["pixel_values"],
+        x1 = self.latents_from(
+            cached_posterior(batch) or self.vae_posterior(batch["pixel_values"]),
             sample=self.config.sample_vae_posterior and self.training,
             generator=generator,
         )

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pipeline.models.common.latents import LATENTS, image_fields
 from pipeline.models.common.processing import prompt_dropped
 from pipeline.models.common.text import IGNORE, IMAGE_PLACEHOLDER, pad_rows
 from pipeline.models.showo2.config import Showo2Config
@@ -129,6 +130,8 @@ class Showo2Processor:
     ``seed`` and the sample key (or prompt): stateless, so a resumed run drops the same samples.
     """
 
+    pixels_with_latents = ()
+
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, config: Showo2Config, *, train: bool = True
     ) -> None:
@@ -148,20 +151,32 @@ class Showo2Processor:
         task = sample.get("task")
         if task == "i2t":
             out = self.i2t_sequence(sample["messages"])
-            out["pixel_values"] = to_tensor(
-                resize_and_pad(sample["image"].convert("RGB"), self.config.image_size)
-            )
         elif task == "t2i":
             dropped = self.train and prompt_dropped(
                 sample, self.config.seed, self.config.cond_dropout_prob
             )
-            prompt = "" if dropped else sample["prompt"]
-            out = self.t2i_sequence(prompt)
-            image = resize_and_center_crop(sample["image"].convert("RGB"), self.config.image_size)
-            out["pixel_values"] = to_tensor(image)
+            out = self.t2i_sequence("" if dropped else sample["prompt"])
         else:
             raise ValueError(f"sample task must be 'i2t' or 't2i', got {task!r}")
+        if LATENTS in sample:
+            out[LATENTS] = sample[LATENTS]
+        else:
+            out["pixel_values"] = self.vae_input(sample)
         return out
+
+    def vae_input(self, sample: Mapping[str, Any]) -> torch.Tensor:
+        """Both tasks' images go through the Wan VAE: I2T padded, T2I centre-cropped."""
+        image, size = sample["image"].convert("RGB"), self.config.image_size
+        if sample["task"] == "i2t":
+            return to_tensor(resize_and_pad(image, size))
+        return to_tensor(resize_and_center_crop(image, size))
+
+    def vae_preprocessing(self) -> dict[str, Any]:
+        return {
+            "image_size": self.config.image_size,
+            "i2t": "resize_and_pad bicubic, black",
+            "t2i": "resize_and_center_crop bicubic",
+        }
 
     def i2t_sequence(self, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
         """Token ids and labels of a conversation; ending on a user turn adds the answer prompt."""
@@ -258,7 +273,7 @@ class Showo2Processor:
         int: the most answer tokens of an I2T row, at least 1), which bounds the answer loss's
         rows without a host sync in the model."""
         batch: dict[str, Any] = self.pad_sequences(samples)
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+        batch.update(image_fields(samples))
         answers = [
             int(torch.as_tensor(s["labels"]).ne(IGNORE).sum())
             for s in samples
