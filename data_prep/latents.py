@@ -12,10 +12,11 @@ Format 1, beside the shards of a dataset directory::
   ``std`` of a Gaussian posterior that training samples from, ``mean`` alone when it takes the
   mode, ``latent`` for a deterministic autoencoder. One sample's tensors have no batch dimension
   and keep the dtype the VAE computed them in.
-* A sidecar's safetensors metadata holds ``format``, ``identity`` (the digest below), ``shard`` and
-  ``shard_sha256`` (the tar it covers), ``fields`` (comma-separated) and ``skipped``: a JSON object
-  mapping the key of every sample of a covered task that could not be encoded to its reason (the
-  loader skips those samples with the same reason, as it would on the fly).
+* A sidecar's safetensors metadata has one entry, ``infotok_latents``: a JSON object (sorted keys;
+  safetensors writes several metadata entries in no fixed order) with ``format``, ``identity``
+  (the digest below), ``shard`` and ``shard_sha256`` (the tar it covers), ``fields`` and
+  ``skipped``: the key of every sample of a covered task that could not be encoded, with its
+  reason (the loader skips those samples with the same reason, as it would on the fly).
 * The **identity** names everything the latents depend on: the family, the VAE class, the sha256
   of its weights, the dtype it ran in, the images' preprocessing (resolution, crop and pad rules,
   the seed of keyed crops) and the tasks whose images are encoded. Its digest is the sha256 of
@@ -48,6 +49,7 @@ SIDECAR_SUFFIX: Final = ".safetensors"
 RECEIPT_SUFFIX: Final = ".json"
 PARTIAL_SUFFIX: Final = ".partial"
 CACHE_MANIFEST: Final = "manifest.json"
+META_KEY: Final = "infotok_latents"
 
 
 class SkippedSample(Exception):
@@ -76,17 +78,6 @@ def identity_digest(identity: Mapping[str, Any]) -> str:
     """sha256 of the identity's canonical JSON (sorted keys, no spaces)."""
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def describe_identity(identity: Mapping[str, Any]) -> str:
-    """A short human form of an identity, for messages."""
-    vae = identity.get("vae", {})
-    pre = identity.get("preprocessing", {})
-    sha = str(vae.get("sha256", "?"))[:12]
-    return (
-        f"{identity.get('family')} {vae.get('class')} weights sha256 {sha}… in {vae.get('dtype')}, "
-        f"images {json.dumps(pre, sort_keys=True)}"
-    )
 
 
 def identity_difference(cached: Mapping[str, Any], model: Mapping[str, Any]) -> str:
@@ -128,14 +119,15 @@ def write_sidecar(
     from safetensors.torch import save
 
     metadata = {
-        "format": str(CACHE_FORMAT),
+        "format": CACHE_FORMAT,
         "identity": identity,
         "shard": shard,
         "shard_sha256": shard_sha256,
-        "fields": ",".join(fields),
-        "skipped": json.dumps(dict(sorted(skipped.items())), separators=(",", ":")),
+        "fields": fields,
+        "skipped": dict(skipped),
     }
-    data = save(dict(tensors), metadata=metadata)
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
+    data = save(dict(tensors), metadata={META_KEY: text})
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     with open(partial, "wb") as f:
         f.write(data)
@@ -183,8 +175,10 @@ def build_manifest(
         "identity_sha256": identity_digest(identity),
         "dataset_manifest_sha256": dataset_manifest,
         "sidecars": [
-            {k: r[k] for k in ("name", "shard", "shard_sha256", "samples", "skipped", "bytes",
-                               "sha256")}
+            {
+                k: r[k]
+                for k in ("name", "shard", "shard_sha256", "samples", "skipped", "bytes", "sha256")
+            }
             for r in receipts
         ],
         "totals": {
@@ -239,9 +233,11 @@ class SidecarReader:
         handle, fields, skipped = self._handle(sidecar)
         if key in skipped:
             raise SkippedSample(skipped[key], f"{key}: not encoded ({skipped[key]})")
+        from safetensors import SafetensorError
+
         try:
             return {f: handle.get_tensor(f"{key}/{f}") for f in fields}
-        except Exception:  # safetensors raises its own error type for a missing name
+        except SafetensorError:  # no such tensor
             raise SkippedSample(
                 "not_in_latent_cache", f"{sidecar}: no latents for sample {key}"
             ) from None
@@ -255,18 +251,31 @@ class SidecarReader:
         if len(self._open) >= self.max_open:
             self._open.popitem(last=False)
         handle = safe_open(str(sidecar), framework="pt")
-        meta = handle.metadata() or {}
-        entry = (handle, meta.get("fields", "").split(","), json.loads(meta.get("skipped", "{}")))
+        meta = _metadata(sidecar, handle.metadata())
+        entry = (handle, meta["fields"], meta["skipped"])
         self._open[sidecar] = entry
         return entry
 
 
 def sidecar_header(path: Path) -> tuple[set[str], dict[str, str]]:
-    """The tensor names and metadata of a sidecar (reads only its header)."""
-    from safetensors import safe_open
+    """The tensor names and the ``infotok_latents`` metadata of a sidecar (reads its header)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return set(f.keys()), dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys()), _metadata(path, f.metadata())
+    except SafetensorError as e:
+        raise CommandError(f"{path}: not a safetensors file ({e})") from None
+
+
+def _metadata(path: Path, metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    try:
+        meta = json.loads((metadata or {})[META_KEY])
+        if meta["format"] != CACHE_FORMAT:
+            raise ValueError(f"format {meta['format']!r}, expected {CACHE_FORMAT}")
+        return meta
+    except (KeyError, TypeError, ValueError) as e:
+        raise CommandError(f"{path}: not a latent cache sidecar ({e})") from None
 
 
 def verify_caches(dataset: Path, shards: list[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
@@ -333,8 +342,7 @@ def _check_sidecar(
     names, meta = sidecar_header(path)
     if meta.get("identity") != manifest["identity_sha256"]:
         return [f"{name}: encoded with another VAE identity than its manifest's"]
-    fields = meta.get("fields", "").split(",")
-    skipped = json.loads(meta.get("skipped", "{}"))
+    fields, skipped = meta["fields"], meta["skipped"]
     encoded = {n.rpartition("/")[0] for n in names}
     expected_names = {f"{k}/{f}" for k in encoded for f in fields}
     samples, _ = read_index(shard)
@@ -345,8 +353,10 @@ def _check_sidecar(
     missing = covered - encoded - set(skipped)
     extra = (encoded | set(skipped)) - covered
     if missing:
-        problems.append(f"{name}: {len(missing)} sample(s) of {shard.name} neither encoded nor "
-                        f"skipped, e.g. {sorted(missing)[0]}")
+        problems.append(
+            f"{name}: {len(missing)} sample(s) of {shard.name} neither encoded nor "
+            f"skipped, e.g. {min(missing)}"
+        )
     if extra:
-        problems.append(f"{name}: {len(extra)} key(s) not in {shard.name}, e.g. {sorted(extra)[0]}")
+        problems.append(f"{name}: {len(extra)} key(s) not in {shard.name}, e.g. {min(extra)}")
     return problems

@@ -296,10 +296,10 @@ class SampleError(Exception):
 
 
 def decode_sample(
-    key: str, members: Mapping[str, bytes], task: str, image: bool = True
+    key: str, members: Mapping[str, bytes], task: str, decode_image: bool = True
 ) -> dict[str, Any]:
     """data_prep sample -> ``{"__key__", "image": PIL RGB, **json}`` (what processors take);
-    without ``image`` the image member is not decoded (its latents come from a cache)."""
+    without ``decode_image`` the image member is not decoded (its latents come from a cache)."""
     try:
         meta = json.loads(members[JSON_EXTENSION])
         if not isinstance(meta, dict) or meta.get("task") != task:
@@ -310,7 +310,7 @@ def decode_sample(
     ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if ext is None:
         raise SampleError("no_image", f"{key}: no image member")
-    if not image:
+    if not decode_image:
         return {**meta, "__key__": key}
     try:
         with Image.open(io.BytesIO(members[ext])) as image:
@@ -519,7 +519,7 @@ class TwoStreamLoader:
             shard, j = order.locate(p)
             try:
                 key, members = reader.read(shard, stream, j)
-                sample = decode_sample(key, members, stream, image=decode_image)
+                sample = decode_sample(key, members, stream, decode_image)
                 if cache is not None:
                     sample[LATENTS] = self._cached(reader, cache / sidecar_name(shard), key)
                 processed = self._process(key, sample)

@@ -16,7 +16,8 @@ fp32 master weights, Adam moments and gradient partitions over the ranks; the re
 Prints a table (or ``--json``) and exits 0 when the peak leaves at least 10% of the device's memory
 free, 3 when it does not (one line names the largest part and what would fix it), 2 on bad input.
 FLOPs are those executed (a recomputed forward under activation checkpointing counts); MFU
-figures use the device's dense bf16 peak.
+figures use the device's dense bf16 peak. The frozen autoencoder only encodes, in the forward: its
+share of the FLOPs is what a latent cache (``python -m data_prep encode``) removes.
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class Plan:
     flops_per_sample: float
     flops_by_part: dict[str, float]
     """FLOPs per sample of each part of the model."""
+    frozen_part: str
+    """The part of ``flops_by_part`` that is the frozen autoencoder (the adapter's
+    ``FROZEN_MODULE``)."""
     samples_per_step: int
     steps: int
 
@@ -133,6 +137,17 @@ class Plan:
 
     def run_hours(self, mfu: float) -> float:
         return self.steps * self.samples_per_step / (self.gpus * self.samples_per_s(mfu)) / 3600
+
+    @property
+    def latent_cache_saving(self) -> float:
+        """Share of the step's FLOPs a latent cache (``python -m data_prep encode``) removes: the
+        frozen autoencoder's, which only encodes, in the forward."""
+        return self.flops_by_part.get(self.frozen_part, 0.0) / self.flops_per_sample
+
+    @property
+    def latent_cache_speedup(self) -> float:
+        """Samples/s with a latent cache over samples/s without, at the same MFU."""
+        return 1 / (1 - self.latent_cache_saving)
 
     def parts(self) -> dict[str, int]:
         """The peak's parts, in bytes per GPU."""
@@ -174,6 +189,8 @@ class Plan:
             parts=self.parts(),
             samples_per_s_per_gpu={f"{m:.0%}": self.samples_per_s(m) for m in MFU_TARGETS},
             run_hours={f"{m:.0%}": self.run_hours(m) for m in MFU_TARGETS},
+            latent_cache_saving=self.latent_cache_saving,
+            latent_cache_speedup=self.latent_cache_speedup,
         )
         return out
 
@@ -492,11 +509,16 @@ def profile_step(
     )
 
 
-def flops_per_sample(model: InfoTokModel, n_i2t: int, n_t2i: int) -> float:
+def flops_per_sample(
+    model: InfoTokModel, n_i2t: int, n_t2i: int, *, cached_latents: bool = False
+) -> float:
     """Forward + backward FLOPs per sample of a micro-step of the longest samples, counted on fake
-    twins of ``model``'s tensors (the model is not touched)."""
+    twins of ``model``'s tensors (the model is not touched); without the frozen autoencoder's
+    when ``cached_latents`` (the run reads a latent cache)."""
     batch = longest_batch(model, n_i2t, n_t2i)
-    return profile_step(model, batch, memory=False).flops / (n_i2t + n_t2i)
+    step = profile_step(model, batch, memory=False)
+    frozen = step.flops_by_part.get(type(model.adapter).FROZEN_MODULE, 0) if cached_latents else 0
+    return (step.flops - frozen) / (n_i2t + n_t2i)
 
 
 def plan_recipe(
@@ -526,6 +548,7 @@ def plan_recipe(
         peak=states.resident + max(backward, states.step_extra),
         flops_per_sample=step.flops / micro,
         flops_by_part={k: v / micro for k, v in step.flops_by_part.items()},
+        frozen_part=type(model.adapter).FROZEN_MODULE,
         samples_per_step=micro * ds["gradient_accumulation_steps"] * gpus,
         steps=cfg.steps,
     )
@@ -565,6 +588,13 @@ def format_plan(plan: Plan) -> str:
         if value
     ]
     lines.append(f"| **total** | **{total / 1e9:,.0f}** | |")
+    if plan.latent_cache_saving:
+        lines += [
+            "",
+            f"a latent cache (python -m data_prep encode) removes the {plan.frozen_part}'s "
+            f"{plan.latent_cache_saving:.0%} of these FLOPs: about "
+            f"{plan.latent_cache_speedup:.2f}x the samples/s at the same MFU",
+        ]
     speed = [
         f"{m:.0%} MFU: {plan.samples_per_s(m):.1f} samples/s per GPU, "
         f"{plan.run_hours(m):.1f} h for the run"

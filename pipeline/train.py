@@ -221,8 +221,20 @@ class Trainer:
         self.split = split = split_batch(cfg, world, saved, where)
         torch.manual_seed(cfg.seed)
         model = build_objective(cfg.model, cfg.infotok, cfg.loss_weight_i2t, cfg.loss_weight_t2i)
+        latents = latent_source(
+            cfg.data.datasets(),
+            model.adapter,
+            cfg.precision,
+            cfg.data.latent_cache,
+            partial(print, "[train] latent cache:", flush=True) if rank == 0 else None,
+        )
+        # The recipe copy in each checkpoint records the path taken (replay takes it too).
+        cfg.data.latent_cache = "required" if latents is not None else "off"
         self.flops_per_sample = plan.flops_per_sample(
-            model, cfg.data.micro_batch_i2t, cfg.data.micro_batch_t2i
+            model,
+            cfg.data.micro_batch_i2t,
+            cfg.data.micro_batch_t2i,
+            cached_latents=latents is not None,
         )  # counted on fake tensors: the model's weights and the RNG streams are untouched
         self.generator = torch.Generator(device=dev)
         self.loader = TwoStreamLoader(
@@ -233,13 +245,7 @@ class Trainer:
             world_size=world,
             grad_accum=split.grad_accum,
             pin_memory=dev.type == "cuda",
-            latents=latent_source(
-                cfg.data.datasets(),
-                model.adapter,
-                cfg.precision,
-                cfg.data.latent_cache,
-                partial(print, "[train] latent cache:", flush=True) if rank == 0 else None,
-            ),
+            latents=latents,
         )
         if saved is not None:
             try:

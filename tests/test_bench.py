@@ -31,6 +31,12 @@ RATIO_LINES = {
         rf"^pass-through: shard --check structure, \d+ w\.\s+{ROW}  >= 0\.8$",
         rf"^pass-through: shard --check decode, \d+ w\.\s+{ROW}  $",
     ],
+    "latent_cache.py": [  # measured: ms and ratios cached / on the fly; planned: share, speed-up
+        r"^\| showo2 tiny \| \d+\+\d+ \| i2t\+t2i \| "
+        + rf"{NUM} \| " * 7
+        + rf"{NUM}-{NUM} \| {NUM} \| {NUM}e[+-]\d+ \|$",
+        rf"^\| configs/harmon_0\.5b\.yaml \| [\d,]+ \| [\d,]+ \| {NUM}% \| {NUM} \| {NUM}x \|$",
+    ],
     "gpu_check.py": [  # a row per model and mode: tokens, step s, samples/s, ..., FLOPs/planned
         rf"^\| {model} tiny \| {mode} \| 2\+2 \| \d+ \| {NUM} \| {NUM} \| \S+ \| \S+ \| {NUM} \| "
         for model in ("showo2", "harmon", "openuni")

@@ -10,11 +10,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+from train_helpers import ROOT
 
 from pipeline import plan
 from pipeline.objective import build_objective
 from pipeline.recipe import load_train_config
-from train_helpers import ROOT
 
 FAMILIES = ("showo2", "harmon", "openuni")
 OVERSIZED = ["data.micro_batch_t2i=512"]
@@ -74,6 +75,40 @@ def test_the_fake_step_measures_what_real_tensors_measure(family, tokenizer_dir)
         n_trained,
         sum(p.numel() for p in real.parameters()) - n_trained,
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_latent_cache_saving_is_the_frozen_autoencoders_share_of_the_flops(
+    family, tokenizer_dir
+):
+    """The planned saving is the vae part's FLOPs over the total, and that part is what the cache
+    holds: one encode of every image of the family's latent tasks (FLOPs of ``vae_posterior``)."""
+    cfg = tiny_recipe(family, tokenizer_dir)
+    planned = plan.plan_recipe(cfg, 1, plan.DEVICES["h100"], "tiny", tokenizer_dir)
+    vae = planned.flops_by_part["vae"]
+    assert planned.latent_cache_saving == vae / planned.flops_per_sample
+    assert 0 < planned.latent_cache_saving < 1
+    assert planned.latent_cache_speedup == pytest.approx(
+        planned.flops_per_sample / (planned.flops_per_sample - vae)
+    )
+    torch.manual_seed(0)
+    adapter = build_objective(cfg.model, cfg.infotok).adapter
+    task = adapter.LATENT_TASKS[0]
+    sample = next(
+        s for s in plan.longest_samples(1, 1, adapter.config.image_size) if s["task"] == task
+    )
+    with FlopCounterMode(display=False) as one_image, torch.no_grad():
+        adapter.vae_posterior(adapter.processor.vae_input(sample)[None])
+    micro = {"i2t": cfg.data.micro_batch_i2t, "t2i": cfg.data.micro_batch_t2i}
+    images = sum(micro[t] for t in adapter.LATENT_TASKS)
+    assert vae == one_image.get_total_flops() * images / sum(micro.values())
+    line = (
+        f"a latent cache (python -m data_prep encode) removes the vae's "
+        f"{planned.latent_cache_saving:.0%} of these FLOPs: about "
+        f"{planned.latent_cache_speedup:.2f}x the samples/s at the same MFU"
+    )
+    assert line in plan.format_plan(planned).splitlines()
+    assert planned.to_json()["latent_cache_saving"] == planned.latent_cache_saving
 
 
 def test_the_longest_batch_reaches_the_maximum_sequence_length(tokenizer_dir):
@@ -214,3 +249,18 @@ def test_a_device_name_gives_its_bf16_peak():
     assert plan.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert plan.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert plan.peak_bf16_tflops("Tesla T4") is None
+
+
+def test_a_run_reading_a_latent_cache_counts_no_vae_flops_for_its_mfu(tokenizer_dir):
+    """The trainer's FLOPs per sample (its MFU) leave out exactly one encode of every image of the
+    latent tasks when the run reads a cache."""
+    cfg = tiny_recipe("harmon", tokenizer_dir)
+    torch.manual_seed(0)
+    model = build_objective(cfg.model, cfg.infotok)
+    n_i2t, n_t2i = cfg.data.micro_batch_i2t, cfg.data.micro_batch_t2i
+    fly = plan.flops_per_sample(model, n_i2t, n_t2i)
+    cached = plan.flops_per_sample(model, n_i2t, n_t2i, cached_latents=True)
+    size = model.adapter.config.image_size
+    with FlopCounterMode(display=False) as vae, torch.no_grad():
+        model.adapter.vae_posterior(torch.zeros(n_i2t + n_t2i, 3, size, size))
+    assert fly - cached == pytest.approx(vae.get_total_flops() / (n_i2t + n_t2i))

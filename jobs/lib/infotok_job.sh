@@ -166,6 +166,98 @@ _infotok_requeue() {
     return 0
 }
 
+# ------------------------------------------------------------------------------------------------
+# Building blocks of the job scripts (infotok_job_main below, jobs/encode_latents.sh).
+
+# infotok_python ROOT: the interpreter the job runs: INFOTOK_PYTHON, else ROOT/.venv/bin/python,
+# else python3.
+infotok_python() {
+    if [[ -n "${INFOTOK_PYTHON:-}" ]]; then
+        printf '%s\n' "$INFOTOK_PYTHON"
+    elif [[ -x "$1/.venv/bin/python" ]]; then
+        printf '%s\n' "$1/.venv/bin/python"
+    else
+        printf '%s\n' python3
+    fi
+}
+
+# infotok_site_overrides ARRAY: appends to the array named ARRAY the recipe overrides of the site's
+# environment, least specific first: INFOTOK_RUN_DIR, INFOTOK_I2T, INFOTOK_T2I,
+# INFOTOK_MODEL_PATH, INFOTOK_TOKENIZER_PATH, INFOTOK_VAE_PATH, then INFOTOK_OVERRIDES.
+infotok_site_overrides() {
+    local -n _infotok_into="$1"
+    if [[ -n "${INFOTOK_RUN_DIR:-}" ]]; then _infotok_into+=("run_dir=$INFOTOK_RUN_DIR"); fi
+    if [[ -n "${INFOTOK_I2T:-}" ]]; then
+        _infotok_into+=("data.i2t=$(_infotok_yaml_list "$INFOTOK_I2T")")
+    fi
+    if [[ -n "${INFOTOK_T2I:-}" ]]; then
+        _infotok_into+=("data.t2i=$(_infotok_yaml_list "$INFOTOK_T2I")")
+    fi
+    if [[ -n "${INFOTOK_MODEL_PATH:-}" ]]; then
+        _infotok_into+=("model.path=$INFOTOK_MODEL_PATH")
+    fi
+    if [[ -n "${INFOTOK_TOKENIZER_PATH:-}" ]]; then
+        _infotok_into+=("model.tokenizer_path=$INFOTOK_TOKENIZER_PATH")
+    fi
+    if [[ -n "${INFOTOK_VAE_PATH:-}" ]]; then
+        _infotok_into+=("model.vae_path=$INFOTOK_VAE_PATH")
+    fi
+    if [[ -n "${INFOTOK_OVERRIDES:-}" ]]; then
+        local -a _infotok_extra
+        read -r -a _infotok_extra <<< "$INFOTOK_OVERRIDES"
+        _infotok_into+=("${_infotok_extra[@]}")
+    fi
+}
+
+# infotok_python_env ROOT: the package imports from any workdir; nothing is downloaded at run
+# time; unbuffered output.
+infotok_python_env() {
+    export PYTHONPATH="$1${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+    export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
+    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/infotok/torch_extensions}"
+}
+
+# infotok_rendezvous_env: ranks, rendezvous and NCCL defaults of the step's tasks.
+infotok_rendezvous_env() {
+    # Ranks come from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; a RANK or WORLD_SIZE exported from
+    # the submitting shell would override them in Python, so drop them.
+    unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
+    # Rendezvous: rank 0 runs on the first node. The port is a pure function of the job id, so all
+    # tasks and every requeued attempt agree, and it stays below the Linux ephemeral range (32768+)
+    # where an outgoing connection could already hold it.
+    local -a hosts
+    mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" \
+        2>/dev/null || hostname)
+    local jobnum="${SLURM_JOB_ID:-0}"
+    jobnum="${jobnum//[^0-9]/}"
+    export MASTER_ADDR="${INFOTOK_MASTER_ADDR:-${hosts[0]}}"
+    export MASTER_PORT="${INFOTOK_MASTER_PORT:-$(( 20000 + ${jobnum:-0} % 12000 ))}"
+    # NCCL / torch.distributed defaults; whatever the site or the user set wins. NCCL_SOCKET_IFNAME,
+    # NCCL_IB_HCA and friends are fabric-specific: set them in the site environment.
+    # Async error handling: a failed collective aborts, no silent hang.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+    export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"  # patient with busy InfiniBand fabrics
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+}
+
+# infotok_srun_args ARRAY: appends to the array named ARRAY the srun flags every step takes: this
+# allocation's task count and CPUs per task (srun >= 22.05 does not inherit sbatch's
+# --cpus-per-task), then INFOTOK_SRUN_ARGS.
+infotok_srun_args() {
+    local -n _infotok_args="$1"
+    if [[ -n "${SLURM_NTASKS:-}" ]]; then _infotok_args+=("--ntasks=$SLURM_NTASKS"); fi
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+        _infotok_args+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
+    fi
+    if [[ -n "${INFOTOK_SRUN_ARGS:-}" ]]; then
+        local -a _infotok_site
+        read -r -a _infotok_site <<< "$INFOTOK_SRUN_ARGS"
+        _infotok_args+=("${_infotok_site[@]}")
+    fi
+}
+
 # infotok_job_main FAMILY DEFAULT_RECIPE [key=value ...]: one attempt; returns the job's exit code.
 infotok_job_main() {
     local family="$1" default_recipe="$2"
@@ -174,10 +266,8 @@ infotok_job_main() {
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
     local workdir="${INFOTOK_WORKDIR:-$root}"
     local recipe="${INFOTOK_RECIPE:-$default_recipe}"
-    local py="${INFOTOK_PYTHON:-}"
-    if [[ -z "$py" ]]; then
-        if [[ -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"; else py="python3"; fi
-    fi
+    local py
+    py="$(infotok_python "$root")"
     local restarts="${SLURM_RESTART_COUNT:-0}"
     _infotok_stop_signal="${INFOTOK_STOP_SIGNAL:-USR2}"
     _infotok_stop_signal="${_infotok_stop_signal#SIG}"
@@ -207,24 +297,9 @@ infotok_job_main() {
     # Overrides, least specific first (the trainer applies them in order, the last one wins):
     # the stop signals, the site's environment, INFOTOK_OVERRIDES, then the script's arguments.
     local -a overrides=("checkpoint.stop_signals=[SIG$_infotok_stop_signal, SIGTERM]")
-    if [[ -n "${INFOTOK_RUN_DIR:-}" ]]; then overrides+=("run_dir=$INFOTOK_RUN_DIR"); fi
-    if [[ -n "${INFOTOK_I2T:-}" ]]; then overrides+=("data.i2t=$(_infotok_yaml_list "$INFOTOK_I2T")"); fi
-    if [[ -n "${INFOTOK_T2I:-}" ]]; then overrides+=("data.t2i=$(_infotok_yaml_list "$INFOTOK_T2I")"); fi
-    if [[ -n "${INFOTOK_MODEL_PATH:-}" ]]; then overrides+=("model.path=$INFOTOK_MODEL_PATH"); fi
-    if [[ -n "${INFOTOK_TOKENIZER_PATH:-}" ]]; then overrides+=("model.tokenizer_path=$INFOTOK_TOKENIZER_PATH"); fi
-    if [[ -n "${INFOTOK_VAE_PATH:-}" ]]; then overrides+=("model.vae_path=$INFOTOK_VAE_PATH"); fi
-    if [[ -n "${INFOTOK_OVERRIDES:-}" ]]; then
-        local -a extra
-        read -r -a extra <<< "$INFOTOK_OVERRIDES"
-        overrides+=("${extra[@]}")
-    fi
+    infotok_site_overrides overrides
     overrides+=("$@")
-
-    # The package imports from any workdir; nothing is downloaded at run time.
-    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-    export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-    export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
-    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/infotok/torch_extensions}"
+    infotok_python_env "$root"
 
     # Preflight on the batch host before any GPU work: one line and no requeue on failure.
     local envfile run_dir=""
@@ -254,37 +329,12 @@ infotok_job_main() {
         return "$EXIT_STOPPED"
     fi
 
-    # Ranks come from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; a RANK or WORLD_SIZE exported from
-    # the submitting shell would override them in the trainer, so drop them.
-    unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
-    # Rendezvous: rank 0 runs on the first node. The port is a pure function of the job id, so all
-    # tasks and every requeued attempt agree, and it stays below the Linux ephemeral range (32768+)
-    # where an outgoing connection could already hold it.
-    local -a hosts
-    mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/dev/null || hostname)
-    local jobnum="${SLURM_JOB_ID:-0}"
-    jobnum="${jobnum//[^0-9]/}"
-    export MASTER_ADDR="${INFOTOK_MASTER_ADDR:-${hosts[0]}}"
-    export MASTER_PORT="${INFOTOK_MASTER_PORT:-$(( 20000 + ${jobnum:-0} % 12000 ))}"
+    infotok_rendezvous_env
 
-    # NCCL / torch.distributed defaults; whatever the site or the user set wins.
-    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  # a failed collective aborts, no silent hang
-    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-    export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"  # patient with busy InfiniBand fabrics
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
-    # NCCL_SOCKET_IFNAME, NCCL_IB_HCA and friends are fabric-specific: set them in the site environment.
-
-    # srun (SLURM >= 22.05) does not inherit sbatch's --cpus-per-task: pass it on explicitly.
     # --kill-on-bad-exit=0: exit 75 is non-zero too, and the first rank done with its save must not
     # kill the others mid-save; --wait bounds how long a crashed rank can leave the others hanging.
     local -a srun_args=(--kill-on-bad-exit=0 "--wait=${INFOTOK_STEP_GRACE:-300}")
-    if [[ -n "${SLURM_NTASKS:-}" ]]; then srun_args+=("--ntasks=$SLURM_NTASKS"); fi
-    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then srun_args+=("--cpus-per-task=$SLURM_CPUS_PER_TASK"); fi
-    if [[ -n "${INFOTOK_SRUN_ARGS:-}" ]]; then
-        local -a site_args
-        read -r -a site_args <<< "$INFOTOK_SRUN_ARGS"
-        srun_args+=("${site_args[@]}")
-    fi
+    infotok_srun_args srun_args
     # A FAULT report of an earlier attempt is not about this one.
     if [[ -n "$run_dir" ]]; then rm -f "$run_dir/heartbeats/FAULT"; fi
     local -a cmd=(srun "${srun_args[@]}" "$py" -m "${INFOTOK_TRAIN_MODULE:-pipeline.train}"
