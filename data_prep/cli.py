@@ -63,6 +63,9 @@ source kinds (--source [NAME=]KIND:PATH, repeatable; NAME labels the source in s
   llava:FILE    a LLaVA JSON array: "id", "image", "conversations" with from human/gpt
   folder:DIR    images with sidecars: x.jpg + x.txt (a caption) or x.json (fields as jsonl)
   hf:PATH       a datasets save_to_disk directory or parquet file(s); see --image-column
+  wds:PATH      WebDataset tars as published (a directory of *.tar, a quoted glob, or one tar),
+                read in place: <key>.jpg|jpeg|png|webp + <key>.txt and/or <key>.json (a
+                "prompt", "caption", "text" or --text-column field, or messages/conversations)
 
 Interrupted runs (even kill -9) finish with --resume and give the same result."""
 
@@ -184,7 +187,18 @@ def _add_shard(commands: argparse._SubParsersAction) -> None:
         default=default["text_column"],
         metavar="NAME",
         help="hf sources: a column holding a caption string (task from --task) or a list of "
-        "turns; default: read the columns like jsonl fields",
+        "turns; wds sources: the .json field holding the text; default: read the columns (the "
+        ".json) like jsonl fields",
+    )
+    p.add_argument(
+        "--take",
+        action="append",
+        default=[],
+        metavar="NAME=N|FRACTION",
+        help="keep a sub-sample of source NAME: N records or each with probability FRACTION, "
+        "chosen by a hash of --seed, NAME and the record's key (the same whatever the order or "
+        "--workers); records left out are never read further and are counted in the manifest, "
+        "not listed in the ledger (repeatable, one per source)",
     )
     p.set_defaults(run=shard)
 

@@ -80,10 +80,12 @@ def shard(
     image_root: StrPath | None = None,
     image_column: str = "image",
     text_column: str | None = None,
+    take: Sequence[str] = (),
 ) -> Manifest:
     """Write ``sources`` as shards + manifest + ledger into ``output``; returns the manifest.
 
-    ``sources``: one or more ``[NAME=]KIND:PATH`` strings, KIND one of jsonl, llava, folder, hf.
+    ``sources``: one or more ``[NAME=]KIND:PATH`` strings, KIND one of jsonl, llava, folder, hf,
+    wds; ``take``: ``NAME=N`` or ``NAME=FRACTION`` sub-samples of sources.
     The other arguments are the flags of ``python -m data_prep shard`` (see its ``--help``);
     ``workers=None`` uses every CPU available. The same inputs and seed give byte-identical
     output whatever ``workers`` is; ``resume=True`` finishes an interrupted run.
@@ -122,6 +124,7 @@ def shard(
             image_root=None if image_root is None else Path(image_root),
             image_column=image_column,
             text_column=text_column,
+            take=list(take),
         )
     )
 

@@ -12,6 +12,7 @@ from typing import Any
 from data_prep import __version__
 from data_prep.errors import CommandError
 from data_prep.records import compact_json
+from data_prep.sampling import TakeCount
 from data_prep.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -69,8 +70,10 @@ def build_manifest(
     shards: list[ManifestShard],
     ledger: LedgerWriter,
     sources: dict[str, tuple[str, str]],
+    takes: dict[str, tuple[str, TakeCount]],
 ) -> Manifest:
-    """``sources`` maps each label to (kind, path), in command-line order."""
+    """``sources`` maps each label to (kind, path), in command-line order; ``takes`` the labels
+    with a ``--take`` to (its value, what it kept and left out)."""
     tasks = {task: sum(s["tasks"][task] for s in shards) for task in TASKS}
     per_source: dict[str, ManifestSource] = {}
     for name, (kind, path) in sources.items():
@@ -82,6 +85,9 @@ def build_manifest(
             "samples": counts["written"],
             "skipped": counts["skipped"],
         }
+        if name in takes:
+            value, (taken, not_taken) = takes[name]
+            per_source[name].update(take=value, taken=taken, not_taken=not_taken)
     samples = sum(tasks.values())
     skipped = sum(ledger.skipped.values())
     return {

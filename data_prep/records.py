@@ -38,6 +38,10 @@ REASONS: dict[str, str] = {
     "corrupt_image": "the image data does not decode",
     "decompression_bomb": "the image has more pixels than the limit",
     "too_small": "the image's shorter side is below --min-side",
+    "no_image_member": "a WebDataset key has no jpg/jpeg/png/webp member",
+    "no_text_member": "a WebDataset key has no .txt or .json member",
+    "unreadable_member": "a tar member is not a regular file",
+    "truncated_tar": "the tar ends before the member (or the tar cannot be read past a point)",
 }
 """Every reason a record can be skipped for, with what it means (shown by ``stats``)."""
 
@@ -69,6 +73,9 @@ class Skip(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses process pools intact
+        return Skip, (self.reason, self.detail)
+
 
 class HfRow(NamedTuple):
     """An image stored inside a ``datasets`` table: source label, split ('' if none) and row."""
@@ -78,8 +85,16 @@ class HfRow(NamedTuple):
     row: int
 
 
-ImageRef = str | HfRow
-"""Where a record's image is: an absolute file path or a row of an hf source."""
+class TarMember(NamedTuple):
+    """An image inside a tar of a wds source: the tar's path and the member's data location."""
+
+    tar: str
+    offset: int
+    size: int
+
+
+ImageRef = str | HfRow | TarMember
+"""Where a record's image is: an absolute file path, a row of an hf source or a tar member."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +217,21 @@ def make_record(
         meta=meta,
         identity=identity.hexdigest(),
     )
+
+
+def json_object(raw: bytes, where: str) -> dict[str, Any]:
+    """A UTF-8 JSON object; Skip (bad_encoding / bad_json) otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Skip("bad_encoding", f"{where} is not UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Skip("bad_json", f"{where}: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise Skip("bad_json", f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def written(record: Record, shard: str) -> LedgerEntry:

@@ -70,11 +70,14 @@ class ManifestShard(TypedDict):
 
 
 class ManifestSource(TypedDict):
-    kind: str  # jsonl, llava, folder or hf
+    kind: str  # jsonl, llava, folder, hf or wds
     path: str
-    records: int  # input records seen in this source
+    records: int  # input records in the ledger (all, or those --take kept, and defective ones)
     samples: int  # of which written
     skipped: int  # of which skipped
+    take: NotRequired[str]  # --take NAME=... of this source: a count or a fraction
+    taken: NotRequired[int]  # records --take chose (in the ledger: written or skipped)
+    not_taken: NotRequired[int]  # records --take left out: counted here, not in the ledger
 
 
 class ManifestTotals(TypedDict):

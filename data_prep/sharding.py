@@ -33,6 +33,7 @@ from data_prep.errors import CommandError
 from data_prep.images import ImageOptions, PreparedImage, prepare
 from data_prep.manifest import LedgerWriter, build_manifest, manifest_bytes, write_atomic
 from data_prep.records import REASONS, Record, Skip, compact_json, skipped, written
+from data_prep.sampling import Take, TakeCount, chosen, parse_takes
 from data_prep.schema import (
     JSON_EXTENSION,
     LEDGER_FILE,
@@ -81,6 +82,7 @@ class ShardArgs:
     image_root: Path | None
     image_column: str
     text_column: str | None
+    take: list[str]
 
 
 @dataclass(frozen=True)
@@ -101,19 +103,27 @@ def run(args: ShardArgs) -> Manifest:
     """Write the dataset directory ``args.output``; returns its manifest."""
     started = time.monotonic()
     specs = parse_specs(args.sources)
+    takes = parse_takes(args.take, [s.label for s in specs])
     out = args.output.absolute()
     work = out / WORK_DIR
-    arguments = _arguments(args, specs)
+    arguments = _arguments(args, specs, takes)
     finished = _prepare_output(out, args.resume, arguments)
     if finished is not None:
         return finished
     with _exclusive(work, out):
         image_root = args.image_root.absolute() if args.image_root else None
         scan_opts = ScanOptions(
-            args.task, image_root, args.image_column, args.text_column, work / "hf-cache"
+            args.task,
+            image_root,
+            args.image_column,
+            args.text_column,
+            work / "hf-cache",
+            takes,
+            args.seed,
+            args.workers,
         )
         tables = open_hf_tables(specs, scan_opts)
-        records, scan_skips = _scan_all(specs, scan_opts, tables)
+        records, scan_skips, counts = _scan_all(specs, scan_opts, tables)
         records.sort(
             key=lambda r: hashlib.blake2b(f"{args.seed}:{r.key}".encode(), digest_size=16).digest()
         )
@@ -130,7 +140,11 @@ def run(args: ShardArgs) -> Manifest:
         )
         shards, ledger = _assemble(out, work / "parts", len(jobs), scan_skips)
         manifest = build_manifest(
-            arguments, shards, ledger, {s.label: (s.kind, str(s.path)) for s in specs}
+            arguments,
+            shards,
+            ledger,
+            {s.label: (s.kind, str(s.path)) for s in specs},
+            {label: (str(take), counts[label]) for label, take in takes.items()},
         )
         write_atomic(out / MANIFEST_FILE, manifest_bytes(manifest))
         shutil.rmtree(work)
@@ -182,10 +196,11 @@ def _exclusive(work: Path, out: Path) -> Iterator[None]:
         yield
 
 
-def _arguments(args: ShardArgs, specs: list[SourceSpec]) -> dict[str, Any]:
+def _arguments(args: ShardArgs, specs: list[SourceSpec], takes: dict[str, Take]) -> dict[str, Any]:
     """The arguments that determine the output (not --workers, --resume or --output)."""
     return {
         "sources": [f"{s.label}={s.kind}:{s.path}" for s in specs],
+        "take": {label: str(take) for label, take in takes.items()},
         "task": args.task,
         "shard_size": args.shard_size,
         "max_side": args.max_side,
@@ -227,18 +242,31 @@ def _prepare_output(out: Path, resume: bool, arguments: dict[str, Any]) -> Manif
 
 def _scan_all(
     specs: list[SourceSpec], opts: ScanOptions, tables: dict[str, Any]
-) -> tuple[list[Record], list[LedgerEntry]]:
-    """All records of all sources, with duplicates (same task, image and text) skipped."""
+) -> tuple[list[Record], list[LedgerEntry], dict[str, TakeCount]]:
+    """All records of all sources that ``--take`` keeps, with duplicates (same task, image and
+    text) skipped; and what ``--take`` kept and left out of each source."""
     records: list[Record] = []
     skips: list[LedgerEntry] = []
+    counts: dict[str, TakeCount] = {}
     first: dict[str, Record] = {}
     for spec in specs:
+        found: list[Record] = []
         for item in tqdm(
             scan(spec, opts, tables), desc=f"scan {spec.label}", unit="record", disable=None
         ):
-            if not isinstance(item, Record):
+            if isinstance(item, TakeCount):  # a wds source took its sub-sample itself
+                counts[spec.label] = item
+            elif isinstance(item, Record):
+                found.append(item)
+            else:
                 skips.append(item)
-            elif item.identity in first:
+        take = opts.takes.get(spec.label)
+        if take is not None and spec.label not in counts:
+            keep = chosen([r.key for r in found], take, opts.seed, spec.label)
+            counts[spec.label] = TakeCount(len(keep), len(found) - len(keep))
+            found = [r for r in found if r.key in keep]
+        for item in found:
+            if item.identity in first:
                 earlier = first[item.identity]
                 dup = Skip(
                     "duplicate",
@@ -248,7 +276,7 @@ def _scan_all(
             else:
                 first[item.identity] = item
                 records.append(item)
-    return records, skips
+    return records, skips, counts
 
 
 def _check_plan(work: Path, arguments: dict[str, Any], records: list[Record]) -> None:
@@ -458,4 +486,11 @@ def _summary(out: Path, manifest: dict[str, Any], seconds: float) -> None:
     if totals["skipped"]:
         reasons = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items())
         print(f"skipped {totals['skipped']}: {reasons} (details: {out / LEDGER_FILE})")
+    for name, source in manifest["sources"].items():
+        if "take" in source:
+            print(
+                f"--take {name}={source['take']}: took {source['taken']} of "
+                f"{source['taken'] + source['not_taken']} records ({source['not_taken']} left "
+                "out, counted, not in the ledger)"
+            )
     print(f"wrote {out / MANIFEST_FILE}")

@@ -1,4 +1,5 @@
-"""Source kinds (``jsonl``, ``llava``, ``folder``, ``hf``): parse ``--source`` and list records.
+"""Source kinds (``jsonl``, ``llava``, ``folder``, ``hf``, ``wds``): parse ``--source`` and list
+records.
 
 Scanning reads only text; images are read by the shard workers through :class:`ImageReader`.
 Every input record comes out of :func:`scan` exactly once, as a :class:`Record` or as a skipped
@@ -22,16 +23,20 @@ from data_prep.records import (
     ImageRef,
     Record,
     Skip,
+    TarMember,
     image_field,
+    json_object,
     label,
     make_record,
     meta_field,
     parse_text,
     skipped,
 )
+from data_prep.sampling import Take, TakeCount
 from data_prep.schema import LedgerEntry
+from data_prep.wds import scan_wds, tar_files
 
-KINDS = ("jsonl", "llava", "folder", "hf")
+KINDS = ("jsonl", "llava", "folder", "hf", "wds")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SIDECAR_SUFFIXES = (".json", ".txt")  # a .json sidecar wins over a .txt one
 
@@ -48,8 +53,11 @@ class ScanOptions:
     default_task: str  # for records that are a plain caption
     image_root: Path | None  # base of relative image paths (default: the source file's folder)
     image_column: str  # hf sources
-    text_column: str | None  # hf sources; None: interpret columns like jsonl fields
+    text_column: str | None  # hf and wds sources; None: interpret columns like jsonl fields
     cache_dir: Path  # where hf parquet sources are converted to Arrow
+    takes: Mapping[str, Take]  # --take, by source label
+    seed: int  # of --take's draws
+    workers: int  # wds sources list and read their tars in this many processes
 
 
 def parse_specs(specs: list[str]) -> list[SourceSpec]:
@@ -82,6 +90,10 @@ def parse_specs(specs: list[str]) -> list[SourceSpec]:
 
 
 def _check_path(text: str, kind: str, path: Path) -> None:
+    if kind == "wds":
+        if not tar_files(path):
+            raise CommandError(f"--source {text!r}: no .tar file at {path}")
+        return
     if not path.exists():
         raise CommandError(f"--source {text!r}: {path} does not exist")
     if kind in ("jsonl", "llava") and not path.is_file():
@@ -108,10 +120,21 @@ def open_hf_tables(specs: list[SourceSpec], opts: ScanOptions) -> dict[str, hf.T
 
 def scan(
     spec: SourceSpec, opts: ScanOptions, tables: Mapping[str, hf.Table]
-) -> Iterator[Record | LedgerEntry]:
-    """Every record of one source, in source order."""
+) -> Iterator[Record | LedgerEntry | TakeCount]:
+    """Every record of one source, in source order. A wds source applies its ``--take`` itself
+    (before reading any text) and ends with what it kept and left out (a ``TakeCount``)."""
     if spec.kind == "hf":
         return _scan_hf(spec, opts, tables[spec.label])
+    if spec.kind == "wds":
+        return scan_wds(
+            spec.path,
+            spec.label,
+            default_task=opts.default_task,
+            text_column=opts.text_column,
+            take=opts.takes.get(spec.label),
+            seed=opts.seed,
+            workers=opts.workers,
+        )
     scanners = {"jsonl": _scan_jsonl, "llava": _scan_llava, "folder": _scan_folder}
     return scanners[spec.kind](spec, opts)
 
@@ -124,7 +147,7 @@ def _scan_jsonl(spec: SourceSpec, opts: ScanOptions) -> Iterator[Record | Ledger
                 continue
             at = f"line {number}"
             try:
-                yield _record(spec, at, _json_object(raw, f"line {number}"), base, opts)
+                yield _record(spec, at, json_object(raw, f"line {number}"), base, opts)
             except Skip as skip:
                 yield skipped(spec.label, at, skip)
 
@@ -198,7 +221,7 @@ def _walk(root: Path) -> list[str]:
 def _read_sidecar(path: Path, rel: str) -> Mapping[str, Any]:
     raw = path.read_bytes()
     if rel.lower().endswith(".json"):
-        return _json_object(raw, rel)
+        return json_object(raw, rel)
     try:
         return {"caption": raw.decode("utf-8")}
     except UnicodeDecodeError as e:
@@ -231,20 +254,6 @@ def _scan_hf(
             yield skipped(spec.label, at, skip)
 
 
-def _json_object(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Skip("bad_encoding", f"{where} is not UTF-8 (byte {e.start})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise Skip("bad_json", f"{where}: {e.msg} at column {e.colno}") from None
-    if not isinstance(obj, dict):
-        raise Skip("bad_json", f"{where}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def _record(
     spec: SourceSpec, at: str, fields: Mapping[str, Any], base: Path, opts: ScanOptions
 ) -> Record:
@@ -270,6 +279,8 @@ class ImageReader:
         self.tables = tables  # hf source label -> its table (pickles by file reference)
 
     def read(self, ref: ImageRef) -> bytes:
+        if isinstance(ref, TarMember):
+            return read_member(ref)
         if isinstance(ref, HfRow):
             value = self.tables[ref.source].image(ref.split, ref.row)
             if isinstance(value, bytes):
@@ -286,3 +297,15 @@ def read_file(path: str) -> bytes:
         raise Skip("missing_image", f"{path}: no such file") from None
     except OSError as e:
         raise Skip("unreadable_image", f"{path}: {e.strerror or e}") from None
+
+
+def read_member(ref: TarMember) -> bytes:
+    try:
+        with open(ref.tar, "rb") as f:
+            f.seek(ref.offset)
+            data = f.read(ref.size)
+    except OSError as e:
+        raise Skip("unreadable_image", f"{ref.tar}: {e.strerror or e}") from None
+    if len(data) != ref.size:
+        raise Skip("truncated_tar", f"{ref.tar}: the member at byte {ref.offset} is cut short")
+    return data

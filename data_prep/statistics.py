@@ -40,12 +40,16 @@ def run(out_dir: Path) -> str:
         *(f"  {task:<6}{totals['tasks'][task]:>10}" for task in TASKS),
         "",
         "per source:",
-        f"  {'source':<24}" + "".join(f"{t:>10}" for t in TASKS) + f"{'skipped':>10}",
+        f"  {'source':<24}"
+        + "".join(f"{t:>10}" for t in TASKS)
+        + f"{'skipped':>10}{'not taken':>11}  --take",
     ]
     for name, info in manifest["sources"].items():
         counts = per_source.get(name, Counter())
         lines.append(
-            f"  {name:<24}" + "".join(f"{counts[t]:>10}" for t in TASKS) + f"{info['skipped']:>10}"
+            f"  {name:<24}"
+            + "".join(f"{counts[t]:>10}" for t in TASKS)
+            + f"{info['skipped']:>10}{info.get('not_taken', 0):>11}  {info.get('take', '-')}"
         )
     lines += ["", "skipped by reason:" if manifest["skipped"] else "skipped: none"]
     lines += [

@@ -31,6 +31,12 @@ RATIO_LINES = {
         rf"^pass-through: shard --check structure, \d+ w\.\s+{ROW}  >= 0\.8$",
         rf"^pass-through: shard --check decode, \d+ w\.\s+{ROW}  $",
     ],
+    "wds.py": [  # pass-through vs the two raw copies; selection of 1% vs listing alone
+        rf"^shard wds: --check structure, \d+ w\.\s+{ROW}\s+{NUM}  >= 0\.8$",
+        rf"^scan --take 0\.01 \(list, choose, read\), \d+ w\.\s+{NUM}\s+\d+\s+{NUM}$",
+        rf"^scan --take \d+ \(list twice, read\), \d+ w\.\s+{NUM}\s+\d+\s+{NUM}$",
+        rf"^scan, no --take \(read every caption\), \d+ w\.\s+{NUM}\s+\d+\s+{NUM}$",
+    ],
     "latent_cache.py": [  # measured: ms and ratios cached / on the fly; planned: share, speed-up
         r"^\| showo2 tiny \| \d+\+\d+ \| i2t\+t2i \| "
         + rf"{NUM} \| " * 7
